@@ -1,0 +1,37 @@
+"""Test-session set-up shared by every test module.
+
+Splits the host CPU into two logical devices before TensorFlow initialises, so that
+multi-replica behaviour (cross-replica negatives, synchronized batch norm, gradient
+aggregation) is tested with a real 2-replica MirroredStrategy on a CPU-only machine.
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+_cpus = tf.config.list_physical_devices('CPU')
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_FIXTURES = PROJECT_ROOT.parent / 'shared' / 'fixtures'
+
+
+@pytest.fixture
+def two_replica_strategy():
+  """A MirroredStrategy over the two logical CPU devices."""
+  return tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+
+
+@pytest.fixture
+def original_fixture_dir():
+  """shared/fixtures/original_tf2, present in CI beside the clone; skipped in a user's clone."""
+  path = SHARED_FIXTURES / 'original_tf2'
+  if not path.is_dir():
+    pytest.skip('shared/fixtures/original_tf2 is not beside this clone (it is in CI); '
+                'these tests check import of weights written by google-research/simclr.')
+  return path

@@ -1,0 +1,258 @@
+"""Frozen, validated configuration objects.
+
+`run.py` turns absl flags into one `Config`; library code receives only the slice it needs. Every
+check a user can trip raises `ConfigError` naming the flag and the fix, before any expensive work.
+Steps-versus-epochs arithmetic lives in `resolve_steps` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
+PROJ_HEAD_MODES = ('none', 'linear', 'nonlinear')
+TRAIN_MODES = ('pretrain', 'finetune', 'distill')
+MODES = ('train', 'eval', 'train_then_eval', 'export')
+OPTIMIZERS = ('momentum', 'adam', 'lars')
+LR_SCALINGS = ('linear', 'sqrt')
+COLOR_JITTER_IMPLS = ('simclrv1', 'simclrv2')
+STRATEGIES = ('auto', 'tpu', 'mirrored', 'multi_worker', 'default')
+
+
+class ConfigError(ValueError):
+  """A user-fixable configuration problem; the message names the flag and the fix."""
+
+
+def _check(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)
+
+
+def _check_choice(flag: str, value, choices) -> None:
+  _check(value in choices, f'--{flag}={value!r} is not one of {list(choices)}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Encoder and heads (see models/)."""
+  resnet_depth: int = 50
+  width_multiplier: int = 1
+  cifar_stem: bool = False
+  sk_ratio: float = 0.0
+  se_ratio: float = 0.0
+  batch_norm_decay: float = 0.9
+  global_bn: bool = True
+  proj_head_mode: str = 'nonlinear'
+  proj_out_dim: int = 128
+  num_proj_layers: int = 3
+  # Which projection-head layer feeds the supervised head: 0 = encoder output, -1 = last layer.
+  ft_proj_selector: int = 0
+  # Build the supervised (logits) head at all.
+  supervised_head: bool = True
+  # Linear eval while pretraining: the supervised head sees stop_gradient(features).
+  supervised_head_stop_gradient: bool = False
+  # -1 trains everything; k in 0..4 freezes the stem and block groups 1..k (4 = linear eval).
+  fine_tune_after_block: int = -1
+
+  def __post_init__(self):
+    _check(self.resnet_depth in RESNET_DEPTHS,
+           f'--resnet_depth={self.resnet_depth} is not supported; use one of {list(RESNET_DEPTHS)}.')
+    _check(self.width_multiplier >= 1,
+           f'--width_multiplier={self.width_multiplier} must be a positive integer.')
+    _check(self.sk_ratio >= 0, f'--sk_ratio={self.sk_ratio} must be >= 0 (0 disables SK).')
+    _check(self.se_ratio >= 0, f'--se_ratio={self.se_ratio} must be >= 0 (0 disables SE).')
+    _check(0.0 < self.batch_norm_decay < 1.0,
+           f'--batch_norm_decay={self.batch_norm_decay} must be in (0, 1), e.g. 0.9.')
+    _check_choice('proj_head_mode', self.proj_head_mode, PROJ_HEAD_MODES)
+    _check(self.proj_out_dim >= 1, f'--proj_out_dim={self.proj_out_dim} must be >= 1.')
+    _check(self.proj_head_mode != 'nonlinear' or self.num_proj_layers >= 1,
+           f'--num_proj_layers={self.num_proj_layers} must be >= 1 with '
+           '--proj_head_mode=nonlinear (use --proj_head_mode=none for no head).')
+    n = self.num_head_outputs
+    _check(-n <= self.ft_proj_selector < n,
+           f'--ft_proj_selector={self.ft_proj_selector} is out of range for a '
+           f'{self.proj_head_mode} projection head with {n - 1} layer(s): use a value in '
+           f'[{-n}, {n - 1}] (0 = encoder output, -1 = last head layer).')
+    _check(-1 <= self.fine_tune_after_block <= 4,
+           f'--fine_tune_after_block={self.fine_tune_after_block} must be in -1..4.')
+
+  @property
+  def num_head_layers(self) -> int:
+    """Number of projection-head layers for the configured mode."""
+    return {'none': 0, 'linear': 1, 'nonlinear': self.num_proj_layers}[self.proj_head_mode]
+
+  @property
+  def num_head_outputs(self) -> int:
+    """Length of the list [head input, layer 1 output, ...] that ft_proj_selector indexes."""
+    return self.num_head_layers + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Which data, and how it is augmented (see data/)."""
+  dataset: str = 'imagenet2012'
+  data_dir: Optional[str] = None
+  train_split: str = 'train'
+  eval_split: str = 'validation'
+  image_size: int = 224
+  color_jitter_strength: float = 1.0
+  color_jitter_impl: str = 'simclrv2'
+  use_blur: bool = True
+  cache_dataset: bool = False
+  # Fraction of the train split kept, class-balanced and seeded (1.0 keeps everything).
+  train_label_fraction: float = 1.0
+  label_fraction_seed: int = 0
+
+  def __post_init__(self):
+    _check(bool(self.dataset), '--dataset is empty: give a TFDS name, folder:PATH or builtin.')
+    _check(self.image_size >= 8, f'--image_size={self.image_size} must be >= 8.')
+    _check(self.color_jitter_strength >= 0,
+           f'--color_jitter_strength={self.color_jitter_strength} must be >= 0.')
+    _check_choice('color_jitter_impl', self.color_jitter_impl, COLOR_JITTER_IMPLS)
+    _check(0.0 < self.train_label_fraction <= 1.0,
+           f'--train_label_fraction={self.train_label_fraction} must be in (0, 1].')
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Optimizer and learning-rate schedule (see optim/)."""
+  optimizer: str = 'lars'
+  learning_rate: float = 0.3
+  learning_rate_scaling: str = 'linear'
+  warmup_epochs: float = 10.0
+  weight_decay: float = 1e-6
+  momentum: float = 0.9
+
+  def __post_init__(self):
+    _check_choice('optimizer', self.optimizer, OPTIMIZERS)
+    _check_choice('learning_rate_scaling', self.learning_rate_scaling, LR_SCALINGS)
+    _check(self.learning_rate >= 0, f'--learning_rate={self.learning_rate} must be >= 0.')
+    _check(self.warmup_epochs >= 0, f'--warmup_epochs={self.warmup_epochs} must be >= 0.')
+    _check(self.weight_decay >= 0, f'--weight_decay={self.weight_decay} must be >= 0.')
+    _check(0 <= self.momentum < 1, f'--momentum={self.momentum} must be in [0, 1).')
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """Teacher-to-student distillation (train_mode=distill)."""
+  teacher: Optional[ModelConfig] = None
+  teacher_checkpoint: Optional[str] = None
+  temperature: float = 1.0
+  # Weight of the label loss on the labeled subset (paper Eq. 3); 0 = pure distillation.
+  label_weight: float = 0.0
+
+  def __post_init__(self):
+    _check(self.temperature > 0, f'--distill_temperature={self.temperature} must be > 0.')
+    _check(0 <= self.label_weight <= 1,
+           f'--distill_label_weight={self.label_weight} must be in [0, 1].')
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributeConfig:
+  """How to pick the tf.distribute strategy (see distribute.py)."""
+  strategy: str = 'auto'
+  tpu_name: Optional[str] = None
+  tpu_zone: Optional[str] = None
+  gcp_project: Optional[str] = None
+  master: Optional[str] = None
+
+  def __post_init__(self):
+    _check_choice('distribution_strategy', self.strategy, STRATEGIES)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The training loop, objectives and bookkeeping (see train/)."""
+  model_dir: str = ''
+  train_mode: str = 'pretrain'
+  mode: str = 'train'
+  train_batch_size: int = 512
+  train_epochs: int = 100
+  train_steps: int = 0
+  eval_steps: int = 0
+  eval_batch_size: int = 256
+  checkpoint_epochs: int = 1
+  checkpoint_steps: int = 0
+  steps_per_loop: int = 0
+  checkpoint: Optional[str] = None
+  keep_checkpoint_max: int = 5
+  keep_hub_module_max: int = 1
+  temperature: float = 0.1
+  hidden_norm: bool = True
+  lineareval_while_pretraining: bool = True
+  zero_init_logits_layer: bool = False
+  eval_name: Optional[str] = None
+  seed: Optional[int] = None
+
+  def __post_init__(self):
+    _check(bool(self.model_dir), '--model_dir is required: the folder for checkpoints, '
+           'summaries and results (it is created if missing).')
+    _check_choice('train_mode', self.train_mode, TRAIN_MODES)
+    _check_choice('mode', self.mode, MODES)
+    _check(self.train_batch_size >= 1, f'--train_batch_size={self.train_batch_size} must be >= 1.')
+    _check(self.eval_batch_size >= 1, f'--eval_batch_size={self.eval_batch_size} must be >= 1.')
+    _check(self.train_steps >= 0, f'--train_steps={self.train_steps} must be >= 0.')
+    _check(self.train_steps > 0 or self.train_epochs > 0,
+           'Set --train_steps or --train_epochs to a positive number.')
+    _check(self.eval_steps >= 0, f'--eval_steps={self.eval_steps} must be >= 0.')
+    _check(self.checkpoint_steps >= 0, f'--checkpoint_steps={self.checkpoint_steps} must be >= 0.')
+    _check(self.checkpoint_epochs >= 0,
+           f'--checkpoint_epochs={self.checkpoint_epochs} must be >= 0.')
+    _check(self.steps_per_loop >= 0, f'--steps_per_loop={self.steps_per_loop} must be >= 0.')
+    _check(self.keep_checkpoint_max >= 1,
+           f'--keep_checkpoint_max={self.keep_checkpoint_max} must be >= 1.')
+    _check(self.temperature > 0, f'--temperature={self.temperature} must be > 0.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything one run needs."""
+  model: ModelConfig
+  data: DataConfig
+  optim: OptimConfig
+  train: TrainConfig
+  distribute: DistributeConfig = dataclasses.field(default_factory=DistributeConfig)
+  distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+
+  def __post_init__(self):
+    mode = self.train.train_mode
+    _check(mode != 'pretrain' or self.model.fine_tune_after_block == -1,
+           '--fine_tune_after_block freezes layers and only applies to --train_mode=finetune; '
+           'leave it at -1 for pretraining.')
+    _check(mode != 'distill' or bool(self.distill.teacher_checkpoint),
+           '--train_mode=distill needs --teacher_checkpoint (a fine-tuned checkpoint or '
+           'exported SavedModel directory).')
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """Step counts derived from the dataset size; see `resolve_steps`."""
+  train_steps: int
+  epoch_steps: int
+  warmup_steps: int
+  checkpoint_steps: int
+  steps_per_loop: int
+  eval_steps: int
+
+
+def resolve_steps(train: TrainConfig, optim: OptimConfig, num_train_examples: int,
+                  num_eval_examples: int) -> Steps:
+  """Turns epochs into steps for one dataset size (the only place this is done).
+
+  Unlike the original, training runs exactly `train_steps` steps: the epochs' steps are
+  ceil(examples * epochs / batch), and the cosine schedule ends on that step.
+  """
+  _check(num_train_examples > 0, 'The train split is empty: check --dataset and --train_split.')
+  batch = train.train_batch_size
+  train_steps = train.train_steps or math.ceil(num_train_examples * train.train_epochs / batch)
+  epoch_steps = max(1, int(round(num_train_examples / batch)))
+  warmup_steps = int(math.floor(optim.warmup_epochs * num_train_examples / batch))
+  warmup_steps = min(warmup_steps, train_steps)
+  checkpoint_steps = train.checkpoint_steps or max(1, train.checkpoint_epochs * epoch_steps)
+  steps_per_loop = min(train.steps_per_loop or checkpoint_steps, train_steps)
+  eval_steps = train.eval_steps or max(1, math.ceil(num_eval_examples / train.eval_batch_size))
+  return Steps(train_steps=train_steps, epoch_steps=epoch_steps, warmup_steps=warmup_steps,
+               checkpoint_steps=checkpoint_steps, steps_per_loop=max(1, steps_per_loop),
+               eval_steps=eval_steps)

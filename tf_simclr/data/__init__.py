@@ -1,0 +1,1 @@
+"""Input data: dataset resolution, SimCLR augmentations and tf.data pipelines."""

@@ -1,0 +1,1 @@
+"""ResNet encoders, projection/supervised heads and the SimCLR model."""

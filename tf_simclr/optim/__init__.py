@@ -1,0 +1,1 @@
+"""LARS optimizer and learning-rate schedules."""

@@ -1,0 +1,1 @@
+"""The training loop, per-mode tasks and evaluation."""
