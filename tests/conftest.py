@@ -21,6 +21,19 @@ PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = PROJECT_ROOT.parent / 'shared' / 'fixtures'
 
 
+@pytest.fixture(autouse=True)
+def _fresh_collective_keys():
+  """Gives every test's MirroredStrategy its own collective keys.
+
+  Strategies created in one process start their collective instance keys at the same values, so
+  a test whose first collective is an all_gather followed by one whose first is an all_reduce
+  fails with "Collective instance 100 expected type ...". TF's own tests bump the base the same
+  way (strategy_combinations.py). A real run has one strategy per process and is unaffected.
+  """
+  tf.distribute.MirroredStrategy._collective_key_base += 100000
+  yield
+
+
 @pytest.fixture
 def two_replica_strategy():
   """A MirroredStrategy over the two logical CPU devices."""

@@ -157,6 +157,8 @@ class DistributeConfig:
   tpu_zone: Optional[str] = None
   gcp_project: Optional[str] = None
   master: Optional[str] = None
+  # False when the user ruled TPUs out (--use_tpu=False): `auto` then never probes for one.
+  allow_tpu: bool = True
 
   def __post_init__(self):
     _check_choice('distribution_strategy', self.strategy, STRATEGIES)

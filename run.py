@@ -1,0 +1,235 @@
+"""tf-simclr command line: SimCLR v1/v2 pretraining, fine-tuning, distillation and export.
+
+Every flag of google-research/simclr `tf2/run.py` is kept with its name, meaning and default, so an
+original command line works unchanged; the differences are listed in the README. This file is the
+only place that reads absl flags: it turns them into a frozen `tf_simclr.config.Config`.
+
+  python run.py --flagfile=flags/quickstart.cfg
+"""
+
+import json
+import logging as std_logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+FLAGS = flags.FLAGS
+
+# ---- Flags of the original tf2/run.py (same names, meanings and defaults). ----
+flags.DEFINE_float('learning_rate', 0.3, 'Initial learning rate per batch size of 256.')
+flags.DEFINE_enum('learning_rate_scaling', 'linear', ['linear', 'sqrt'],
+                  'How to scale the learning rate as a function of batch size.')
+flags.DEFINE_float('warmup_epochs', 10, 'Number of epochs of warmup.')
+flags.DEFINE_float('weight_decay', 1e-6, 'Amount of weight decay to use.')
+flags.DEFINE_float('batch_norm_decay', 0.9, 'Batch norm decay parameter.')
+flags.DEFINE_integer('train_batch_size', 512, 'Batch size for training.')
+flags.DEFINE_string('train_split', 'train',
+                    'Split for training; TFDS slicing such as train[:10%] works.')
+flags.DEFINE_integer('train_epochs', 100, 'Number of epochs to train for.')
+flags.DEFINE_integer('train_steps', 0,
+                     'Number of steps to train for. If provided, overrides train_epochs.')
+flags.DEFINE_integer('eval_steps', 0,
+                     'Number of steps to eval for. If not provided, evals over entire dataset.')
+flags.DEFINE_integer('eval_batch_size', 256, 'Batch size for eval.')
+flags.DEFINE_integer('checkpoint_epochs', 1, 'Number of epochs between checkpoints/summaries.')
+flags.DEFINE_integer('checkpoint_steps', 0,
+                     'Number of steps between checkpoints/summaries. If provided, overrides '
+                     'checkpoint_epochs.')
+flags.DEFINE_string('eval_split', 'validation', 'Split for evaluation.')
+flags.DEFINE_string('dataset', 'imagenet2012',
+                    'A TFDS image classification dataset name, folder:PATH for '
+                    'PATH/<split>/<class>/*.{jpg,png}, or the built-in shapes10 (no download).')
+flags.DEFINE_bool('cache_dataset', False,
+                  'Whether to cache the entire dataset in memory (good for small datasets).')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'train_then_eval', 'export'],
+                  'train, eval (follows new checkpoints in model_dir until the last step), '
+                  'train_then_eval, or export (SavedModel of the latest checkpoint).')
+flags.DEFINE_enum('train_mode', 'pretrain', ['pretrain', 'finetune', 'distill'],
+                  'The objective and trainable components: pretrain (contrastive), finetune '
+                  '(supervised), distill (student learns a teacher).')
+flags.DEFINE_bool('lineareval_while_pretraining', True,
+                  'Whether to finetune supervised head while pretraining.')
+flags.DEFINE_string('checkpoint', None,
+                    'Initialise from this checkpoint (ours, a SavedModel export, or weights '
+                    'written by google-research/simclr) if model_dir has no checkpoint yet.')
+flags.DEFINE_bool('zero_init_logits_layer', False,
+                  'If True, zero initialize layers after avg_pool for supervised learning.')
+flags.DEFINE_integer('fine_tune_after_block', -1,
+                     'The layers after which block that we will fine-tune. -1 means fine-tuning '
+                     'everything. 0 means fine-tuning after stem block. 4 means fine-tuning '
+                     'just the linear head.')
+flags.DEFINE_string('master', None, 'Address/name of the TensorFlow master (TPU) to use.')
+flags.DEFINE_string('model_dir', None, 'Model directory for training.')
+flags.DEFINE_string('data_dir', None, 'Directory where dataset is stored.')
+flags.DEFINE_bool('use_tpu', None,
+                  'Force (True) or rule out (False) a TPU. Unset (default): automatic, see '
+                  '--distribution_strategy.')
+flags.DEFINE_string('tpu_name', None, 'The Cloud TPU to use (name or grpc:// address).')
+flags.DEFINE_string('tpu_zone', None, '[Optional] GCE zone where the Cloud TPU is located.')
+flags.DEFINE_string('gcp_project', None, '[Optional] Project name for the Cloud TPU project.')
+flags.DEFINE_enum('optimizer', 'lars', ['momentum', 'adam', 'lars'], 'Optimizer to use.')
+flags.DEFINE_float('momentum', 0.9, 'Momentum parameter.')
+flags.DEFINE_string('eval_name', None, 'Name for eval (summaries go to model_dir/eval_<name>).')
+flags.DEFINE_integer('keep_checkpoint_max', 5, 'Maximum number of checkpoints to keep.')
+flags.DEFINE_integer('keep_hub_module_max', 1, 'Maximum number of Hub modules to keep.')
+flags.DEFINE_float('temperature', 0.1, 'Temperature parameter for contrastive loss.')
+flags.DEFINE_boolean('hidden_norm', True,
+                     'Whether to L2-normalise the hidden vectors in the contrastive loss.')
+flags.DEFINE_enum('proj_head_mode', 'nonlinear', ['none', 'linear', 'nonlinear'],
+                  'How the head projection is done.')
+flags.DEFINE_integer('proj_out_dim', 128, 'Number of head projection dimension.')
+flags.DEFINE_integer('num_proj_layers', 3, 'Number of non-linear head layers.')
+flags.DEFINE_integer('ft_proj_selector', 0,
+                     'Which layer of the projection head to use during fine-tuning. 0 means no '
+                     'projection head, and -1 means the final layer.')
+flags.DEFINE_boolean('global_bn', True,
+                     'Whether to aggregate BN statistics across distributed cores.')
+flags.DEFINE_integer('width_multiplier', 1, 'Multiplier to change width of network.')
+flags.DEFINE_integer('resnet_depth', 50, 'Depth of ResNet.')
+flags.DEFINE_float('sk_ratio', 0., 'If it is bigger than 0, it will enable SK. '
+                   'Recommendation: 0.0625.')
+flags.DEFINE_float('se_ratio', 0., 'If it is bigger than 0, it will enable SE.')
+flags.DEFINE_integer('image_size', 224, 'Input image size.')
+flags.DEFINE_float('color_jitter_strength', 1.0, 'The strength of color jittering.')
+flags.DEFINE_boolean('use_blur', True,
+                     'Whether or not to use Gaussian blur for augmentation during pretraining.')
+# Accepted for command lines written for the original (its README passes it); it has no effect.
+flags.DEFINE_integer('train_summary_steps', 0, 'Ignored (kept so original command lines run).')
+# The TF1 README's fine-tuning commands pass it; here --fine_tune_after_block decides what trains.
+flags.DEFINE_string('variable_schema', None, 'Ignored (TF1 flag); see --fine_tune_after_block.')
+
+# ---- Flags added by tf-simclr. ----
+flags.DEFINE_enum('distribution_strategy', 'auto',
+                  ['auto', 'tpu', 'mirrored', 'multi_worker', 'default'],
+                  'auto: TPU if configured or found, else MultiWorkerMirrored when TF_CONFIG '
+                  'names several workers, else Mirrored over local GPUs, else the default (CPU).')
+flags.DEFINE_integer('steps_per_loop', 0,
+                     'Steps run inside one tf.function between host-side logs/summaries. '
+                     '0: same as the checkpoint interval (the original).')
+flags.DEFINE_enum('color_jitter_impl', 'simclrv2', ['simclrv1', 'simclrv2'],
+                  'Brightness jitter: simclrv1 additive, simclrv2 multiplicative.')
+flags.DEFINE_float('train_label_fraction', 1.0,
+                   'Keep a class-balanced, seeded fraction of the train split as labelled data '
+                   '(ids written to model_dir/label_subset.json).')
+flags.DEFINE_integer('label_fraction_seed', 0, 'Seed for --train_label_fraction.')
+flags.DEFINE_integer('seed', None, 'Global random seed (None: nondeterministic).')
+flags.DEFINE_string('teacher_checkpoint', None,
+                    'Distillation teacher: a fine-tuned checkpoint or model_dir of ours, or an '
+                    'exported SavedModel directory.')
+flags.DEFINE_float('distill_temperature', 1.0,
+                   'Softmax temperature of teacher and student in distillation (paper: 1.0).')
+flags.DEFINE_float('distill_label_weight', 0.0,
+                   'Weight alpha of the label loss on the labelled subset mixed into '
+                   'distillation (paper Eq. 3); 0 is pure distillation.')
+flags.DEFINE_integer('teacher_resnet_depth', None,
+                     'Teacher architecture; unset teacher_* flags are read from the teacher\'s '
+                     'flags.json, else they equal the student\'s.')
+flags.DEFINE_integer('teacher_width_multiplier', None, 'Teacher width multiplier.')
+flags.DEFINE_float('teacher_sk_ratio', None, 'Teacher SK ratio.')
+flags.DEFINE_float('teacher_se_ratio', None, 'Teacher SE ratio.')
+flags.DEFINE_enum('teacher_proj_head_mode', None, ['none', 'linear', 'nonlinear'],
+                  'Teacher projection head mode.')
+flags.DEFINE_integer('teacher_num_proj_layers', None, 'Teacher projection head layers.')
+flags.DEFINE_integer('teacher_proj_out_dim', None, 'Teacher projection output dimension.')
+flags.DEFINE_integer('teacher_ft_proj_selector', None,
+                     'Teacher projection head layer that feeds its supervised head.')
+
+
+def config_from_flags(flag_values) -> 'Config':
+  """Turns parsed flags into a frozen, validated Config (the only FLAGS reader)."""
+  from tf_simclr import config as cfg  # Imported late so --help stays fast.
+  from tf_simclr import teacher as teacher_lib
+  f = flag_values
+  train_mode = f.train_mode
+  model = cfg.ModelConfig(
+      resnet_depth=f.resnet_depth, width_multiplier=f.width_multiplier,
+      cifar_stem=f.image_size <= 32, sk_ratio=f.sk_ratio, se_ratio=f.se_ratio,
+      batch_norm_decay=f.batch_norm_decay, global_bn=f.global_bn,
+      proj_head_mode=f.proj_head_mode, proj_out_dim=f.proj_out_dim,
+      num_proj_layers=f.num_proj_layers, ft_proj_selector=f.ft_proj_selector,
+      supervised_head=train_mode != 'pretrain' or f.lineareval_while_pretraining,
+      supervised_head_stop_gradient=train_mode == 'pretrain',
+      fine_tune_after_block=f.fine_tune_after_block if train_mode == 'finetune' else -1)
+  if train_mode == 'pretrain' and f.fine_tune_after_block != -1:
+    raise cfg.ConfigError('--fine_tune_after_block freezes layers and only applies to '
+                          '--train_mode=finetune; leave it at -1 for pretraining.')
+  data = cfg.DataConfig(
+      dataset=f.dataset, data_dir=f.data_dir, train_split=f.train_split,
+      eval_split=f.eval_split, image_size=f.image_size,
+      color_jitter_strength=f.color_jitter_strength, color_jitter_impl=f.color_jitter_impl,
+      use_blur=f.use_blur, cache_dataset=f.cache_dataset,
+      train_label_fraction=f.train_label_fraction, label_fraction_seed=f.label_fraction_seed)
+  optim = cfg.OptimConfig(
+      optimizer=f.optimizer, learning_rate=f.learning_rate,
+      learning_rate_scaling=f.learning_rate_scaling, warmup_epochs=f.warmup_epochs,
+      weight_decay=f.weight_decay, momentum=f.momentum)
+  train = cfg.TrainConfig(
+      model_dir=f.model_dir or '', train_mode=train_mode, mode=f.mode,
+      train_batch_size=f.train_batch_size, train_epochs=f.train_epochs,
+      train_steps=f.train_steps, eval_steps=f.eval_steps, eval_batch_size=f.eval_batch_size,
+      checkpoint_epochs=f.checkpoint_epochs, checkpoint_steps=f.checkpoint_steps,
+      steps_per_loop=f.steps_per_loop, checkpoint=f.checkpoint,
+      keep_checkpoint_max=f.keep_checkpoint_max, keep_hub_module_max=f.keep_hub_module_max,
+      temperature=f.temperature, hidden_norm=f.hidden_norm,
+      lineareval_while_pretraining=f.lineareval_while_pretraining,
+      zero_init_logits_layer=f.zero_init_logits_layer, eval_name=f.eval_name, seed=f.seed)
+  strategy = f.distribution_strategy
+  if f.use_tpu is True:
+    strategy = 'tpu'
+  elif f.use_tpu is False and strategy == 'tpu':
+    raise cfg.ConfigError('--use_tpu=False contradicts --distribution_strategy=tpu.')
+  distribute = cfg.DistributeConfig(
+      strategy=strategy, tpu_name=f.tpu_name, tpu_zone=f.tpu_zone, gcp_project=f.gcp_project,
+      master=f.master, allow_tpu=f.use_tpu is not False)
+  distill = cfg.DistillConfig()
+  if train_mode == 'distill':
+    overrides = {name: getattr(f, f'teacher_{name}') for name in teacher_lib.ARCHITECTURE_FIELDS
+                 if getattr(f, f'teacher_{name}') is not None}
+    teacher_model = teacher_lib.teacher_model_config(model, f.teacher_checkpoint, overrides)
+    distill = cfg.DistillConfig(
+        teacher=teacher_model, teacher_checkpoint=f.teacher_checkpoint,
+        temperature=f.distill_temperature, label_weight=f.distill_label_weight)
+  return cfg.Config(model=model, data=data, optim=optim, train=train, distribute=distribute,
+                    distill=distill)
+
+
+def serializable_flags(flag_values) -> dict:
+  """The flags as a JSON-serialisable dict (flags.json), as the original writes it."""
+  out = {}
+  for key, val in flag_values.flag_values_dict().items():
+    try:
+      json.dumps(val)
+    except TypeError:
+      continue
+    out[key] = val
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]} (flags take the form --name=value).')
+  from tf_simclr.config import ConfigError
+  for ignored in ('train_summary_steps', 'variable_schema'):
+    if FLAGS[ignored].present:
+      logging.warning('--%s is accepted for compatibility with original command lines and has '
+                      'no effect.', ignored)
+  try:
+    config = config_from_flags(FLAGS)
+  except (ConfigError, FileNotFoundError) as e:
+    logging.error('%s', e)
+    sys.exit(2)
+  from tf_simclr.train import experiment
+  try:
+    experiment.run(config, serializable_flags(FLAGS))
+  except experiment.USER_ERRORS as e:
+    logging.error('%s', e)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  std_logging.getLogger('tensorflow').setLevel(std_logging.ERROR)
+  app.run(main)

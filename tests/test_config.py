@@ -1,0 +1,119 @@
+"""Flag compatibility with google-research/simclr tf2/run.py, and config validation."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+from absl import flags as absl_flags
+
+from tf_simclr import config as cfg
+
+# Every flag of the original tf2/run.py with its default, transcribed from the reference
+# (commit 383d414). `use_tpu` is the one deliberate change: unset means automatic.
+ORIGINAL_FLAGS = {
+    'learning_rate': 0.3, 'learning_rate_scaling': 'linear', 'warmup_epochs': 10,
+    'weight_decay': 1e-6, 'batch_norm_decay': 0.9, 'train_batch_size': 512,
+    'train_split': 'train', 'train_epochs': 100, 'train_steps': 0, 'eval_steps': 0,
+    'eval_batch_size': 256, 'checkpoint_epochs': 1, 'checkpoint_steps': 0,
+    'eval_split': 'validation', 'dataset': 'imagenet2012', 'cache_dataset': False,
+    'mode': 'train', 'train_mode': 'pretrain', 'lineareval_while_pretraining': True,
+    'checkpoint': None, 'zero_init_logits_layer': False, 'fine_tune_after_block': -1,
+    'master': None, 'model_dir': None, 'data_dir': None, 'tpu_name': None, 'tpu_zone': None,
+    'gcp_project': None, 'optimizer': 'lars', 'momentum': 0.9, 'eval_name': None,
+    'keep_checkpoint_max': 5, 'keep_hub_module_max': 1, 'temperature': 0.1,
+    'hidden_norm': True, 'proj_head_mode': 'nonlinear', 'proj_out_dim': 128,
+    'num_proj_layers': 3, 'ft_proj_selector': 0, 'global_bn': True, 'width_multiplier': 1,
+    'resnet_depth': 50, 'sk_ratio': 0.0, 'se_ratio': 0.0, 'image_size': 224,
+    'color_jitter_strength': 1.0, 'use_blur': True,
+}
+
+ORIGINAL_CIFAR_COMMAND = [
+    '--train_mode=pretrain', '--train_batch_size=512', '--train_epochs=1000',
+    '--learning_rate=1.0', '--weight_decay=1e-4', '--temperature=0.5', '--dataset=cifar10',
+    '--image_size=32', '--eval_split=test', '--resnet_depth=18', '--use_blur=False',
+    '--color_jitter_strength=0.5', '--model_dir=/tmp/simclr_test', '--use_tpu=False']
+
+
+@pytest.fixture(scope='module')
+def run_module():
+  sys.path.insert(0, str(__import__('conftest').PROJECT_ROOT))
+  import run  # noqa: F401  (defines the flags)
+  return run
+
+
+def _parse(argv):
+  """Parses a command line into the global flags (reset first, so tests do not leak)."""
+  fv = absl_flags.FLAGS
+  fv.unparse_flags()
+  fv(['run.py'] + argv)
+  return fv
+
+
+def test_every_original_flag_exists_with_its_default(run_module):
+  flag_values = absl_flags.FLAGS
+  for name, default in ORIGINAL_FLAGS.items():
+    assert name in flag_values, f'--{name} of the original is missing'
+    assert flag_values[name].default == default, name
+  assert flag_values['use_tpu'].default is None  # automatic, documented in the README
+
+
+def test_original_cifar_command_line_parses_to_the_right_config(run_module):
+  fv = _parse(ORIGINAL_CIFAR_COMMAND)
+  config = run_module.config_from_flags(fv)
+  assert config.model.resnet_depth == 18 and config.model.cifar_stem
+  assert config.model.supervised_head and config.model.supervised_head_stop_gradient
+  assert config.data.dataset == 'cifar10' and not config.data.use_blur
+  assert config.optim.learning_rate == 1.0 and config.optim.weight_decay == 1e-4
+  assert config.train.temperature == 0.5 and config.train.train_epochs == 1000
+  assert config.distribute.strategy == 'auto' and not config.distribute.allow_tpu
+
+
+def test_use_tpu_true_forces_tpu(run_module):
+  fv = _parse(['--use_tpu=True', '--model_dir=/tmp/x'])
+  assert run_module.config_from_flags(fv).distribute.strategy == 'tpu'
+
+
+def test_finetune_flags_map_to_model_config(run_module):
+  fv = _parse(['--train_mode=finetune', '--fine_tune_after_block=4', '--ft_proj_selector=1',
+               '--model_dir=/tmp/x'])
+  model = run_module.config_from_flags(fv).model
+  assert model.fine_tune_after_block == 4 and model.ft_proj_selector == 1
+  assert model.supervised_head and not model.supervised_head_stop_gradient
+
+
+@pytest.mark.parametrize('argv, flag', [
+    (['--fine_tune_after_block=2'], 'fine_tune_after_block'),
+    (['--ft_proj_selector=4'], 'ft_proj_selector'),
+    (['--proj_head_mode=linear', '--ft_proj_selector=2'], 'ft_proj_selector'),
+    (['--resnet_depth=42'], 'resnet_depth'),
+    (['--temperature=0'], 'temperature'),
+    (['--model_dir='], 'model_dir'),
+])
+def test_bad_flags_raise_config_error_naming_the_flag(run_module, argv, flag):
+  argv = ['--model_dir=/tmp/x'] + argv
+  with pytest.raises(cfg.ConfigError, match=f'--{flag}'):
+    run_module.config_from_flags(_parse(argv))
+
+
+def test_resolve_steps_runs_exactly_the_epochs_steps():
+  train = cfg.TrainConfig(model_dir='/tmp/x', train_batch_size=512, train_epochs=1000,
+                          checkpoint_epochs=1)
+  optim = cfg.OptimConfig(warmup_epochs=10)
+  steps = cfg.resolve_steps(train, optim, num_train_examples=50000, num_eval_examples=10000)
+  assert steps.train_steps == math.ceil(50000 * 1000 / 512)  # 97657, not rounded to loops
+  assert steps.epoch_steps == 98 and steps.checkpoint_steps == 98
+  assert steps.warmup_steps == 976  # floor(10 * 50000 / 512)
+  assert steps.eval_steps == 40  # ceil(10000 / 256)
+  explicit = cfg.resolve_steps(cfg.TrainConfig(model_dir='/x', train_steps=7, checkpoint_steps=3,
+                                               steps_per_loop=10), optim, 100, 10)
+  assert (explicit.train_steps, explicit.checkpoint_steps, explicit.steps_per_loop) == (7, 3, 7)
+
+
+def test_help_lists_original_and_new_flags():
+  root = __import__('conftest').PROJECT_ROOT
+  out = subprocess.run([sys.executable, 'run.py', '--helpfull'], cwd=root, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode in (0, 1), out.stderr  # absl exits 1 after printing help
+  for name in ('--learning_rate', '--sk_ratio', '--distribution_strategy', '--teacher_checkpoint'):
+    assert name in out.stdout

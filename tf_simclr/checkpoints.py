@@ -1,0 +1,240 @@
+"""Checkpoint precedence and strict, structure-matched restores.
+
+One place decides where weights come from (DESIGN rule 6): resume from `--model_dir` if it holds a
+checkpoint (weights, optimizer slots, step, BN statistics), else initialise the model from
+`--checkpoint`, else start from scratch.
+
+Variables are matched by their *structural path* in the checkpoint's object graph
+(`model/encoder/block_group1/...`), never by tensor key: a checkpoint that also holds a Keras 3
+optimizer stores model variables under the optimizer's shorter path
+(`optimizer/_trainable_variables/7`), and weights written by other code have other keys entirely.
+A restore is strict: a variable of ours with no value, or a mismatched shape, is an error naming it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import tensorflow as tf
+
+from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+log = logging.getLogger(__name__)
+
+OBJECT_GRAPH_KEY = '_CHECKPOINTABLE_OBJECT_GRAPH'
+ARCHITECTURE_FLAGS = ('--resnet_depth, --width_multiplier, --sk_ratio, --se_ratio, '
+                      '--proj_head_mode, --num_proj_layers, --proj_out_dim')
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint does not fit the model; the message names the variables and the flags."""
+
+
+def resolve_checkpoint_path(path: str) -> str:
+  """Turns a checkpoint prefix or a directory into a checkpoint prefix, or raises."""
+  if tf.io.gfile.isdir(path):
+    variables_prefix = os.path.join(path, 'variables', 'variables')
+    if tf.io.gfile.exists(variables_prefix + '.index'):
+      return variables_prefix  # A SavedModel directory: its variables form a checkpoint.
+    latest = tf.train.latest_checkpoint(path)
+    if latest is None:
+      raise FileNotFoundError(
+          f'--checkpoint={path} is a directory without a checkpoint or SavedModel: point it at '
+          'a checkpoint prefix (e.g. model_dir/ckpt-1000), a model_dir, or a SavedModel folder.')
+    return latest
+  if not tf.io.gfile.exists(path + '.index'):
+    raise FileNotFoundError(
+        f'--checkpoint={path} not found: expected {path}.index (a checkpoint prefix such as '
+        'model_dir/ckpt-1000), a model_dir, or a SavedModel folder.')
+  return path
+
+
+def checkpoint_variable_paths(reader: tf.train.CheckpointReader,
+                              root_child: Optional[str] = None) -> Dict[str, str]:
+  """Maps structural variable paths to tensor keys using the checkpoint's object graph.
+
+  Paths are `/`-joined child names from the root (or from its child `root_child`, which is then
+  the first path element), found breadth-first with children in sorted order, shortest first.
+  """
+  graph = trackable_object_graph_pb2.TrackableObjectGraph()
+  graph.ParseFromString(reader.get_tensor(OBJECT_GRAPH_KEY))
+  start = 0
+  prefix = ''
+  if root_child is not None:
+    children = {c.local_name: c.node_id for c in graph.nodes[0].children}
+    if root_child not in children:
+      return {}
+    start, prefix = children[root_child], root_child
+  paths: Dict[str, str] = {}
+  seen = {start}
+  queue = collections.deque([(start, prefix)])
+  while queue:
+    node_id, path = queue.popleft()
+    node = graph.nodes[node_id]
+    for attr in node.attributes:
+      if attr.name == 'VARIABLE_VALUE':
+        paths[path] = attr.checkpoint_key
+    for child in sorted(node.children, key=lambda c: c.local_name):
+      if child.node_id not in seen:
+        seen.add(child.node_id)
+        queue.append((child.node_id, f'{path}/{child.local_name}' if path else child.local_name))
+  return paths
+
+
+def object_variable_paths(root, prefix: str) -> Dict[str, tf.Variable]:
+  """Maps structural paths to the variables of a live trackable, walked like the checkpoint's."""
+  view = tf.train.TrackableView(root)
+  paths: Dict[str, tf.Variable] = {}
+  seen = {id(root)}
+  queue = collections.deque([(root, prefix)])
+  while queue:
+    obj, path = queue.popleft()
+    if isinstance(obj, tf.Variable) or _is_keras_variable(obj):
+      paths[path] = obj
+      continue
+    for name, child in sorted(view.children(obj).items()):
+      if id(child) not in seen:
+        seen.add(id(child))
+        queue.append((child, f'{path}/{name}'))
+  return paths
+
+
+def _is_keras_variable(obj) -> bool:
+  return hasattr(obj, 'assign') and hasattr(obj, 'path') and hasattr(obj, 'shape')
+
+
+@dataclasses.dataclass
+class RestoreReport:
+  """What a restore did: counts and the variables left fresh on purpose."""
+  restored: int
+  fresh: List[str]
+  ignored: List[str]
+
+
+def restore_model_variables(model, path: str, fresh_ok: Sequence[str] = (),
+                            allow_extra_prefixes: Sequence[str] = ()) -> RestoreReport:
+  """Strictly restores `model` (tracked as `model` in the checkpoint) from a checkpoint of ours.
+
+  fresh_ok: path prefixes below `model/` (e.g. 'supervised_head') that may stay as initialised
+    when the checkpoint lacks them or holds them with another shape (a new head for a new task).
+  allow_extra_prefixes: path prefixes below `model/` of the checkpoint that may go unused.
+  Raises CheckpointMismatchError naming the first mismatched variables and the flags to fix.
+  """
+  prefix = resolve_checkpoint_path(path)
+  reader = tf.train.load_checkpoint(prefix)
+  theirs = checkpoint_variable_paths(reader, root_child='model')
+  if not theirs:
+    raise CheckpointMismatchError(
+        f'{prefix} holds no `model` object: it was not written by tf-simclr. Weights written by '
+        'google-research/simclr are read by tf_simclr.original_weights.')
+  ours = object_variable_paths(model, 'model')
+  shapes = reader.get_variable_to_shape_map()
+
+  def allowed(path_, prefixes):
+    return any(path_.startswith(f'model/{p}') for p in prefixes)
+
+  missing, mismatched, fresh, plan = [], [], [], []
+  for path_, var in ours.items():
+    key = theirs.get(path_)
+    if key is None:
+      (fresh if allowed(path_, fresh_ok) else missing).append(path_)
+      continue
+    want, have = list(var.shape), list(shapes[key])
+    if want != have:
+      if allowed(path_, fresh_ok):
+        fresh.append(path_)
+      else:
+        mismatched.append(f'{path_}: checkpoint {have} vs model {want}')
+      continue
+    plan.append((var, key))
+  extra = [p for p in theirs if p not in ours and not allowed(p, tuple(fresh_ok) +
+                                                              tuple(allow_extra_prefixes))]
+  problems = []
+  if mismatched:
+    problems.append(f'{len(mismatched)} variable(s) with another shape, first: '
+                    + '; '.join(mismatched[:5]))
+  if missing:
+    problems.append(f'{len(missing)} variable(s) of the model not in the checkpoint, first: '
+                    + ', '.join(missing[:5]))
+  if extra:
+    problems.append(f'{len(extra)} variable(s) of the checkpoint the model lacks, first: '
+                    + ', '.join(extra[:5]))
+  if problems:
+    raise CheckpointMismatchError(
+        f'Checkpoint {prefix} does not match the model built from the flags: '
+        + ' | '.join(problems) + f'. Set the architecture flags ({ARCHITECTURE_FLAGS}) to '
+        'those the checkpoint was trained with (its flags.json has them).')
+  for var, key in plan:
+    var.assign(reader.get_tensor(key))
+  ignored = [p for p in theirs if p not in ours]
+  return RestoreReport(restored=len(plan), fresh=sorted(set(fresh)), ignored=ignored)
+
+
+def read_global_step(path: str) -> int:
+  """The `global_step` a checkpoint of ours was written at (0 when absent)."""
+  reader = tf.train.load_checkpoint(resolve_checkpoint_path(path))
+  key = checkpoint_variable_paths(reader).get('global_step')
+  return int(reader.get_tensor(key)) if key else 0
+
+
+class TrainState:
+  """Model + optimizer + step under one CheckpointManager in `model_dir`."""
+
+  def __init__(self, model, optimizer, model_dir: str, max_to_keep: int):
+    self.model = model
+    self.optimizer = optimizer
+    self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
+                                          global_step=optimizer.iterations)
+    self.manager = tf.train.CheckpointManager(self.checkpoint, directory=model_dir,
+                                              max_to_keep=max_to_keep)
+
+  @property
+  def step(self) -> int:
+    return int(self.optimizer.iterations.numpy())
+
+  def save(self) -> str:
+    return self.manager.save(checkpoint_number=self.step)
+
+  def restore_or_initialize(self, init_checkpoint: Optional[str], fresh_ok: Sequence[str] = (),
+                            init_fn: Optional[Callable[[str], RestoreReport]] = None) -> str:
+    """Applies the precedence rule; returns 'resumed', 'initialized' or 'scratch'.
+
+    The model and the optimizer must already be built (DESIGN: Keras 3 has no deferred restore).
+    `init_fn(path)` replaces the default strict loader for `init_checkpoint` (e.g. for weights
+    written by the original code or an exported SavedModel).
+    """
+    latest = self.manager.latest_checkpoint
+    if latest:
+      log.info('Resuming from %s (weights, optimizer state and step).', latest)
+      self.checkpoint.restore(latest).assert_existing_objects_matched()
+      return 'resumed'
+    if init_checkpoint:
+      log.info('Initialising the model from --checkpoint=%s', init_checkpoint)
+      if init_fn is not None:
+        report = init_fn(init_checkpoint)
+      else:
+        report = restore_model_variables(self.model, init_checkpoint, fresh_ok=fresh_ok)
+      log.info('Restored %d variables.', report.restored)
+      if report.fresh:
+        log.info('Left freshly initialised (new for this task): %s', ', '.join(report.fresh))
+      if report.ignored:
+        log.info('Not used from the checkpoint: %d variables (e.g. %s)', len(report.ignored),
+                 report.ignored[0])
+      return 'initialized'
+    return 'scratch'
+
+
+def variables_by_path(model) -> Dict[str, tf.Variable]:
+  """Every variable of `model` keyed by its structural path (for tests and importers)."""
+  return object_variable_paths(model, 'model')
+
+
+def iter_checkpoints(model_dir: str, timeout: Optional[float] = None,
+                     min_interval_secs: float = 15) -> Iterable[str]:
+  """Yields each new checkpoint in `model_dir` as it appears (eval mode follows training)."""
+  return tf.train.checkpoints_iterator(model_dir, min_interval_secs=min_interval_secs,
+                                       timeout=timeout)

@@ -1,0 +1,137 @@
+"""Picks the tf.distribute strategy from `--distribution_strategy` and the hardware.
+
+`auto` tries, in order: a TPU unless `allow_tpu` is False (named by --tpu_name/--master, the
+TPU_NAME environment, or one attached to this VM), MultiWorkerMirroredStrategy when TF_CONFIG
+lists more than one worker, MirroredStrategy over the local GPUs when there is at least one,
+else the default strategy.
+Probing is cheap and quiet on a machine without TPUs: no network call is made unless a TPU is
+named somewhere. Create the strategy at program start, before other TensorFlow work (multi-
+worker and TPU initialisation require it).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+from typing import Mapping, Optional
+
+from absl import logging
+import tensorflow as tf
+
+from tf_simclr.config import ConfigError, DistributeConfig
+
+# Environment variables through which Cloud TPU tooling names a TPU.
+_TPU_ENV_VARS = ('TPU_NAME', 'KUBE_GOOGLE_CLOUD_TPU_ENDPOINTS', 'TPU_CONFIG')
+
+_NO_TPU_HELP = ('pass --tpu_name (or --master=grpc://IP:8470), set TPU_NAME, run on a TPU VM, or '
+                'use --distribution_strategy=auto to fall back to GPUs/CPU.')
+
+
+def num_workers_from_tf_config(env: Mapping[str, str]) -> int:
+  """Number of worker-like tasks (chief + worker) in env['TF_CONFIG']; 0 when it is unset."""
+  raw = env.get('TF_CONFIG')
+  if not raw:
+    return 0
+  try:
+    cluster = json.loads(raw).get('cluster', {})
+  except (ValueError, AttributeError) as e:
+    raise ConfigError(f'The TF_CONFIG environment variable is not a JSON object ({e}); fix or '
+                      'unset it (it should look like {"cluster": {"worker": [...]}, '
+                      '"task": {"type": "worker", "index": 0}}).') from e
+  if not isinstance(cluster, dict):
+    raise ConfigError('TF_CONFIG["cluster"] must map job names to address lists; fix or unset '
+                      'the TF_CONFIG environment variable.')
+  return sum(len(cluster.get(job) or ()) for job in ('chief', 'worker'))
+
+
+def _local_tpu_present() -> bool:
+  """True on a Cloud TPU VM: chips appear as /dev/accel*, or as vfio devices with libtpu."""
+  if glob.glob('/dev/accel*'):
+    return True
+  vfio = [p for p in glob.glob('/dev/vfio/*') if os.path.basename(p) != 'vfio']
+  return bool(vfio) and importlib.util.find_spec('libtpu') is not None
+
+
+def _tpu_target(config: DistributeConfig, env: Mapping[str, str]) -> Optional[str]:
+  """What to hand TPUClusterResolver: a name/address, '' (resolve from env), 'local' or None."""
+  if config.tpu_name:
+    return config.tpu_name
+  if config.master:
+    return config.master
+  if any(env.get(var) for var in _TPU_ENV_VARS):
+    return ''
+  if _local_tpu_present():
+    return 'local'
+  return None
+
+
+def _tpu_strategy(config: DistributeConfig, target: str) -> tf.distribute.Strategy:
+  """Connects to the TPU and initialises it, as the original run.py."""
+  try:
+    if config.tpu_name:
+      resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+          config.tpu_name, zone=config.tpu_zone, project=config.gcp_project)
+    else:
+      resolver = tf.distribute.cluster_resolver.TPUClusterResolver(target or None)
+    tf.config.experimental_connect_to_cluster(resolver)
+    topology = tf.tpu.experimental.initialize_tpu_system(resolver)
+  except (ValueError, RuntimeError, tf.errors.OpError) as e:
+    raise ConfigError(f'Could not connect to the TPU {target or "named by the environment"!r} '
+                      f'({e}); check --tpu_name/--tpu_zone/--gcp_project or --master, or '
+                      'use --distribution_strategy=auto.') from e
+  logging.info('TPU topology: %d task(s), %d TPU(s) per task.', topology.num_tasks,
+               topology.num_tpus_per_task)
+  return tf.distribute.TPUStrategy(resolver)
+
+
+def make_strategy(config: DistributeConfig,
+                  env: Optional[Mapping[str, str]] = None) -> tf.distribute.Strategy:
+  """Creates the strategy for `config.strategy` (`auto`, `tpu`, `mirrored`, ...) and logs it."""
+  env = os.environ if env is None else env
+  choice = config.strategy
+  if choice == 'auto':
+    target = _tpu_target(config, env) if config.allow_tpu else None
+    if target is not None:
+      strategy = _tpu_strategy(config, target)
+    elif num_workers_from_tf_config(env) > 1:
+      strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    elif tf.config.list_physical_devices('GPU'):
+      strategy = tf.distribute.MirroredStrategy()
+    else:
+      strategy = tf.distribute.get_strategy()
+  elif choice == 'tpu':
+    if not config.allow_tpu:
+      raise ConfigError('--distribution_strategy=tpu contradicts --use_tpu=false; drop one.')
+    target = _tpu_target(config, env)
+    if target is None:
+      raise ConfigError(f'--distribution_strategy=tpu but no TPU was found: {_NO_TPU_HELP}')
+    strategy = _tpu_strategy(config, target)
+  elif choice == 'multi_worker':
+    if num_workers_from_tf_config(env) < 1:
+      logging.warning('--distribution_strategy=multi_worker without a TF_CONFIG cluster: '
+                      'running as a single worker.')
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+  elif choice == 'mirrored':
+    strategy = tf.distribute.MirroredStrategy()
+  elif choice == 'default':
+    strategy = tf.distribute.get_strategy()
+  else:
+    raise ConfigError(f'--distribution_strategy={choice!r} is not one of '
+                      'auto, tpu, mirrored, multi_worker, default.')
+  logging.info('Distribution strategy: %s', describe(strategy))
+  return strategy
+
+
+def describe(strategy: tf.distribute.Strategy) -> str:
+  """A short description, e.g. 'MirroredStrategy, 2 replicas (/cpu:0, /cpu:1)'."""
+  n = strategy.num_replicas_in_sync
+  text = f'{type(strategy).__name__}, {n} replica{"s" if n != 1 else ""}'
+  try:
+    devices = tuple(strategy.extended.worker_devices)
+  except (RuntimeError, NotImplementedError, AttributeError):  # the default strategy has none
+    devices = ()
+  if devices and len(devices) <= 8:
+    text += ' (' + ', '.join(devices) + ')'
+  return text

@@ -1,0 +1,122 @@
+"""SimCLR objectives as pure functions: tensors in, tensors out (no metrics, no logging).
+
+`nt_xent` is the original's `add_contrastive_loss`, including its scale: the returned loss is the
+mean over local anchors of loss_a + loss_b, i.e. twice the paper's L, so the original recipes'
+learning rates carry over unchanged. Across replicas, each replica scores its own anchors
+against the negatives of every replica (gathered with `ReplicaContext.all_gather`, whose
+gradient sums the upstream gradients of all replicas), so dividing each replica's loss by the
+number of replicas and summing gradients reproduces the single-device gradient exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import tensorflow as tf
+
+# Subtracted from an anchor's similarity with itself, so it never counts as a negative.
+LARGE_NUM = 1e9
+
+
+def _cross_replica_views(hidden1: tf.Tensor, hidden2: tf.Tensor,
+                         strategy: Optional[tf.distribute.Strategy]):
+  """Returns (hidden1_all, hidden2_all, offset): global views and this replica's first row."""
+  if strategy is None or strategy.num_replicas_in_sync <= 1:
+    return hidden1, hidden2, tf.constant(0, tf.int32)
+  context = tf.distribute.get_replica_context()
+  if context is None or context.num_replicas_in_sync <= 1:
+    raise ValueError(
+        'nt_xent(strategy=...) with more than one replica must run inside strategy.run() (a '
+        'replica context), where the other replicas\' projections can be gathered; call it from '
+        'the per-replica step function, or pass strategy=None for a single-device loss.')
+  hidden1_all, hidden2_all = context.all_gather([hidden1, hidden2], axis=0)
+  # Local batch sizes of every replica, so the offset is right even for uneven last batches.
+  sizes = context.all_gather(tf.reshape(tf.shape(hidden1)[0], [1]), axis=0)
+  replica_id = tf.cast(context.replica_id_in_sync_group, tf.int32)
+  offset = tf.reduce_sum(sizes[:replica_id])
+  return hidden1_all, hidden2_all, offset
+
+
+def nt_xent(hidden: tf.Tensor, temperature: float, hidden_norm: bool = True,
+            strategy: Optional[tf.distribute.Strategy] = None):
+  """Normalised temperature-scaled cross-entropy (the SimCLR contrastive loss).
+
+  Args:
+    hidden: (2N, d) projections, the first view's N rows then the second view's N rows.
+    temperature: softmax temperature tau.
+    hidden_norm: L2-normalise the projections first (cosine similarity).
+    strategy: with more than one replica, negatives come from every replica's batch.
+
+  Returns:
+    (loss, logits_ab, labels), all float32: the scalar loss over the local anchors (mean of loss_a + loss_b,
+    twice the paper's L), the (N, global_N) view1-vs-view2 logits, and one-hot (N, 2*global_N)
+    labels whose positive is the matching row of the other view.
+  """
+  # float32 even under mixed precision: -LARGE_NUM and the softmax need the range.
+  hidden = tf.cast(hidden, tf.float32)
+  if hidden_norm:
+    hidden = tf.math.l2_normalize(hidden, -1)
+  hidden1, hidden2 = tf.split(hidden, 2, 0)
+  batch_size = tf.shape(hidden1)[0]
+  hidden1_all, hidden2_all, offset = _cross_replica_views(hidden1, hidden2, strategy)
+  global_batch = tf.shape(hidden1_all)[0]
+
+  positives = tf.range(batch_size) + offset
+  labels = tf.one_hot(positives, global_batch * 2, dtype=hidden.dtype)
+  self_mask = tf.one_hot(positives, global_batch, dtype=hidden.dtype)
+
+  logits_aa = tf.matmul(hidden1, hidden1_all, transpose_b=True) / temperature
+  logits_aa -= self_mask * LARGE_NUM
+  logits_bb = tf.matmul(hidden2, hidden2_all, transpose_b=True) / temperature
+  logits_bb -= self_mask * LARGE_NUM
+  logits_ab = tf.matmul(hidden1, hidden2_all, transpose_b=True) / temperature
+  logits_ba = tf.matmul(hidden2, hidden1_all, transpose_b=True) / temperature
+
+  loss_a = tf.nn.softmax_cross_entropy_with_logits(labels, tf.concat([logits_ab, logits_aa], 1))
+  loss_b = tf.nn.softmax_cross_entropy_with_logits(labels, tf.concat([logits_ba, logits_bb], 1))
+  loss = tf.reduce_mean(loss_a + loss_b)
+  return loss, logits_ab, labels
+
+
+def supervised_loss(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+  """Mean softmax cross-entropy over the local batch; `labels` are one-hot (or soft)."""
+  labels = tf.cast(labels, logits.dtype)
+  return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels, logits))
+
+
+def distillation_loss(teacher_logits: tf.Tensor, student_logits: tf.Tensor,
+                      temperature: float = 1.0) -> tf.Tensor:
+  """SimCLRv2 Eq. 2: mean over the batch of H(softmax(teacher/T), softmax(student/T)).
+
+  The teacher's distribution is a constant (no gradient flows into the teacher).
+  """
+  student_logits = tf.convert_to_tensor(student_logits)
+  teacher_probs = tf.stop_gradient(
+      tf.nn.softmax(tf.cast(teacher_logits, student_logits.dtype) / temperature))
+  return tf.reduce_mean(
+      tf.nn.softmax_cross_entropy_with_logits(teacher_probs, student_logits / temperature))
+
+
+def mixed_distillation_loss(teacher_logits: tf.Tensor, student_logits: tf.Tensor,
+                            labels: tf.Tensor, label_mask: tf.Tensor, temperature: float,
+                            label_weight: float) -> tf.Tensor:
+  """SimCLRv2 Eq. 3: (1 - label_weight) * distillation + label_weight * label loss.
+
+  `label_weight` is the paper's 1 - alpha. The label term is the cross-entropy of the student's
+  untempered logits with the one-hot `labels`, averaged over the examples whose `label_mask` is
+  1 (0 when the batch has none); the distillation term covers every example.
+  """
+  student_logits = tf.convert_to_tensor(student_logits)
+  distill = distillation_loss(teacher_logits, student_logits, temperature)
+  mask = tf.cast(tf.reshape(label_mask, [-1]), student_logits.dtype)
+  per_example = tf.nn.softmax_cross_entropy_with_logits(
+      tf.cast(labels, student_logits.dtype), student_logits)
+  label_loss = tf.math.divide_no_nan(tf.reduce_sum(per_example * mask), tf.reduce_sum(mask))
+  return (1.0 - label_weight) * distill + label_weight * label_loss
+
+
+def l2_weight_decay(variables: Sequence[tf.Variable], weight_decay: float) -> tf.Tensor:
+  """weight_decay * sum of ||v||^2 / 2 over `variables` (0.0 for none), as added to the loss."""
+  if not variables:
+    return tf.constant(0.0)
+  return weight_decay * tf.add_n([tf.nn.l2_loss(v) for v in variables])

@@ -1,0 +1,79 @@
+"""The distillation teacher: its architecture, and a frozen callable that returns its logits.
+
+The teacher's architecture comes from, in order: explicit `--teacher_*` flags, the `flags.json`
+written next to the teacher's checkpoint by its own training run, and the student's settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Callable, Dict, Optional
+
+import tensorflow as tf
+
+from tf_simclr.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURE_FIELDS = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio',
+                       'proj_head_mode', 'num_proj_layers', 'proj_out_dim', 'ft_proj_selector')
+
+
+def find_flags_json(checkpoint: Optional[str]) -> Optional[str]:
+  """flags.json of the run that wrote `checkpoint` (a prefix, a model_dir or an export)."""
+  if not checkpoint:
+    return None
+  candidates = []
+  path = checkpoint.rstrip('/')
+  for _ in range(4):  # prefix -> model_dir; model_dir/saved_model/<step> -> model_dir
+    candidates.append(path if tf.io.gfile.isdir(path) else os.path.dirname(path))
+    path = os.path.dirname(path)
+  for folder in candidates:
+    flags_path = os.path.join(folder, 'flags.json')
+    if folder and tf.io.gfile.exists(flags_path):
+      return flags_path
+  return None
+
+
+def teacher_model_config(student: ModelConfig, teacher_checkpoint: Optional[str],
+                         overrides: Dict[str, object]) -> ModelConfig:
+  """The teacher's ModelConfig: overrides, else its flags.json, else the student's values."""
+  values = {}
+  flags_path = find_flags_json(teacher_checkpoint)
+  if flags_path:
+    with tf.io.gfile.GFile(flags_path) as f:
+      saved = json.load(f)
+    values.update({k: saved[k] for k in ARCHITECTURE_FIELDS if k in saved})
+    log.info('Teacher architecture read from %s', flags_path)
+  values.update(overrides)
+  return dataclasses.replace(student, supervised_head=True, supervised_head_stop_gradient=False,
+                             fine_tune_after_block=-1, **values)
+
+
+def is_saved_model(path: str) -> bool:
+  return tf.io.gfile.exists(os.path.join(path, 'saved_model.pb'))
+
+
+def load_teacher(teacher_config: ModelConfig, checkpoint: str, num_classes: int,
+                 image_size: int, strategy: tf.distribute.Strategy
+                 ) -> Callable[[tf.Tensor], tf.Tensor]:
+  """A callable images -> teacher logits, in inference mode, with no trainable variables."""
+  from tf_simclr import checkpoints
+  from tf_simclr.models import simclr
+  if is_saved_model(checkpoint):
+    from tf_simclr import export
+    with strategy.scope():
+      module = export.load(checkpoint)
+    log.info('Teacher: exported SavedModel %s', checkpoint)
+    return lambda images: module(images, trainable=False)[simclr.LOGITS_SUP]
+  with strategy.scope():
+    model = simclr.build_model(teacher_config, num_classes)
+    model.build_for_size(image_size)
+  checkpoints.restore_model_variables(model, checkpoint)
+  model.trainable = False
+  log.info('Teacher: ResNet-%d %dx (sk %.4g) from %s', teacher_config.resnet_depth,
+           teacher_config.width_multiplier, teacher_config.sk_ratio, checkpoint)
+  return lambda images: model(images, training=False)[simclr.LOGITS_SUP]

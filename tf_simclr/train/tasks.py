@@ -1,0 +1,203 @@
+"""One object per `--train_mode`: what the step computes, which variables train, the metrics.
+
+A task's `train_loss(batch)` runs inside `strategy.run` (replica context) under a GradientTape
+and returns the per-replica loss over its local batch plus a dict of scalar metrics (each a mean
+over the local batch; the loop averages them over replicas and steps). Nothing here logs or
+touches summaries except the augmented-image summary the loop asks for.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import tensorflow as tf
+
+from tf_simclr import losses
+from tf_simclr import metrics as metrics_lib
+from tf_simclr.config import Config
+from tf_simclr.data import augment
+from tf_simclr.models import simclr
+
+Metrics = Dict[str, tf.Tensor]
+
+
+def weight_decay_variables(model, optimizer_name: str) -> List[tf.Variable]:
+  """Variables whose L2 penalty is added to the loss, as the original's add_weight_decay.
+
+  With LARS the optimizer decays the encoder and projection head itself, so only the supervised
+  head's kernels (not biases) are penalised in the loss. With momentum/adam every trainable
+  variable except batch-norm parameters is.
+  """
+  groups = model.variable_groups()
+  trainable = {id(v) for v in model.trainable_variables}
+  if optimizer_name == 'lars':
+    biases = {id(v) for v in groups.bias}
+    return [v for v in groups.supervised_head if id(v) not in biases and id(v) in trainable]
+  excluded = {id(v) for v in groups.batch_norm}
+  return [v for v in model.trainable_variables if id(v) not in excluded]
+
+
+def lars_exclusions(model) -> List[tf.Variable]:
+  """Variables LARS neither decays nor adapts: batch norm, biases and the supervised head."""
+  groups = model.variable_groups()
+  seen, out = set(), []
+  for v in list(groups.batch_norm) + list(groups.bias) + list(groups.supervised_head):
+    if id(v) not in seen:
+      seen.add(id(v))
+      out.append(v)
+  return out
+
+
+SUPERVISED_METRICS = ['supervised_loss', 'supervised_acc']
+
+
+def _supervised_metrics(labels, logits, loss) -> Metrics:
+  correct = tf.equal(tf.argmax(labels, 1), tf.argmax(logits, 1))
+  return {'supervised_loss': loss,
+          'supervised_acc': tf.reduce_mean(tf.cast(correct, tf.float32))}
+
+
+class Task:
+  """Shared plumbing: the model, weight decay and the loss/metric bookkeeping."""
+
+  name = 'task'
+  num_views = 1
+  uses_label_mask = False
+
+  def __init__(self, config: Config, model, strategy: tf.distribute.Strategy):
+    self.config = config
+    self.model = model
+    self.strategy = strategy
+    self._decayed = weight_decay_variables(model, config.optim.optimizer)
+
+  @property
+  def trainable_variables(self) -> Sequence[tf.Variable]:
+    return self.model.trainable_variables
+
+  def image_summary(self, batch) -> tf.Tensor:
+    """First view of the local batch, for the augmented-image summary."""
+    return batch[0][..., :3]
+
+  def _finish(self, loss, logs: Metrics) -> Tuple[tf.Tensor, Metrics]:
+    decay = losses.l2_weight_decay(self._decayed, self.config.optim.weight_decay)
+    loss = loss + decay
+    logs['weight_decay'] = tf.convert_to_tensor(decay, tf.float32)
+    logs['total_loss'] = loss
+    return loss, logs
+
+  def train_loss(self, batch) -> Tuple[tf.Tensor, Metrics]:
+    raise NotImplementedError
+
+  def metric_names(self) -> List[str]:
+    """The keys `train_loss` returns, in logging order."""
+    return self._metric_names() + ['weight_decay', 'total_loss']
+
+  def _metric_names(self) -> List[str]:
+    raise NotImplementedError
+
+
+class PretrainTask(Task):
+  """Contrastive pretraining on two views, with optional linear eval through stop_gradient."""
+
+  name = 'pretrain'
+  num_views = 2
+
+  def _metric_names(self):
+    names = ['contrast_loss', 'contrast_acc', 'contrast_entropy']
+    if self.model.supervised_head is not None:
+      names += SUPERVISED_METRICS
+    return names
+
+  def train_loss(self, batch):
+    images, labels = batch[0], batch[1]
+    views = tf.split(images, self.num_views, axis=-1)
+    data = self.config.data
+    if data.use_blur:
+      views = [augment.batch_random_blur(v, data.image_size, data.image_size) for v in views]
+    outputs = self.model(tf.concat(views, 0), training=True)
+    train = self.config.train
+    replicas = self.strategy if self.strategy.num_replicas_in_sync > 1 else None
+    con_loss, logits_con, labels_con = losses.nt_xent(
+        outputs[simclr.PROJ_HEAD_OUTPUT], temperature=train.temperature,
+        hidden_norm=train.hidden_norm, strategy=replicas)
+    logs = {'contrast_loss': con_loss,
+            'contrast_acc': metrics_lib.contrastive_accuracy(logits_con, labels_con),
+            'contrast_entropy': metrics_lib.contrastive_entropy(logits_con)}
+    loss = con_loss
+    if simclr.LOGITS_SUP in outputs:
+      sup_labels = tf.concat([labels] * self.num_views, 0)
+      sup_loss = losses.supervised_loss(sup_labels, outputs[simclr.LOGITS_SUP])
+      logs.update(_supervised_metrics(sup_labels, outputs[simclr.LOGITS_SUP], sup_loss))
+      loss = loss + sup_loss
+    return self._finish(loss, logs)
+
+
+class FinetuneTask(Task):
+  """Supervised training of the (partly frozen) encoder and the supervised head."""
+
+  name = 'finetune'
+
+  def _metric_names(self):
+    return list(SUPERVISED_METRICS)
+
+  def train_loss(self, batch):
+    images, labels = batch[0], batch[1]
+    logits = self.model(images, training=True)[simclr.LOGITS_SUP]
+    sup_loss = losses.supervised_loss(labels, logits)
+    return self._finish(sup_loss, _supervised_metrics(labels, logits, sup_loss))
+
+
+class DistillTask(Task):
+  """Student learns the teacher's softened predictions (SimCLRv2 Eq. 2, optionally Eq. 3)."""
+
+  name = 'distill'
+
+  def __init__(self, config: Config, model, strategy, teacher: Callable[[tf.Tensor], tf.Tensor]):
+    super().__init__(config, model, strategy)
+    self.teacher = teacher
+    self.uses_label_mask = config.distill.label_weight > 0
+
+  def _metric_names(self):
+    return ['distill_loss', 'teacher_agreement'] + (
+        ['labeled_fraction'] if self.uses_label_mask else [])
+
+  def train_loss(self, batch):
+    images, labels = batch[0], batch[1]
+    teacher_logits = tf.stop_gradient(self.teacher(images))
+    logits = self.model(images, training=True)[simclr.LOGITS_SUP]
+    distill = self.config.distill
+    distill_loss = losses.distillation_loss(teacher_logits, logits, distill.temperature)
+    logs = {'distill_loss': distill_loss,
+            'teacher_agreement': tf.reduce_mean(tf.cast(tf.equal(
+                tf.argmax(teacher_logits, 1), tf.argmax(logits, 1)), tf.float32))}
+    loss = distill_loss
+    if self.uses_label_mask:
+      mask = batch[2]
+      loss = losses.mixed_distillation_loss(teacher_logits, logits, labels, mask,
+                                            distill.temperature, distill.label_weight)
+      logs['labeled_fraction'] = tf.reduce_mean(mask)
+    return self._finish(loss, logs)
+
+
+def make_task(config: Config, model, strategy, teacher=None) -> Task:
+  """The task object for `config.train.train_mode`."""
+  mode = config.train.train_mode
+  if mode == 'pretrain':
+    return PretrainTask(config, model, strategy)
+  if mode == 'finetune':
+    return FinetuneTask(config, model, strategy)
+  if teacher is None:
+    raise ValueError('train_mode=distill needs a teacher callable.')
+  return DistillTask(config, model, strategy, teacher)
+
+
+def eval_outputs(model, images, labels) -> Metrics:
+  """Per-replica sums for top-1/top-5 evaluation of the supervised head."""
+  logits = model(images, training=False)[simclr.LOGITS_SUP]
+  truth = tf.argmax(labels, 1)
+  k = tf.minimum(5, tf.shape(logits)[1])
+  top5 = tf.math.in_top_k(truth, logits, k)
+  top1 = tf.equal(truth, tf.argmax(logits, 1))
+  return {'top1_correct': tf.reduce_sum(tf.cast(top1, tf.float32)),
+          'top5_correct': tf.reduce_sum(tf.cast(top5, tf.float32)),
+          'count': tf.cast(tf.shape(logits)[0], tf.float32)}
