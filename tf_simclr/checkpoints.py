@@ -182,14 +182,20 @@ def read_global_step(path: str) -> int:
 
 
 class TrainState:
-  """Model + optimizer + step under one CheckpointManager in `model_dir`."""
+  """Model + optimizer + step under one CheckpointManager in `model_dir`.
 
-  def __init__(self, model, optimizer, model_dir: str, max_to_keep: int):
+  `save_dir` differs from `model_dir` only on non-chief multi-worker processes, which must take
+  part in saving but whose files are throw-away; every process resumes from `model_dir`.
+  """
+
+  def __init__(self, model, optimizer, model_dir: str, max_to_keep: int,
+               save_dir: Optional[str] = None):
     self.model = model
     self.optimizer = optimizer
+    self.model_dir = model_dir
     self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
                                           global_step=optimizer.iterations)
-    self.manager = tf.train.CheckpointManager(self.checkpoint, directory=model_dir,
+    self.manager = tf.train.CheckpointManager(self.checkpoint, directory=save_dir or model_dir,
                                               max_to_keep=max_to_keep)
 
   @property
@@ -207,7 +213,7 @@ class TrainState:
     `init_fn(path)` replaces the default strict loader for `init_checkpoint` (e.g. for weights
     written by the original code or an exported SavedModel).
     """
-    latest = self.manager.latest_checkpoint
+    latest = tf.train.latest_checkpoint(self.model_dir)
     if latest:
       log.info('Resuming from %s (weights, optimizer state and step).', latest)
       self.checkpoint.restore(latest).assert_existing_objects_matched()

@@ -135,3 +135,31 @@ def describe(strategy: tf.distribute.Strategy) -> str:
   if devices and len(devices) <= 8:
     text += ' (' + ', '.join(devices) + ')'
   return text
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+  """Whether this process writes shared outputs (checkpoints, summaries, results, exports).
+
+  Only multi-worker strategies have non-chief processes: the chief is task `chief`, or worker 0
+  when the cluster has no chief task.
+  """
+  resolver = getattr(strategy, 'cluster_resolver', None)
+  if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return True
+  task_type, task_id = resolver.task_type, resolver.task_id
+  if task_type is None or task_type == 'chief':
+    return True
+  has_chief = 'chief' in resolver.cluster_spec().as_dict()
+  return task_type == 'worker' and task_id == 0 and not has_chief
+
+
+def write_dir(model_dir: str, strategy: tf.distribute.Strategy) -> str:
+  """Where this process saves checkpoints: model_dir for the chief, a private folder otherwise.
+
+  Every multi-worker process must take part in saving (it runs collectives), but only the
+  chief's files are kept: the others write below model_dir/.workers/ which they may delete.
+  """
+  if is_chief(strategy):
+    return model_dir
+  resolver = strategy.cluster_resolver
+  return os.path.join(model_dir, '.workers', f'{resolver.task_type}_{resolver.task_id}')

@@ -47,28 +47,31 @@ def _write_json(path: str, payload) -> None:
 def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
   """Validates data and settings before any expensive work; writes flags.json."""
   train = config.train
+  # First: MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
+  strategy = distribute.make_strategy(config.distribute)
   tf.io.gfile.makedirs(train.model_dir)
-  if flags_dict is not None:
+  if flags_dict is not None and distribute.is_chief(strategy):
     _write_json(os.path.join(train.model_dir, 'flags.json'), flags_dict)
   if train.seed is not None:
     keras.utils.set_random_seed(train.seed)
-  source = datasets.resolve_dataset(config.data)
+  data = config.data
+  source = datasets.resolve_from_config(data)
   needs_train = train.mode in ('train', 'train_then_eval')
-  source.validate_split(config.data.train_split, flag='train_split')
-  if train.mode != 'export':
-    source.validate_split(config.data.eval_split, flag='eval_split')
-  num_train = source.num_examples(config.data.train_split)
+  num_train = source.num_examples(data.train_split)
   label_subset = None
-  if config.data.train_label_fraction < 1.0:
-    label_subset = datasets.label_subset_for(source, config.data, train.model_dir)
+  if data.train_label_fraction < 1.0 and needs_train:
+    label_subset = datasets.label_subset_for(source, data.train_split,
+                                             data.train_label_fraction, data.label_fraction_seed)
     if train.train_mode != 'distill':
       num_train = len(label_subset)
-    log.info('Label fraction %.4g of %s: %d labelled examples (ids in %s).',
-             config.data.train_label_fraction, config.data.train_split, len(label_subset),
-             os.path.join(train.model_dir, datasets.LABEL_SUBSET_FILE))
-  num_eval = source.num_examples(config.data.eval_split) if train.mode != 'export' else 1
+    if distribute.is_chief(strategy):
+      path = datasets.write_label_subset(
+          train.model_dir, dataset=data.dataset, split=data.train_split,
+          fraction=data.train_label_fraction, seed=data.label_fraction_seed, indices=label_subset)
+      log.info('Label fraction %.4g of %s: %d labelled examples (ids in %s).',
+               data.train_label_fraction, data.train_split, len(label_subset), path)
+  num_eval = source.num_examples(data.eval_split)
   steps = resolve_steps(train, config.optim, num_train, num_eval)
-  strategy = distribute.make_strategy(config.distribute)
   replicas = strategy.num_replicas_in_sync
   for flag, batch in (('train_batch_size', train.train_batch_size),
                       ('eval_batch_size', train.eval_batch_size)):
@@ -120,8 +123,9 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
     optimizer = lars.build_optimizer(config.optim, learning_rate,
                                      exclude_from_weight_decay=tasks.lars_exclusions(model))
     optimizer.build(model.trainable_variables)
-  state = checkpoints.TrainState(model, optimizer, config.train.model_dir,
-                                 config.train.keep_checkpoint_max)
+  model_dir = config.train.model_dir
+  state = checkpoints.TrainState(model, optimizer, model_dir, config.train.keep_checkpoint_max,
+                                 save_dir=distribute.write_dir(model_dir, ctx.strategy))
   fresh_ok = (SUPERVISED_HEAD,) if config.train.train_mode != 'pretrain' else ()
   how = state.restore_or_initialize(config.train.checkpoint, fresh_ok=fresh_ok, init_fn=init_fn)
   if how == 'initialized' and config.train.zero_init_logits_layer and model.supervised_head:
@@ -133,11 +137,13 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
   dataset = pipeline.build_train_dataset(
       ctx.source, config.data, config.train.train_batch_size, ctx.strategy,
       num_views=task.num_views,
-      label_subset=None if task.uses_label_mask else ctx.label_subset,
-      with_label_mask=task.uses_label_mask, label_mask_subset=ctx.label_subset,
-      seed=config.train.seed)
+      # Distillation reads the whole (unlabelled) split; the subset only marks labelled ones.
+      label_subset=(ctx.label_subset if task.name != 'distill' or task.uses_label_mask
+                    else None),
+      with_label_mask=task.uses_label_mask, seed=config.train.seed)
   trainer = loop.Trainer(task, optimizer, state, ctx.strategy, ctx.steps,
-                         config.train.train_batch_size, config.train.model_dir,
+                         config.train.train_batch_size,
+                         distribute.write_dir(model_dir, ctx.strategy),
                          learning_rate_fn=learning_rate)
   result = trainer.train(iter(dataset))
   return model, result
@@ -157,6 +163,8 @@ def evaluate(ctx: Context, model, global_step: int,
                                      tasks.weight_decay_variables(model, config.optim.optimizer),
                                      config.optim.weight_decay)
   result = evaluator.evaluate(dataset, ctx.steps.eval_steps)
+  if not distribute.is_chief(ctx.strategy):
+    return result
   summary_dir = config.train.model_dir
   if config.train.eval_name:
     summary_dir = os.path.join(summary_dir, f'eval_{config.train.eval_name}')
@@ -228,6 +236,6 @@ def run(config: Config, flags_dict: Optional[Dict] = None) -> Optional[Dict[str,
   model, result = train(ctx, teacher=teacher)
   if mode == 'train_then_eval':
     return evaluate(ctx, model, result.final_step, export_fn=export_fn)
-  if export_fn is not None:
+  if export_fn is not None and distribute.is_chief(ctx.strategy):
     export_fn(model, result.final_step)
   return None

@@ -194,10 +194,8 @@ def make_task(config: Config, model, strategy, teacher=None) -> Task:
 def eval_outputs(model, images, labels) -> Metrics:
   """Per-replica sums for top-1/top-5 evaluation of the supervised head."""
   logits = model(images, training=False)[simclr.LOGITS_SUP]
-  truth = tf.argmax(labels, 1)
-  k = tf.minimum(5, tf.shape(logits)[1])
-  top5 = tf.math.in_top_k(truth, logits, k)
-  top1 = tf.equal(truth, tf.argmax(logits, 1))
+  top1 = tf.equal(tf.argmax(labels, 1), tf.argmax(logits, 1))
+  top5 = metrics_lib.top_k_correct(labels, logits, min(5, int(logits.shape[-1])))
   return {'top1_correct': tf.reduce_sum(tf.cast(top1, tf.float32)),
-          'top5_correct': tf.reduce_sum(tf.cast(top5, tf.float32)),
+          'top5_correct': tf.reduce_sum(top5),
           'count': tf.cast(tf.shape(logits)[0], tf.float32)}
