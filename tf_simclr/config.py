@@ -106,7 +106,8 @@ class DataConfig:
   label_fraction_seed: int = 0
 
   def __post_init__(self):
-    _check(bool(self.dataset), '--dataset is empty: give a TFDS name, folder:PATH or builtin.')
+    _check(bool(self.dataset),
+           '--dataset is empty: give a TFDS name, folder:PATH or shapes10 (built in).')
     _check(self.image_size >= 8, f'--image_size={self.image_size} must be >= 8.')
     _check(self.color_jitter_strength >= 0,
            f'--color_jitter_strength={self.color_jitter_strength} must be >= 0.')

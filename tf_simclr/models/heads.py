@@ -103,6 +103,11 @@ class ProjectionHead(keras.layers.Layer):
     """The hidden that feeds the supervised head (`ft_proj_selector`)."""
     return hiddens[self.ft_proj_selector]
 
+  def layers_after_selector(self):
+    """Layers past the selected hidden: unused by a supervised-only objective."""
+    selected = self.ft_proj_selector % (len(self.linear_layers) + 1)
+    return self.linear_layers[selected:]
+
 
 class SupervisedHead(keras.layers.Layer):
   """Logits layer: Dense with bias, no BN."""

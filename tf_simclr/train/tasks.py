@@ -74,6 +74,7 @@ class Task:
   def trainable_variables(self) -> Sequence[tf.Variable]:
     return self.model.trainable_variables
 
+
   def image_summary(self, batch) -> tf.Tensor:
     """First view of the local batch, for the augmented-image summary."""
     return batch[0][..., :3]
@@ -94,6 +95,18 @@ class Task:
 
   def _metric_names(self) -> List[str]:
     raise NotImplementedError
+
+
+class SupervisedTask(Task):
+  """A task trained only through the supervised head (fine-tuning, distillation)."""
+
+  @property
+  def trainable_variables(self) -> Sequence[tf.Variable]:
+    """All trainable variables but those of projection-head layers past ft_proj_selector,
+    which the supervised objective never reaches (they keep their pretrained values)."""
+    unused = {id(v) for layer in self.model.projection_head.layers_after_selector()
+              for v in layer.trainable_variables}
+    return [v for v in self.model.trainable_variables if id(v) not in unused]
 
 
 class PretrainTask(Task):
@@ -132,7 +145,7 @@ class PretrainTask(Task):
     return self._finish(loss, logs)
 
 
-class FinetuneTask(Task):
+class FinetuneTask(SupervisedTask):
   """Supervised training of the (partly frozen) encoder and the supervised head."""
 
   name = 'finetune'
@@ -147,7 +160,7 @@ class FinetuneTask(Task):
     return self._finish(sup_loss, _supervised_metrics(labels, logits, sup_loss))
 
 
-class DistillTask(Task):
+class DistillTask(SupervisedTask):
   """Student learns the teacher's softened predictions (SimCLRv2 Eq. 2, optionally Eq. 3)."""
 
   name = 'distill'

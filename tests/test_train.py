@@ -1,0 +1,172 @@
+"""The training loop, tasks, checkpoints and evaluation, end to end on tiny models."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_simclr import checkpoints
+from tf_simclr import config as cfg
+from tf_simclr.models import simclr
+from tf_simclr.optim import lars
+from tf_simclr.train import experiment, loop, tasks
+
+TINY_MODEL = dict(resnet_depth=18, width_multiplier=1, cifar_stem=True, proj_out_dim=16,
+                  num_proj_layers=2)
+
+
+def tiny_config(model_dir, **overrides):
+  """A Config for 16 px shapes10 runs of a few steps."""
+  sections = {'model': {}, 'data': {}, 'optim': {}, 'train': {}}
+  for key, value in overrides.items():
+    section, name = key.split('__')
+    sections[section][name] = value
+  train_mode = sections['train'].get('train_mode', 'pretrain')
+  model = cfg.ModelConfig(**{**TINY_MODEL, 'supervised_head': True,
+                             'supervised_head_stop_gradient': train_mode == 'pretrain',
+                             **sections['model']})
+  data = cfg.DataConfig(**{'dataset': 'shapes10', 'eval_split': 'test', 'image_size': 16,
+                           'use_blur': True, 'color_jitter_strength': 0.5, **sections['data']})
+  optim = cfg.OptimConfig(**{'learning_rate': 0.1, 'weight_decay': 1e-4, 'warmup_epochs': 0,
+                             **sections['optim']})
+  train = cfg.TrainConfig(**{'model_dir': str(model_dir), 'train_batch_size': 8,
+                             'train_steps': 3, 'checkpoint_steps': 2, 'eval_batch_size': 50,
+                             'eval_steps': 2, 'temperature': 0.5, 'seed': 1,
+                             **sections['train']})
+  return cfg.Config(model=model, data=data, optim=optim, train=train)
+
+
+def test_pretrain_then_eval_runs_exact_steps_and_writes_results(tmp_path):
+  config = tiny_config(tmp_path, train__mode='train_then_eval', train__train_steps=5,
+                       train__steps_per_loop=2)
+  result = experiment.run(config, flags_dict={'resnet_depth': 18})
+  # Loops of 2, 2, 1 steps; a checkpoint every 2 steps and at the very end.
+  assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-5')
+  assert sorted(f for f in os.listdir(tmp_path) if f.endswith('.index')) == [
+      'ckpt-2.index', 'ckpt-4.index', 'ckpt-5.index']
+  assert checkpoints.read_global_step(str(tmp_path)) == 5
+  stored = json.load(open(tmp_path / 'result.json'))
+  assert stored == json.load(open(tmp_path / 'result_5.json'))
+  for key in ('eval/label_top_1_accuracy', 'eval/label_top_5_accuracy',
+              'eval/regularization_loss', 'global_step'):
+    assert key in stored
+  assert stored['global_step'] == 5 and stored['num_examples'] == 100
+  assert 0 <= stored['eval/label_top_1_accuracy'] <= stored['eval/label_top_5_accuracy'] <= 1
+  assert json.load(open(tmp_path / 'flags.json')) == {'resnet_depth': 18}
+  assert result['eval/label_top_1_accuracy'] == stored['eval/label_top_1_accuracy']
+
+
+def _build_state(config, model_dir):
+  ctx = experiment.prepare(config)
+  model = experiment.build_model(ctx)
+  lr = experiment.make_learning_rate(ctx)
+  optimizer = lars.build_optimizer(config.optim, lr, tasks.lars_exclusions(model))
+  optimizer.build(model.trainable_variables)
+  return model, optimizer, checkpoints.TrainState(model, optimizer, str(model_dir), 5)
+
+
+def test_resume_restores_step_weights_slots_and_bn_statistics(tmp_path):
+  config = tiny_config(tmp_path, train__train_steps=2)
+  experiment.run(config)
+  model, optimizer, state = _build_state(config, tmp_path)
+  assert state.restore_or_initialize(None) == 'resumed'
+  assert state.step == 2
+  reader = tf.train.load_checkpoint(str(tmp_path / 'ckpt-2'))
+  keys = {**checkpoints.checkpoint_variable_paths(reader, root_child='model'),
+          **checkpoints.checkpoint_variable_paths(reader, root_child='optimizer')}
+  ours = {**checkpoints.object_variable_paths(model, 'model'),
+          **checkpoints.object_variable_paths(optimizer, 'optimizer')}
+  moving = [p for p in ours if p.endswith('moving_mean') or p.endswith('moving_variance')]
+  slots = [p for p in ours if p.startswith('optimizer/') and 'momentum' in p.lower()]
+  assert moving and slots, 'BN statistics and momentum slots must be tracked'
+  for path, var in ours.items():
+    np.testing.assert_array_equal(var.numpy(), reader.get_tensor(keys[path]), err_msg=path)
+  # After two training steps BN statistics and momenta are no longer at their initial values.
+  assert any(np.any(ours[p].numpy() != 0) for p in moving if p.endswith('moving_mean'))
+  assert any(np.any(ours[p].numpy() != 0) for p in slots)
+  # Continuing the run trains only the remaining steps.
+  experiment.run(tiny_config(tmp_path, train__train_steps=4))
+  assert checkpoints.read_global_step(str(tmp_path)) == 4
+
+
+class _NaNAfter(tasks.FinetuneTask):
+  """A fine-tuning task whose loss turns NaN from a given optimizer step on."""
+
+  def __init__(self, *args, nan_from_step, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.nan_from_step = nan_from_step
+
+  def train_loss(self, batch):
+    loss, logs = super().train_loss(batch)
+    loss = tf.where(self.model_step() >= self.nan_from_step, np.float32(np.nan), loss)
+    logs['total_loss'] = loss
+    return loss, logs
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  config = tiny_config(tmp_path, train__train_mode='finetune', train__train_steps=6,
+                       train__checkpoint_steps=2, model__supervised_head_stop_gradient=False)
+  ctx = experiment.prepare(config)
+  model, optimizer, state = _build_state(config, tmp_path)
+  task = _NaNAfter(config, model, ctx.strategy, nan_from_step=3)
+  task.model_step = lambda: optimizer.iterations
+  from tf_simclr.data import pipeline
+  dataset = pipeline.build_train_dataset(ctx.source, config.data, 8, ctx.strategy, num_views=1)
+  trainer = loop.Trainer(task, optimizer, state, ctx.strategy, ctx.steps, 8, str(tmp_path))
+  with pytest.raises(loop.TrainingDivergedError, match='last good checkpoint'):
+    trainer.train(iter(dataset))
+  assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-2')
+  reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path)))
+  for key in reader.get_variable_to_shape_map():
+    value = reader.get_tensor(key)
+    if isinstance(value, np.ndarray) and value.dtype.kind == 'f':
+      assert np.all(np.isfinite(value)), key
+
+
+def _pretrain_batch(batch_size, image_size, num_classes, seed):
+  rng = np.random.RandomState(seed)
+  images = rng.uniform(size=(batch_size, image_size, image_size, 6)).astype(np.float32)
+  labels = np.eye(num_classes, dtype=np.float32)[rng.randint(num_classes, size=batch_size)]
+  return images, labels
+
+
+def test_two_replicas_take_exactly_the_single_device_step(tmp_path, two_replica_strategy):
+  """One full pretraining step (NT-Xent across replicas, synchronized BN, LARS, weight decay,
+  linear eval head) on 2 replicas equals the same step on one device with the global batch."""
+  config = tiny_config(tmp_path, data__use_blur=False, train__train_batch_size=8)
+  images, labels = _pretrain_batch(8, 16, 10, seed=0)
+  results, initial = [], None
+  for strategy in (tf.distribute.get_strategy(), two_replica_strategy):
+    with strategy.scope():
+      model = simclr.build_model(config.model, 10)
+      model.build_for_size(16)
+    variables = checkpoints.object_variable_paths(model, 'model')
+    if initial is None:
+      initial = {p: v.numpy() for p, v in variables.items()}
+    else:
+      for p, v in variables.items():
+        v.assign(initial[p])
+    with strategy.scope():
+      optimizer = lars.LARS(0.5, momentum=0.9, weight_decay=1e-4,
+                            exclude_from_weight_decay=tasks.lars_exclusions(model))
+      optimizer.build(model.trainable_variables)
+    task = tasks.PretrainTask(config, model, strategy)
+    steps = cfg.Steps(train_steps=1, epoch_steps=1, warmup_steps=0, checkpoint_steps=1,
+                      steps_per_loop=1, eval_steps=1)
+    state = checkpoints.TrainState(model, optimizer, str(tmp_path / type(strategy).__name__), 2)
+    trainer = loop.Trainer(task, optimizer, state, strategy, steps, 8,
+                           str(tmp_path / 'summaries'))
+    dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    dist = strategy.experimental_distribute_dataset(dataset)
+    result = trainer.train(iter(dist))
+    results.append(({p: v.numpy() for p, v in
+                     checkpoints.object_variable_paths(model, 'model').items()},
+                    result.metrics))
+  (single, single_metrics), (double, double_metrics) = results
+  assert single.keys() == double.keys()
+  for path in single:
+    np.testing.assert_allclose(double[path], single[path], rtol=2e-4, atol=2e-5, err_msg=path)
+  for name in ('contrast_loss', 'supervised_loss', 'weight_decay'):
+    assert double_metrics[name] == pytest.approx(single_metrics[name], rel=1e-4), name

@@ -1,0 +1,292 @@
+"""Resolves `--dataset` to a `DatasetSource` and picks label subsets for semi-supervised runs.
+
+Three forms of `--dataset` are accepted:
+  * a TFDS image-classification name (`cifar10`, `imagenet2012`, `name/config:version`), built
+    and prepared in `--data_dir` with `tfds.builder(...).download_and_prepare()` as the original;
+  * `folder:PATH` with images in PATH/<split>/<class>/*.{jpg,jpeg,png}, read through TFDS's
+    `ImageFolder` (class ids are the sorted class-folder names over all splits);
+  * `shapes10`, the built-in generated dataset (splits 'train' 10,000 and 'test' 2,000; see
+    synthetic.py), which needs no download.
+Every form yields (image uint8 HxWxC, label int64) and accepts TFDS split slicing such as
+`train[:10%]` or `train[:500]+test`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import socket
+import urllib.error
+from typing import Any, Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from tf_simclr.config import ConfigError
+from tf_simclr.data import synthetic
+
+FOLDER_PREFIX = 'folder:'
+LABEL_SUBSET_FILE = 'label_subset.json'
+_FORMS = ('a TFDS image-classification name (e.g. cifar10, imagenet2012; catalog: '
+          'https://www.tensorflow.org/datasets/catalog), folder:PATH (images in '
+          'PATH/<split>/<class>/*.jpg|png), or the built-in shapes10 (no download)')
+
+
+class DatasetError(ConfigError):
+  """A user-fixable data problem; the message names the flag or path and the fix."""
+
+
+def _read_config(input_context=None) -> tfds.ReadConfig:
+  # Different workers read different files; interleave settings as the original.
+  return tfds.ReadConfig(interleave_cycle_length=32, interleave_block_length=1,
+                         input_context=input_context)
+
+
+def _shard(ds: tf.data.Dataset, input_context) -> tf.data.Dataset:
+  if input_context is None or input_context.num_input_pipelines <= 1:
+    return ds
+  return ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSource:
+  """One resolved dataset: metadata plus `as_dataset` yielding (uint8 image, int64 label)."""
+  name: str
+  kind: str  # 'tfds', 'folder' or 'builtin'.
+  num_classes: int
+  image_shape: tuple  # (height, width, channels); None where images vary.
+  split_sizes: dict
+  class_names: Optional[tuple] = None
+  builder: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+  @property
+  def channels(self) -> Optional[int]:
+    return self.image_shape[-1]
+
+  @property
+  def splits(self) -> list:
+    return sorted(self.split_sizes)
+
+  def _ranges(self, split: str, flag: str = '--train_split/--eval_split'):
+    """[(base split, start, stop)] for a split spec such as 'train[:10%]+test'."""
+    try:
+      infos = tfds.core.SplitDict([tfds.core.SplitInfo(name=k, shard_lengths=[v], num_bytes=0)
+                                   for k, v in self.split_sizes.items()])
+      instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(infos)
+    except (ValueError, KeyError, AssertionError) as e:
+      raise DatasetError(
+          f'{flag}={split!r} is not a split of --dataset={self.name}: available splits are '
+          f'{self.splits} (TFDS slicing such as "train[:10%]" or "train[:1000]" also works). '
+          f'Detail: {e}') from None
+    return [(i.splitname, i.from_ or 0, self.split_sizes[i.splitname] if i.to is None else i.to)
+            for i in instructions]
+
+  def validate_split(self, split: str, flag: str = '--train_split') -> None:
+    """Raises DatasetError naming `flag` unless `split` exists and is non-empty."""
+    if self.num_examples(split, flag) == 0:
+      raise DatasetError(f'{flag}={split!r} of --dataset={self.name} has no examples.')
+
+  def num_examples(self, split: str, flag: str = '--train_split/--eval_split') -> int:
+    return sum(stop - start for _, start, stop in self._ranges(split, flag))
+
+  def as_dataset(self, split: str, shuffle_files: bool = False,
+                 input_context=None) -> tf.data.Dataset:
+    """(image uint8 HxWxC, label int64) examples; fixed order unless shuffle_files.
+
+    With an input_context each input pipeline reads its own part of the split.
+    """
+    ranges = self._ranges(split)
+    if self.kind == 'tfds':
+      return self.builder.as_dataset(split=split, shuffle_files=shuffle_files, as_supervised=True,
+                                     read_config=_read_config(input_context))
+    if self.kind == 'builtin':
+      parts = [synthetic.load_split(name) for name, _, _ in ranges]
+      images = np.concatenate([p[0][a:b] for p, (_, a, b) in zip(parts, ranges)])
+      labels = np.concatenate([p[1][a:b] for p, (_, a, b) in zip(parts, ranges)])
+      return _shard(tf.data.Dataset.from_tensor_slices((images, labels)), input_context)
+    # Folder: ImageFolder reads whole splits in a fixed order; slices are cut here.
+    whole = len(ranges) == 1 and ranges[0][1:] == (0, self.split_sizes[ranges[0][0]])
+    ds = None
+    for name, start, stop in ranges:
+      part = self.builder.as_dataset(split=name, shuffle_files=shuffle_files and whole,
+                                     as_supervised=True)
+      part = part.skip(start).take(stop - start)
+      ds = part if ds is None else ds.concatenate(part)
+    return _shard(ds, input_context)
+
+  def labels(self, split: str) -> np.ndarray:
+    """All labels of `split` (int64) in the order of `as_dataset(split, shuffle_files=False)`.
+
+    TFDS images are not decoded (SkipDecoding), so this reads only the records.
+    """
+    ranges = self._ranges(split)
+    if self.kind == 'builtin':
+      return np.concatenate([synthetic.load_split(n)[1][a:b] for n, a, b in ranges])
+    examples = getattr(self.builder, '_split_examples', None)  # ImageFolder's file list.
+    if self.kind == 'folder' and examples is not None:
+      to_id = self.builder.info.features['label'].str2int
+      return np.concatenate([np.array([to_id(e.label) for e in examples[n][a:b]], np.int64)
+                             for n, a, b in ranges])
+    image_key = self.builder.info.supervised_keys[0]
+    ds = self.builder.as_dataset(split=split, shuffle_files=False, as_supervised=True,
+                                 decoders={image_key: tfds.decode.SkipDecoding()},
+                                 read_config=_read_config())
+    ds = ds.map(lambda image, label: label).batch(8192)
+    return np.concatenate([b.numpy() for b in ds] or [np.zeros([0])]).astype(np.int64)
+
+
+def validate_split(source: DatasetSource, split: str, flag: str = '--train_split') -> None:
+  """Raises DatasetError naming `flag` and the available splits unless `split` is readable."""
+  source.validate_split(split, flag)
+
+
+def _resolve_builtin(name: str) -> DatasetSource:
+  return DatasetSource(
+      name=name, kind='builtin', num_classes=synthetic.NUM_CLASSES,
+      image_shape=(synthetic.IMAGE_SIZE, synthetic.IMAGE_SIZE, 3),
+      split_sizes={k: v[0] for k, v in synthetic.SPLITS.items()},
+      class_names=synthetic.CLASS_NAMES)
+
+
+def _resolve_folder(name: str) -> DatasetSource:
+  path = os.path.expanduser(name[len(FOLDER_PREFIX):])
+  if not path or not tf.io.gfile.isdir(path):
+    raise DatasetError(f'--dataset={name}: folder {path!r} does not exist. Expected images in '
+                       f'{path or "PATH"}/<split>/<class>/*.jpg|png.')
+  builder = tfds.folder_dataset.ImageFolder(path)
+  split_sizes = {k: v.num_examples for k, v in builder.info.splits.items()}
+  if not split_sizes:
+    raise DatasetError(f'--dataset={name}: no split folders with images found in {path!r}. '
+                       'Expected PATH/<split>/<class>/*.jpg|png, e.g. PATH/train/cat/1.jpg.')
+  names = tuple(builder.info.features['label'].names)
+  return DatasetSource(name=name, kind='folder', num_classes=len(names),
+                       image_shape=tuple(builder.info.features['image'].shape),
+                       split_sizes=split_sizes, class_names=names, builder=builder)
+
+
+def _is_network_error(error: Optional[BaseException]) -> bool:
+  """True if error (or anything in its cause chain) is a connection/download failure."""
+  network = (ConnectionError, TimeoutError, socket.gaierror, urllib.error.URLError,
+             tfds.download.DownloadError)
+  try:
+    import requests  # pylint: disable=g-import-not-at-top
+    network += (requests.exceptions.RequestException,)
+  except ImportError:
+    pass
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, network):
+      return True
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _prepare_tfds(builder, name: str) -> None:
+  """download_and_prepare with clear errors for manual downloads and network failures."""
+  if builder.is_prepared():
+    return
+  root = os.fspath(builder.data_dir_root)
+  manual_dir = os.path.join(root, 'downloads', 'manual')
+  pre_download = (f"On a machine with internet access run: python -c \"import tensorflow_datasets "
+                  f"as tfds; tfds.builder('{name}', data_dir='DIR').download_and_prepare()\" and "
+                  f"copy DIR to this machine, passing it as --data_dir (now {root}).")
+  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not (
+      tf.io.gfile.isdir(manual_dir) and tf.io.gfile.listdir(manual_dir)):
+    raise DatasetError(
+        f'--dataset={name} needs a manual download: put the files in {manual_dir} (that is '
+        f'<--data_dir>/downloads/manual) as TFDS describes below, then run again.\n'
+        f'{builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}')
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # pylint: disable=broad-except
+    if _is_network_error(e):
+      raise DatasetError(f'--dataset={name} could not be downloaded ({type(e).__name__}: {e}). '
+                         + pre_download) from e
+    raise DatasetError(f'--dataset={name} could not be prepared in {root} '
+                       f'({type(e).__name__}: {e}). ' + pre_download) from e
+
+
+def _resolve_tfds(name: str, data_dir: Optional[str]) -> DatasetSource:
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.DatasetNotFoundError:
+    close = difflib.get_close_matches(name, tfds.list_builders() + [synthetic.NAME], n=3)
+    hint = f' Did you mean {" or ".join(close)}?' if close else ''
+    raise DatasetError(f'--dataset={name!r} is unknown.{hint} Use {_FORMS}.') from None
+  _prepare_tfds(builder, name)
+  info = builder.info
+  keys = info.supervised_keys
+  label = info.features[keys[1]] if keys and len(keys) == 2 else None
+  if label is None or not hasattr(label, 'num_classes'):
+    raise DatasetError(f'--dataset={name} is not an image-classification dataset (it needs '
+                       f'supervised (image, label) keys with a class label; has {keys}).')
+  return DatasetSource(
+      name=name, kind='tfds', num_classes=label.num_classes,
+      image_shape=tuple(info.features[keys[0]].shape),
+      split_sizes={k: v.num_examples for k, v in info.splits.items()},
+      class_names=tuple(label.names), builder=builder)
+
+
+def resolve_dataset(dataset: str, data_dir: Optional[str] = None) -> DatasetSource:
+  """Maps a --dataset value to a DatasetSource (preparing TFDS data if needed)."""
+  if not dataset:
+    raise DatasetError(f'--dataset is empty. Use {_FORMS}.')
+  if dataset == synthetic.NAME:
+    return _resolve_builtin(dataset)
+  if dataset.startswith(FOLDER_PREFIX):
+    return _resolve_folder(dataset)
+  return _resolve_tfds(dataset, data_dir)
+
+
+def resolve_from_config(data_config) -> DatasetSource:
+  """Resolves data_config.dataset and validates both --train_split and --eval_split."""
+  source = resolve_dataset(data_config.dataset, data_config.data_dir)
+  source.validate_split(data_config.train_split, '--train_split')
+  source.validate_split(data_config.eval_split, '--eval_split')
+  return source
+
+
+def select_label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+  """Sorted example indices keeping round(fraction * count) of every class (at least 1).
+
+  Deterministic for a given (labels, fraction, seed); round half up. fraction 1 keeps all.
+  """
+  if not 0.0 < fraction <= 1.0:
+    raise DatasetError(f'--train_label_fraction={fraction} must be in (0, 1].')
+  labels = np.asarray(labels)
+  rng = np.random.Generator(np.random.PCG64(seed))
+  chosen = []
+  for cls in np.unique(labels):
+    members = np.flatnonzero(labels == cls)
+    keep = min(len(members), max(1, int(np.floor(fraction * len(members) + 0.5))))
+    chosen.append(rng.permutation(members)[:keep])
+  return np.sort(np.concatenate(chosen or [np.zeros([0], np.int64)])).astype(np.int64)
+
+
+def label_subset_for(source: DatasetSource, split: str, fraction: float, seed: int) -> np.ndarray:
+  """Indices (in `as_dataset(split)` order) of the class-balanced labelled subset of `split`."""
+  return select_label_subset(source.labels(split), fraction, seed)
+
+
+def write_label_subset(directory: str, *, dataset: str, split: str, fraction: float, seed: int,
+                       indices: np.ndarray) -> str:
+  """Writes the chosen ids to <directory>/label_subset.json so a run can be reproduced."""
+  tf.io.gfile.makedirs(directory)
+  path = os.path.join(directory, LABEL_SUBSET_FILE)
+  record = {'dataset': dataset, 'split': split, 'fraction': fraction, 'seed': seed,
+            'num_examples': int(len(indices)), 'indices': [int(i) for i in indices]}
+  with tf.io.gfile.GFile(path, 'w') as f:
+    json.dump(record, f)
+  return path
+
+
+def read_label_subset(path: str) -> dict:
+  """Reads a label_subset.json; 'indices' becomes an int64 array."""
+  with tf.io.gfile.GFile(path) as f:
+    record = json.load(f)
+  record['indices'] = np.asarray(record['indices'], dtype=np.int64)
+  return record

@@ -1,0 +1,185 @@
+"""tf.data input pipelines for training and evaluation (after the original's data.py).
+
+`make_train_dataset` / `make_eval_dataset` build one plain `tf.data.Dataset` (usable in tests and
+benchmarks); `build_train_dataset` / `build_eval_dataset` wrap them with
+`strategy.distribute_datasets_from_function`, each input pipeline batching
+`input_context.get_per_replica_batch_size(global_batch_size)` examples.
+
+Train elements are `(images, labels)` or, with `with_label_mask`, `(images, labels, label_mask)`:
+images float32 (B, S, S, 3 * num_views) in [0, 1], the independently augmented views concatenated
+on the channel axis; labels one-hot float32 (B, num_classes); label_mask float32 (B,). The batched
+Gaussian blur is not applied here: the train step applies `augment.batch_random_blur` per view on
+each replica, as the original did.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from tf_simclr.data import augment
+from tf_simclr.data.datasets import DatasetError, DatasetSource
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def to_rgb(image: tf.Tensor) -> tf.Tensor:
+  """Makes an (H, W, C) image 3-channel: grayscale is tiled, alpha channels are dropped."""
+  channels = image.shape[-1]
+  if channels == 3:
+    return image
+  if channels in (1, 2):  # Gray or gray + alpha.
+    return tf.tile(image[..., :1], [1, 1, 3])
+  if channels == 4:
+    return image[..., :3]
+  if channels is None:
+    image = tf.cond(tf.shape(image)[-1] >= 3, lambda: image[..., :3],
+                    lambda: tf.tile(image[..., :1], [1, 1, 3]))
+    image.set_shape([None, None, 3])
+    return image
+  raise DatasetError(f'Images with {channels} channels are not supported (need 1, 2, 3 or 4).')
+
+
+def _preprocess_fn(data_config, is_training: bool, color_jitter_strength: float):
+  """Per-image preprocessing; the eval centre crop is skipped for images <= 32 px (CIFAR)."""
+  return functools.partial(
+      augment.preprocess_image, height=data_config.image_size, width=data_config.image_size,
+      is_training=is_training, color_jitter_strength=color_jitter_strength,
+      test_crop=data_config.image_size > 32, impl=data_config.color_jitter_impl)
+
+
+def _check_batch(global_batch_size: int, strategy, flag: str) -> None:
+  replicas = strategy.num_replicas_in_sync
+  if global_batch_size < 1 or global_batch_size % replicas:
+    raise DatasetError(f'{flag}={global_batch_size} must be a positive multiple of the number of '
+                       f'replicas ({replicas}) so every replica gets the same batch.')
+
+
+def _membership(source: DatasetSource, split: str, label_subset) -> np.ndarray:
+  """Boolean vector over the split: True for indices in label_subset."""
+  n = source.num_examples(split, '--train_split')
+  indices = np.asarray(label_subset, dtype=np.int64).reshape([-1])
+  if indices.size == 0:
+    raise DatasetError('The label subset is empty: raise --train_label_fraction.')
+  if indices.min() < 0 or indices.max() >= n:
+    raise DatasetError(f'Label subset indices must lie in [0, {n}) for --train_split={split!r} '
+                       f'of --dataset={source.name}; got [{indices.min()}, {indices.max()}]. '
+                       'Was label_subset.json written for another split or dataset?')
+  member = np.zeros([n], dtype=bool)
+  member[indices] = True
+  return member
+
+
+def _indexed_source(source, split, label_subset, with_label_mask, input_context):
+  """The split read in a fixed order, restricted to / masked by label_subset, then sharded.
+
+  Yields (image, label, mask) when with_label_mask, else (image, label).
+  """
+  member = tf.constant(_membership(source, split, label_subset))
+
+  def with_mask(index, example):
+    return example + (tf.cast(tf.gather(member, index), tf.float32),)
+
+  def is_member(index, example):
+    del example
+    return tf.gather(member, index)
+
+  def drop_index(index, example):
+    del index
+    return example
+
+  ds = source.as_dataset(split, shuffle_files=False).enumerate()
+  if with_label_mask:
+    ds = ds.map(with_mask)
+  else:
+    ds = ds.filter(is_member).map(drop_index)
+  if input_context is not None and input_context.num_input_pipelines > 1:
+    ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+  return ds
+
+
+def make_train_dataset(source: DatasetSource, data_config, batch_size: int, num_views: int,
+                       label_subset=None, with_label_mask: bool = False,
+                       seed: Optional[int] = None, input_context=None) -> tf.data.Dataset:
+  """Infinite, shuffled training batches of `batch_size` (see the module docstring).
+
+  num_views=2 (pretraining) uses data_config.color_jitter_strength; num_views=1 (fine-tuning,
+  distillation) only crops and flips, as the original. `label_subset` (indices into the split in
+  `as_dataset` order) restricts the split; with `with_label_mask` the whole split is kept and the
+  mask is 1.0 on those indices (all ones without a subset). `seed` seeds the shuffle buffer and
+  keeps the element order deterministic; the augmentations follow TF's global seed.
+  """
+  if num_views < 1:
+    raise ValueError(f'num_views={num_views} must be >= 1.')
+  split = data_config.train_split
+  num_classes = source.num_classes
+  strength = data_config.color_jitter_strength if num_views > 1 else 0.0
+  preprocess = _preprocess_fn(data_config, is_training=True, color_jitter_strength=strength)
+  ordered = label_subset is not None
+  if ordered:
+    ds = _indexed_source(source, split, label_subset, with_label_mask, input_context)
+  else:
+    ds = source.as_dataset(split, shuffle_files=True, input_context=input_context)
+    if with_label_mask:
+      ds = ds.map(lambda image, label: (image, label, tf.constant(1.0)))
+  if data_config.cache_dataset:
+    ds = ds.cache()
+  options = tf.data.Options()
+  # The original trades order for speed; an enumerated subset must keep the read order.
+  options.deterministic = ordered or seed is not None
+  options.experimental_slack = True
+  ds = ds.with_options(options)
+  buffer_multiplier = 50 if data_config.image_size <= 32 else 10
+  ds = ds.shuffle(batch_size * buffer_multiplier, seed=seed).repeat(-1)
+
+  def map_fn(image, label, *mask):
+    image = to_rgb(image)
+    views = [preprocess(image) for _ in range(num_views)]
+    image = tf.concat(views, axis=-1) if num_views > 1 else views[0]
+    return (image, tf.one_hot(label, num_classes)) + tuple(mask)
+
+  ds = ds.map(map_fn, num_parallel_calls=AUTOTUNE)
+  return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+
+
+def make_eval_dataset(source: DatasetSource, data_config, batch_size: int,
+                      input_context=None) -> tf.data.Dataset:
+  """One pass over the eval split in order: centre crop 0.875 (none if image_size <= 32)."""
+  num_classes = source.num_classes
+  preprocess = _preprocess_fn(data_config, is_training=False, color_jitter_strength=0.0)
+  ds = source.as_dataset(data_config.eval_split, shuffle_files=False, input_context=input_context)
+  if data_config.cache_dataset:
+    ds = ds.cache()
+  ds = ds.map(lambda image, label: (preprocess(to_rgb(image)), tf.one_hot(label, num_classes)),
+              num_parallel_calls=AUTOTUNE)
+  return ds.batch(batch_size, drop_remainder=False).prefetch(AUTOTUNE)
+
+
+def build_train_dataset(source: DatasetSource, data_config, global_batch_size: int, strategy,
+                        num_views: int, label_subset=None, with_label_mask: bool = False,
+                        seed: Optional[int] = None):
+  """Distributed training dataset; each replica gets global_batch_size / replicas examples."""
+  _check_batch(global_batch_size, strategy, '--train_batch_size')
+  if label_subset is not None:
+    _membership(source, data_config.train_split, label_subset)  # Fail early, outside tf.data.
+
+  def dataset_fn(input_context):
+    return make_train_dataset(
+        source, data_config, input_context.get_per_replica_batch_size(global_batch_size),
+        num_views, label_subset=label_subset, with_label_mask=with_label_mask, seed=seed,
+        input_context=input_context)
+  return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def build_eval_dataset(source: DatasetSource, data_config, global_batch_size: int, strategy):
+  """Distributed eval dataset (one pass, last batch may be partial)."""
+  _check_batch(global_batch_size, strategy, '--eval_batch_size')
+
+  def dataset_fn(input_context):
+    return make_eval_dataset(source, data_config,
+                             input_context.get_per_replica_batch_size(global_batch_size),
+                             input_context=input_context)
+  return strategy.distribute_datasets_from_function(dataset_fn)
