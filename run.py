@@ -87,7 +87,9 @@ flags.DEFINE_integer('ft_proj_selector', 0,
                      'projection head, and -1 means the final layer.')
 flags.DEFINE_boolean('global_bn', True,
                      'Whether to aggregate BN statistics across distributed cores.')
-flags.DEFINE_integer('width_multiplier', 1, 'Multiplier to change width of network.')
+flags.DEFINE_float('width_multiplier', 1,
+                   'Multiplier to change width of network (the papers use 1-4; fractions such as '
+                   '0.25 give small models for CPUs).')
 flags.DEFINE_integer('resnet_depth', 50, 'Depth of ResNet.')
 flags.DEFINE_float('sk_ratio', 0., 'If it is bigger than 0, it will enable SK. '
                    'Recommendation: 0.0625.')
@@ -127,7 +129,7 @@ flags.DEFINE_float('distill_label_weight', 0.0,
 flags.DEFINE_integer('teacher_resnet_depth', None,
                      'Teacher architecture; unset teacher_* flags are read from the teacher\'s '
                      'flags.json, else they equal the student\'s.')
-flags.DEFINE_integer('teacher_width_multiplier', None, 'Teacher width multiplier.')
+flags.DEFINE_float('teacher_width_multiplier', None, 'Teacher width multiplier.')
 flags.DEFINE_float('teacher_sk_ratio', None, 'Teacher SK ratio.')
 flags.DEFINE_float('teacher_se_ratio', None, 'Teacher SE ratio.')
 flags.DEFINE_enum('teacher_proj_head_mode', None, ['none', 'linear', 'nonlinear'],

@@ -38,7 +38,7 @@ def _check_choice(flag: str, value, choices) -> None:
 class ModelConfig:
   """Encoder and heads (see models/)."""
   resnet_depth: int = 50
-  width_multiplier: int = 1
+  width_multiplier: float = 1
   cifar_stem: bool = False
   sk_ratio: float = 0.0
   se_ratio: float = 0.0
@@ -59,8 +59,9 @@ class ModelConfig:
   def __post_init__(self):
     _check(self.resnet_depth in RESNET_DEPTHS,
            f'--resnet_depth={self.resnet_depth} is not supported; use one of {list(RESNET_DEPTHS)}.')
-    _check(self.width_multiplier >= 1,
-           f'--width_multiplier={self.width_multiplier} must be a positive integer.')
+    _check(self.width_multiplier > 0,
+           f'--width_multiplier={self.width_multiplier} must be positive (1, 2, 3, 4 as in the '
+           'papers; fractions such as 0.25 give small models for CPUs).')
     _check(self.sk_ratio >= 0, f'--sk_ratio={self.sk_ratio} must be >= 0 (0 disables SK).')
     _check(self.se_ratio >= 0, f'--se_ratio={self.se_ratio} must be >= 0 (0 disables SE).')
     _check(0.0 < self.batch_norm_decay < 1.0,

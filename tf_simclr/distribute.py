@@ -127,7 +127,10 @@ def make_strategy(config: DistributeConfig,
 def describe(strategy: tf.distribute.Strategy) -> str:
   """A short description, e.g. 'MirroredStrategy, 2 replicas (/cpu:0, /cpu:1)'."""
   n = strategy.num_replicas_in_sync
-  text = f'{type(strategy).__name__}, {n} replica{"s" if n != 1 else ""}'
+  name = type(strategy).__name__
+  if _is_multi_worker(strategy):
+    name = 'MultiWorkerMirroredStrategy'  # its class is CollectiveAllReduceStrategy
+  text = f'{name}, {n} replica{"s" if n != 1 else ""}'
   try:
     devices = tuple(strategy.extended.worker_devices)
   except (RuntimeError, NotImplementedError, AttributeError):  # the default strategy has none
@@ -137,6 +140,12 @@ def describe(strategy: tf.distribute.Strategy) -> str:
   return text
 
 
+def _is_multi_worker(strategy) -> bool:
+  """MultiWorkerMirroredStrategy (class CollectiveAllReduceStrategy), by class name."""
+  return any(c.__name__ in ('CollectiveAllReduceStrategy', 'MultiWorkerMirroredStrategy')
+             for c in type(strategy).__mro__)
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
   """Whether this process writes shared outputs (checkpoints, summaries, results, exports).
 
@@ -144,7 +153,7 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
   when the cluster has no chief task.
   """
   resolver = getattr(strategy, 'cluster_resolver', None)
-  if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+  if resolver is None or not _is_multi_worker(strategy):
     return True
   task_type, task_id = resolver.task_type, resolver.task_id
   if task_type is None or task_type == 'chief':

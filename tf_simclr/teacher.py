@@ -61,7 +61,7 @@ def load_teacher(teacher_config: ModelConfig, checkpoint: str, num_classes: int,
                  image_size: int, strategy: tf.distribute.Strategy
                  ) -> Callable[[tf.Tensor], tf.Tensor]:
   """A callable images -> teacher logits, in inference mode, with no trainable variables."""
-  from tf_simclr import checkpoints
+  from tf_simclr import original_weights
   from tf_simclr.models import simclr
   if is_saved_model(checkpoint):
     from tf_simclr import export
@@ -72,8 +72,12 @@ def load_teacher(teacher_config: ModelConfig, checkpoint: str, num_classes: int,
   with strategy.scope():
     model = simclr.build_model(teacher_config, num_classes)
     model.build_for_size(image_size)
-  checkpoints.restore_model_variables(model, checkpoint)
+  original_weights.load_pretrained(model, checkpoint)
   model.trainable = False
-  log.info('Teacher: ResNet-%d %dx (sk %.4g) from %s', teacher_config.resnet_depth,
+  log.info('Teacher: ResNet-%d %gx (sk %.4g) from %s', teacher_config.resnet_depth,
            teacher_config.width_multiplier, teacher_config.sk_ratio, checkpoint)
-  return lambda images: model(images, training=False)[simclr.LOGITS_SUP]
+
+  def teacher_fn(images):
+    return model(images, training=False)[simclr.LOGITS_SUP]
+  teacher_fn.model = model  # For inspection (tests, tools); the callable is what training uses.
+  return teacher_fn

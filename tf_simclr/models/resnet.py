@@ -259,8 +259,9 @@ class ResNet(keras.layers.Layer):
     super().__init__(name=name, **kwargs)
     if depth not in _DEPTHS:
       raise ValueError(f'--resnet_depth={depth} is not supported; use one of {sorted(_DEPTHS)}.')
-    if not isinstance(width_multiplier, int) or width_multiplier < 1:
-      raise ValueError(f'--width_multiplier={width_multiplier} must be a positive integer.')
+    if not isinstance(width_multiplier, (int, float)) or width_multiplier <= 0:
+      raise ValueError(f'--width_multiplier={width_multiplier} must be positive (1, 2, 3, 4 as in '
+                       'the papers; fractions such as 0.25 give small models for CPUs).')
     if not -1 <= fine_tune_after_block <= 4:
       raise ValueError(f'--fine_tune_after_block={fine_tune_after_block} must be in -1..4.')
     bottleneck, group_sizes = _DEPTHS[depth]
@@ -268,10 +269,11 @@ class ResNet(keras.layers.Layer):
     self.width_multiplier = width_multiplier
     self.fine_tune_after_block = fine_tune_after_block
     common = dict(bn_decay=batch_norm_decay, global_bn=global_bn)
-    self.stem = Stem(64 * width_multiplier, cifar_stem, sk_ratio, name='stem', **common)
+    self.stem = Stem(scaled_width(64, width_multiplier), cifar_stem, sk_ratio, name='stem',
+                     **common)
     block_cls = BottleneckBlock if bottleneck else BasicBlock
     self.block_groups = tuple(
-        BlockGroup(block_cls, base * width_multiplier, n, 1 if i == 0 else 2,
+        BlockGroup(block_cls, scaled_width(base, width_multiplier), n, 1 if i == 0 else 2,
                    sk_ratio=sk_ratio, se_ratio=se_ratio, name=f'block_group{i + 1}', **common)
         for i, (base, n) in enumerate(zip((64, 128, 256, 512), group_sizes)))
     # Freeze the stem (part 0) and block groups 1..k (parts 1..k).
@@ -298,6 +300,11 @@ class ResNet(keras.layers.Layer):
       endpoints[group.name] = x
     endpoints['final_avg_pool'] = tf.reduce_mean(x, [1, 2])
     return endpoints if return_endpoints else endpoints['final_avg_pool']
+
+
+def scaled_width(base: int, width_multiplier) -> int:
+  """Channels of a layer: base * multiplier, exact for the papers' integer multipliers."""
+  return max(1, int(round(base * width_multiplier)))
 
 
 def resnet(depth, width_multiplier=1, cifar_stem=False, sk_ratio=0.0, se_ratio=0.0,

@@ -113,6 +113,28 @@ def _zero_supervised_head(model) -> None:
   log.info('Zero-initialised the supervised head (%d variables).', len(head_vars))
 
 
+def initialize_weights(config: Config, model, state: checkpoints.TrainState,
+                       init_fn: Optional[Callable] = None) -> str:
+  """Checkpoint precedence, then --zero_init_logits_layer; returns how the weights were set.
+
+  The zeroing runs after the restore (the original's ran before the variables existed and zeroed
+  nothing) and never on a resume, which must continue from the saved head.
+  """
+  train_config = config.train
+  fresh_ok = (SUPERVISED_HEAD,) if train_config.train_mode != 'pretrain' else ()
+  if init_fn is None:
+    # Our checkpoints and exports, and weights written by google-research/simclr.
+    from tf_simclr import original_weights
+    init_fn = lambda path: original_weights.load_pretrained(model, path, fresh_ok=fresh_ok)
+  how = state.restore_or_initialize(train_config.checkpoint, fresh_ok=fresh_ok, init_fn=init_fn)
+  if how != 'resumed' and train_config.zero_init_logits_layer and model.supervised_head:
+    _zero_supervised_head(model)
+  if how == 'scratch' and train_config.train_mode == 'finetune':
+    log.warning('Fine-tuning without --checkpoint: training from random initialisation '
+                '(the supervised baseline).')
+  return how
+
+
 def train(ctx: Context, teacher: Optional[Callable] = None,
           init_fn: Optional[Callable] = None):
   """Trains to the last step; returns (model, final step, metrics of the last loop)."""
@@ -126,13 +148,7 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
   model_dir = config.train.model_dir
   state = checkpoints.TrainState(model, optimizer, model_dir, config.train.keep_checkpoint_max,
                                  save_dir=distribute.write_dir(model_dir, ctx.strategy))
-  fresh_ok = (SUPERVISED_HEAD,) if config.train.train_mode != 'pretrain' else ()
-  how = state.restore_or_initialize(config.train.checkpoint, fresh_ok=fresh_ok, init_fn=init_fn)
-  if how == 'initialized' and config.train.zero_init_logits_layer and model.supervised_head:
-    _zero_supervised_head(model)
-  if how == 'scratch' and config.train.train_mode == 'finetune':
-    log.warning('Fine-tuning without --checkpoint: training from random initialisation '
-                '(the supervised baseline).')
+  initialize_weights(config, model, state, init_fn=init_fn)
   task = tasks.make_task(config, model, ctx.strategy, teacher=teacher)
   dataset = pipeline.build_train_dataset(
       ctx.source, config.data, config.train.train_batch_size, ctx.strategy,

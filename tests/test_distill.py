@@ -1,0 +1,111 @@
+"""Distillation end to end on tiny models: a frozen inference-mode teacher, a training student,
+the label mask of Eq. 3, and the student's eval. (The loss itself is checked against numpy in
+tests/test_losses.py.)"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_simclr import checkpoints
+from tf_simclr import config as cfg
+from tf_simclr import teacher as teacher_lib
+from tf_simclr.data import pipeline
+from tf_simclr.models import simclr
+from tf_simclr.train import experiment
+
+from test_train import TINY_MODEL, tiny_config
+
+STUDENT = dict(num_proj_layers=1, proj_out_dim=8)  # Another head than the teacher's.
+
+
+@pytest.fixture(scope='module', autouse=True)
+def no_export():
+  """These runs test training; SavedModel export (tests/test_export.py) would only add time."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(experiment, '_export_fn', lambda config: None)
+    yield
+
+def _values(path):
+  reader = tf.train.load_checkpoint(path)
+  keys = checkpoints.checkpoint_variable_paths(reader, root_child='model')
+  return {p: reader.get_tensor(k) for p, k in keys.items()}
+
+
+@pytest.fixture(scope='module')
+def teacher_checkpoint(tmp_path_factory):
+  """A tiny fine-tuned (from scratch, 1 step) teacher whose flags.json holds its architecture."""
+  model_dir = tmp_path_factory.mktemp('teacher')
+  config = tiny_config(model_dir, train__train_mode='finetune', train__train_steps=1)
+  experiment.run(config, flags_dict=dict(TINY_MODEL, train_mode='finetune'))
+  return tf.train.latest_checkpoint(str(model_dir))
+
+
+def _distill_config(model_dir, teacher_ckpt, label_weight, **overrides):
+  base = tiny_config(model_dir, train__train_mode='finetune', **{
+      **{f'model__{k}': v for k, v in STUDENT.items()}, **overrides})
+  teacher_model = teacher_lib.teacher_model_config(base.model, teacher_ckpt, {})
+  return dataclasses.replace(
+      base, train=dataclasses.replace(base.train, train_mode='distill'),
+      distill=cfg.DistillConfig(teacher=teacher_model, teacher_checkpoint=teacher_ckpt,
+                                temperature=1.0, label_weight=label_weight))
+
+
+def test_teacher_architecture_comes_from_its_flags_json(teacher_checkpoint):
+  student = cfg.ModelConfig(**{**TINY_MODEL, **STUDENT})
+  teacher = teacher_lib.teacher_model_config(student, teacher_checkpoint, {})
+  assert (teacher.num_proj_layers, teacher.proj_out_dim) == (2, 16)
+  override = teacher_lib.teacher_model_config(student, teacher_checkpoint, {'proj_out_dim': 4})
+  assert override.proj_out_dim == 4 and override.fine_tune_after_block == -1
+
+
+def test_distill_trains_student_only_and_evaluates_the_student(tmp_path, teacher_checkpoint):
+  config = _distill_config(tmp_path, teacher_checkpoint, label_weight=0.5,
+                           data__train_label_fraction=0.1, train__mode='train_then_eval',
+                           train__train_steps=2, train__checkpoint_steps=1, train__eval_steps=1)
+  ctx = experiment.prepare(config)
+  assert ctx.steps.train_steps == 2 and len(ctx.label_subset) == 1000
+  teacher = experiment._teacher(ctx)
+  model, result = experiment.train(ctx, teacher=teacher)
+  assert result.final_step == 2
+  # Teacher: inference mode, no gradients -> every variable, BN moving statistics included, is
+  # exactly as in its checkpoint after the student's steps.
+  saved = _values(teacher_checkpoint)
+  teacher_vars = checkpoints.variables_by_path(teacher.model)
+  assert set(teacher_vars) == set(saved) and not teacher.model.trainable_variables
+  assert any(p.endswith('moving_mean') for p in saved)
+  for path, var in teacher_vars.items():
+    np.testing.assert_array_equal(var.numpy(), saved[path], err_msg=path)
+  # Student: its weights and BN statistics move between steps 1 and 2.
+  one, two = _values(str(tmp_path / 'ckpt-1')), _values(str(tmp_path / 'ckpt-2'))
+  for suffix in ('_kernel', 'moving_mean'):
+    moved = [p for p in one if p.startswith('model/encoder') and p.endswith(suffix)
+             and not np.array_equal(one[p], two[p])]
+    assert moved, suffix
+  assert 'labeled_fraction' in result.metrics and 0 <= result.metrics['labeled_fraction'] <= 1
+  # Eval reports the student's top-1/top-5, checked with numpy on the same 50 test images.
+  stored = experiment.evaluate(ctx, model, result.final_step)
+  images, labels = next(iter(pipeline.build_eval_dataset(ctx.source, config.data, 50,
+                                                         ctx.strategy)))
+  student = simclr.build_model(config.model, 10)
+  student.build_for_size(16)
+  checkpoints.restore_model_variables(student, str(tmp_path / 'ckpt-2'))
+  logits = student(images, training=False)[simclr.LOGITS_SUP].numpy()
+  truth = labels.numpy().argmax(1)
+  top1 = np.mean(logits.argmax(1) == truth)
+  top5 = np.mean([t in np.argsort(-row)[:5] for row, t in zip(logits, truth)])
+  assert stored['eval/label_top_1_accuracy'] == pytest.approx(top1, abs=1e-6)
+  assert stored['eval/label_top_5_accuracy'] == pytest.approx(top5, abs=1e-6)
+
+
+def test_label_mask_marks_the_labelled_subset(tmp_path):
+  config = tiny_config(tmp_path, train__train_mode='finetune', data__train_label_fraction=0.1)
+  ctx = experiment.prepare(config)
+  dataset = pipeline.build_train_dataset(ctx.source, config.data, 40, ctx.strategy,
+                                         num_views=1, label_subset=ctx.label_subset,
+                                         with_label_mask=True, seed=0)
+  masks = np.concatenate([batch[2].numpy() for _, batch in zip(range(25), dataset)])
+  assert set(np.unique(masks)) <= {0.0, 1.0}
+  # 1000 of 10000 examples are labelled: over 1000 draws the share is near 10%.
+  assert 0.05 < masks.mean() < 0.15

@@ -1,0 +1,202 @@
+"""Fine-tuning from our pretrain checkpoints: freezing, zero-init head, precedence, strict restore,
+label fractions. Tiny models (ResNet-18 CIFAR stem, 16 px shapes10, batch 8, a few steps)."""
+
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags as absl_flags
+
+from tf_simclr import checkpoints
+from tf_simclr import config as cfg
+from tf_simclr.data import datasets
+from tf_simclr.data import synthetic
+from tf_simclr.models import simclr
+from tf_simclr.train import experiment
+
+from test_train import TINY_MODEL, _build_state, tiny_config
+
+
+@pytest.fixture(scope='module', autouse=True)
+def no_export():
+  """These runs test training; SavedModel export (tests/test_export.py) would only add time."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(experiment, '_export_fn', lambda config: None)
+    yield
+
+def _checkpoint_values(path):
+  """{structural path below model/: value}, read independently of any model object."""
+  reader = tf.train.load_checkpoint(path)
+  keys = checkpoints.checkpoint_variable_paths(reader, root_child='model')
+  return {p: reader.get_tensor(k) for p, k in keys.items()}
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+  """A 2-step pretrain run of the tiny model (linear-eval head on); returns its ckpt prefix."""
+  model_dir = tmp_path_factory.mktemp('pretrain')
+  experiment.run(tiny_config(model_dir, train__train_steps=2),
+                 flags_dict=dict(TINY_MODEL))
+  return tf.train.latest_checkpoint(str(model_dir))
+
+
+def _finetune_config(model_dir, checkpoint, **overrides):
+  settings = dict(train__train_mode='finetune', train__checkpoint=checkpoint,
+                  train__train_steps=1, train__checkpoint_steps=1)
+  return tiny_config(model_dir, **{**settings, **overrides})
+
+
+def _part(path):
+  """Encoder part of a variable path: 0 = stem, k = block group k, None = not encoder."""
+  parts = path.split('/')
+  if parts[1] != 'encoder':
+    return None
+  return 0 if parts[2] == 'stem' else int(parts[3]) + 1
+
+
+@pytest.mark.parametrize('after_block', [-1, 2, 4])
+def test_fine_tune_after_block_freezes_weights_and_bn_statistics(tmp_path, pretrained,
+                                                                 after_block):
+  config = _finetune_config(tmp_path, pretrained, model__fine_tune_after_block=after_block)
+  experiment.run(config)
+  before = _checkpoint_values(pretrained)
+  after = _checkpoint_values(tf.train.latest_checkpoint(str(tmp_path)))
+  assert set(before) == set(after)
+  changed = {p: not np.array_equal(before[p], after[p]) for p in before}
+  encoder = [p for p in before if _part(p) is not None]
+  frozen = [p for p in encoder if _part(p) <= after_block]
+  trained = [p for p in encoder if _part(p) > after_block]
+  assert len(frozen) + len(trained) == len(encoder) == 105
+  moving = [p for p in frozen if p.endswith(('moving_mean', 'moving_variance'))]
+  assert bool(moving) == (after_block >= 0)
+  assert not [p for p in frozen if changed[p]], 'frozen encoder parts (incl. BN stats) moved'
+  # Every trained part updates kernels and BN statistics; the supervised head always trains.
+  for part in range(after_block + 1, 5):
+    in_part = [p for p in trained if _part(p) == part]
+    assert any(changed[p] for p in in_part if p.endswith('_kernel')), part
+    assert any(changed[p] for p in in_part if p.endswith('moving_mean')), part
+  assert all(changed[p] for p in before if p.startswith('model/supervised_head'))
+  # ft_proj_selector=0: the projection head's weights are kept as pretrained.
+  head = [p for p in before if p.startswith('model/projection_head')
+          and not p.endswith(('moving_mean', 'moving_variance'))]
+  assert head and not [p for p in head if changed[p]]
+
+
+def test_zero_init_logits_layer_zeroes_the_restored_head(tmp_path, pretrained):
+  head_before = {p: v for p, v in _checkpoint_values(pretrained).items()
+                 if p.startswith('model/supervised_head')}
+  assert any(np.any(v != 0) for v in head_before.values())
+  for zero in (False, True):
+    config = _finetune_config(tmp_path / str(zero), pretrained,
+                              train__zero_init_logits_layer=zero)
+    model, _, state = _build_state(config, tmp_path / str(zero))
+    assert experiment.initialize_weights(config, model, state) == 'initialized'
+    ours = checkpoints.variables_by_path(model)
+    for path, value in head_before.items():
+      expected = np.zeros_like(value) if zero else value
+      np.testing.assert_array_equal(ours[path].numpy(), expected, err_msg=path)
+    stem = [p for p in ours if p.startswith('model/encoder/stem')]
+    restored = _checkpoint_values(pretrained)
+    for p in stem:
+      np.testing.assert_array_equal(ours[p].numpy(), restored[p], err_msg=p)
+
+
+def test_resume_from_model_dir_wins_over_checkpoint(tmp_path, pretrained, caplog):
+  experiment.run(_finetune_config(tmp_path, pretrained))
+  first = _checkpoint_values(str(tmp_path / 'ckpt-1'))
+  caplog.set_level(logging.INFO)
+  # A --checkpoint that does not exist: resuming must not even look at it.
+  experiment.run(_finetune_config(tmp_path, str(tmp_path / 'missing' / 'ckpt-9'),
+                                  train__train_steps=2))
+  assert checkpoints.read_global_step(str(tmp_path)) == 2
+  assert any('Resuming from' in r.getMessage() and 'ckpt-1' in r.getMessage()
+             for r in caplog.records)
+  assert not any('Initialising the model from --checkpoint' in r.getMessage()
+                 for r in caplog.records)
+  # The first run's own checkpoint is kept as it was.
+  np.testing.assert_array_equal(first['model/supervised_head/linear_layer/dense/bias'],
+                                _checkpoint_values(str(tmp_path / 'ckpt-1'))[
+                                    'model/supervised_head/linear_layer/dense/bias'])
+
+
+def _parse_run_flags(argv):
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import run  # noqa: F401  (defines the flags)
+  fv = absl_flags.FLAGS
+  fv.unparse_flags()
+  fv(['run.py'] + argv)
+  return run.config_from_flags(fv)
+
+
+def test_finetune_without_checkpoint_on_label_fraction_from_run_flags(tmp_path, caplog):
+  """run.py flags -> a from-scratch fine-tune on a 10% class-balanced, seeded subset."""
+  argv = ['--train_mode=finetune', '--dataset=shapes10', '--image_size=16', '--resnet_depth=18',
+          '--num_proj_layers=2', '--proj_out_dim=16', '--train_batch_size=8',
+          '--train_epochs=2', '--train_label_fraction=0.1', '--label_fraction_seed=3',
+          '--eval_split=test', '--use_blur=False', f'--model_dir={tmp_path}']
+  config = _parse_run_flags(argv)
+  ctx = experiment.prepare(config)
+  subset = json.load(open(tmp_path / datasets.LABEL_SUBSET_FILE))
+  labels = synthetic.load_split('train')[1]
+  indices = np.asarray(subset['indices'])
+  # 10000 examples, 1000 per class -> exactly 100 per class, no duplicates, seeded.
+  assert subset['fraction'] == 0.1 and subset['seed'] == 3 and subset['split'] == 'train'
+  assert len(indices) == len(set(indices.tolist())) == 1000
+  np.testing.assert_array_equal(np.bincount(labels[indices], minlength=10), [100] * 10)
+  # Steps come from the subset's 1000 examples: 2 epochs of batch 8 -> 250 steps.
+  assert ctx.steps.train_steps == 250 and ctx.steps.epoch_steps == 125
+  again = _parse_run_flags(argv[:-1] + [f'--model_dir={tmp_path / "again"}'])
+  experiment.prepare(again)
+  same = json.load(open(tmp_path / 'again' / datasets.LABEL_SUBSET_FILE))['indices']
+  assert same == subset['indices']
+  other = _parse_run_flags(argv[:-2] + ['--label_fraction_seed=4', f'--model_dir={tmp_path}/o'])
+  experiment.prepare(other)
+  assert json.load(open(tmp_path / 'o' / datasets.LABEL_SUBSET_FILE))['indices'] != same
+  # The from-scratch baseline says so in the log (2 steps only).
+  caplog.set_level(logging.INFO)
+  short = tiny_config(tmp_path / 'scratch', train__train_mode='finetune',
+                      data__train_label_fraction=0.1, train__train_steps=1)
+  experiment.run(short)
+  warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+  assert any('without --checkpoint' in r.getMessage() and 'random initialisation'
+             in r.getMessage() for r in warnings)
+
+
+def test_train_split_slicing_counts_steps_on_the_slice(tmp_path):
+  config = tiny_config(tmp_path, train__train_mode='finetune', data__train_split='train[:10%]',
+                       train__train_steps=0, train__train_epochs=1)
+  ctx = experiment.prepare(config)
+  assert ctx.steps.train_steps == 1000 // 8
+
+
+def test_restore_of_another_architecture_is_an_error(pretrained):
+  for change, needle in ((dict(num_proj_layers=3), 'projection_head/linear_layers/2'),
+                         (dict(proj_out_dim=8),
+                          'linear_layers/1/dense/_kernel: checkpoint [512, 16] vs model [512, 8]')):
+    model = simclr.build_model(cfg.ModelConfig(**{**TINY_MODEL, **change}), 10)
+    model.build_for_size(16)
+    with pytest.raises(checkpoints.CheckpointMismatchError) as error:
+      checkpoints.restore_model_variables(model, pretrained, fresh_ok=('supervised_head',))
+    message = str(error.value)
+    assert needle in message and '--num_proj_layers' in message and '--width_multiplier' in message
+    assert pretrained in message
+
+
+def test_new_supervised_head_with_another_class_count_may_be_fresh(pretrained):
+  model = simclr.build_model(cfg.ModelConfig(**TINY_MODEL), 7)
+  model.build_for_size(16)
+  with pytest.raises(checkpoints.CheckpointMismatchError, match='supervised_head'):
+    checkpoints.restore_model_variables(model, pretrained)
+  report = checkpoints.restore_model_variables(model, pretrained, fresh_ok=('supervised_head',))
+  assert report.fresh == ['model/supervised_head/linear_layer/dense/_kernel',
+                          'model/supervised_head/linear_layer/dense/bias']
+  values = _checkpoint_values(pretrained)
+  ours = checkpoints.variables_by_path(model)
+  assert report.restored == len(ours) - 2
+  for path, var in ours.items():
+    if 'supervised_head' not in path:
+      np.testing.assert_array_equal(var.numpy(), values[path], err_msg=path)

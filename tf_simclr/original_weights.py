@@ -1,0 +1,414 @@
+"""Initialise a SimCLRModel from `--checkpoint`: ours, our exports, or google-research/simclr's.
+
+`load_pretrained(model, path)` finds out what `path` holds and restores the model strictly:
+- a checkpoint of ours (prefix or model_dir): `checkpoints.restore_model_variables`;
+- a SavedModel exported by us: its `variables/` is an object-based checkpoint whose object graph
+  holds our model under `model/`, so variables match by structural path;
+- weights written by the original's tf_keras code (`tf2/`, a SavedModel folder or an object-based
+  training checkpoint): each variable's structural path in the checkpoint's own object graph
+  (`model/resnet_model/block_groups/0/layers/0/conv2d_bn_layers/0/conv2d/kernel`) is translated
+  by the explicit table below into ours (`model/encoder/block_groups/0/blocks/0/conv1/_kernel`).
+  Nothing of the original graph is executed. Without readable values (an index file alone) the
+  key strings, which are the same structural paths, are used.
+A variable of the checkpoint that finds no home, or one of ours that gets no value or a value of
+another shape, is an error naming it, with the architecture the checkpoint implies.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import tensorflow as tf
+from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+from tf_simclr import checkpoints
+from tf_simclr import export
+from tf_simclr.models import resnet as resnet_lib
+
+log = logging.getLogger(__name__)
+
+OURS = 'tf-simclr'
+ORIGINAL = 'google-research/simclr'
+VALUE_SUFFIX = '/.ATTRIBUTES/VARIABLE_VALUE'
+# Object-graph children that alias variables held elsewhere (tf_keras `keras_api`, variable lists,
+# the hub module's `trainable_variables_list`); structural paths never pass through them.
+ALIAS_CHILDREN = frozenset({
+    'keras_api', 'variables', 'trainable_variables', 'non_trainable_variables', 'weights',
+    'trainable_weights', 'non_trainable_weights', 'trainable_variables_list', 'signatures',
+    '_trainable_variables', '_non_trainable_variables'})
+BN_LEAVES = ('gamma', 'beta', 'moving_mean', 'moving_variance')
+
+# The original's layers -> ours. Each table maps (index in the original's layer list, kind of
+# element) to our attribute; kinds come from the element's variables (see `_element`).
+# Stem `initial_conv_relu_max_pool`: CIFAR   [conv, id, bn, id];  ImageNet [conv, id, bn, pool, id];
+#   ResNet-D (sk_ratio > 0) [conv, bn, conv, bn, conv, id, bn, pool, id].
+_STEM = {(0, 'conv'): 'convs/0', (2, 'bn'): 'bns/0',
+         (2, 'conv'): 'convs/1', (4, 'conv'): 'convs/2',
+         (1, 'bn'): 'bns/0', (3, 'bn'): 'bns/1', (6, 'bn'): 'bns/2'}
+# `shortcut_layers` (basic) / `projection_layers` (bottleneck): [conv, bn]; ResNet-D strided
+#   [pad, pool, conv, bn]; ResNet-D stride 1 [pool, conv, bn].
+_SHORTCUT = {(0, 'conv'): 'shortcut_conv', (1, 'conv'): 'shortcut_conv',
+             (2, 'conv'): 'shortcut_conv', (1, 'bn'): 'shortcut_bn', (2, 'bn'): 'shortcut_bn',
+             (3, 'bn'): 'shortcut_bn'}
+# ResidualBlock `conv2d_bn_layers`: [conv, bn, conv, bn]; its SE is the attribute `se_layer`.
+_BASIC = {(0, 'conv'): 'conv1', (1, 'bn'): 'bn1', (2, 'conv'): 'conv2', (3, 'bn'): 'bn2'}
+# BottleneckBlock `conv_relu_dropblock_layers`: [conv, bn, drop, conv, bn, drop, conv, bn, drop,
+#   (se)]; with SK [conv, bn, drop, sk, drop, conv, bn, drop, (se)].
+_BOTTLENECK = {(0, 'conv'): 'conv1', (1, 'bn'): 'bn1',
+               (3, 'conv'): 'conv2', (4, 'bn'): 'bn2', (6, 'conv'): 'conv3', (7, 'bn'): 'bn3',
+               (9, 'se'): 'se',
+               (3, 'sk'): 'sk_conv', (5, 'conv'): 'conv3', (6, 'bn'): 'bn3', (8, 'se'): 'se'}
+# SK_Conv2D's attributes -> our SelectiveKernel's.
+_SK_PARTS = {('conv2d_fixed_padding', 'conv2d'): 'conv', ('batch_norm_relu', 'bn'): 'bn',
+             ('conv2d_0',): 'mix_conv0', ('batch_norm_relu_1', 'bn'): 'mix_bn',
+             ('conv2d_1',): 'mix_conv1'}
+
+
+def _leaf(name: str) -> Optional[str]:
+  """tf_keras Dense/Conv `kernel` is `_kernel` in Keras 3; bias and BN variables keep names."""
+  if name == 'kernel':
+    return '_kernel'
+  return name if name == 'bias' or name in BN_LEAVES else None
+
+
+def _element(rest: Sequence[str]) -> Optional[Tuple[str, str]]:
+  """(kind, our suffix) of a variable below one element of an original layer list."""
+  rest = tuple(rest)
+  if len(rest) == 2 and rest[0] == 'conv2d' and rest[1] == 'kernel':  # Conv2dFixedPadding
+    return 'conv', '_kernel'
+  if len(rest) == 2 and rest[0] == 'bn' and rest[1] in BN_LEAVES:  # BatchNormRelu
+    return 'bn', rest[1]
+  if len(rest) == 2 and rest[0] in ('se_reduce', 'se_expand') and rest[1] in ('kernel', 'bias'):
+    return 'se', f'{rest[0]}/{_leaf(rest[1])}'
+  for parts, ours in _SK_PARTS.items():
+    if rest[:-1] == parts and _leaf(rest[-1]):
+      return 'sk', f'{ours}/{_leaf(rest[-1])}'
+  return None
+
+
+def _indexed(table, index: str, rest) -> Optional[str]:
+  element = _element(rest)
+  if element is None or not index.isdigit():
+    return None
+  target = table.get((int(index), element[0]))
+  return f'{target}/{element[1]}' if target else None
+
+
+def _linear_layer(rest: Sequence[str]) -> Optional[str]:
+  """The original's LinearLayer (`dense`, `bn_relu/bn`) -> ours (`dense`, `bn`)."""
+  if len(rest) == 2 and rest[0] == 'dense' and rest[1] in ('kernel', 'bias'):
+    return f'dense/{_leaf(rest[1])}'
+  if len(rest) == 3 and rest[:2] == ['bn_relu', 'bn'] and rest[2] in BN_LEAVES:
+    return f'bn/{rest[2]}'
+  return None
+
+
+def _block(rest: Sequence[str]) -> Optional[str]:
+  if not rest:
+    return None
+  container, rest = rest[0], rest[1:]
+  if container == 'se_layer':
+    element = _element(rest)
+    return f'se/{element[1]}' if element and element[0] == 'se' else None
+  if len(rest) < 2:
+    return None
+  tables = {'shortcut_layers': _SHORTCUT, 'projection_layers': _SHORTCUT,
+            'conv2d_bn_layers': _BASIC, 'conv_relu_dropblock_layers': _BOTTLENECK}
+  table = tables.get(container)
+  return _indexed(table, rest[0], rest[1:]) if table else None
+
+
+def original_to_ours(path: str) -> Optional[str]:
+  """Our structural path for one variable path of the original's model, or None if unknown.
+
+  Works on object-graph paths and on key strings alike (`/.ATTRIBUTES/...` is stripped).
+  """
+  if path.endswith(VALUE_SUFFIX):
+    path = path[:-len(VALUE_SUFFIX)]
+  p = path.split('/')
+  if len(p) < 4 or p[0] != 'model':
+    return None
+  ours = None
+  if p[1] == 'resnet_model' and p[2] == 'initial_conv_relu_max_pool':
+    tail = _indexed(_STEM, p[3], p[4:])
+    ours = tail and f'encoder/stem/{tail}'
+  elif (p[1] == 'resnet_model' and p[2] == 'block_groups' and len(p) > 6 and p[4] == 'layers'
+        and p[3].isdigit() and p[5].isdigit()):
+    tail = _block(p[6:])
+    ours = tail and f'encoder/block_groups/{p[3]}/blocks/{p[5]}/{tail}'
+  elif p[1] == '_projection_head' and p[2] == 'linear_layers' and p[3].isdigit():
+    tail = _linear_layer(p[4:])
+    ours = tail and f'projection_head/linear_layers/{p[3]}/{tail}'
+  elif p[1] == 'supervised_head' and p[2] == 'linear_layer':
+    tail = _linear_layer(p[3:])
+    ours = tail and f'supervised_head/linear_layer/{tail}'
+  return f'model/{ours}' if ours else None
+
+
+def original_uses_resnet_d(paths) -> bool:
+  """Whether the original's model used sk_ratio > 0 (ResNet-D stem/shortcuts or SK convs)."""
+  for path in paths:
+    p = path.split('/')
+    if len(p) > 7 and p[6] in ('shortcut_layers', 'projection_layers') and p[7] in ('1', '2') \
+        and p[8:9] == ['conv2d']:
+      return True
+    if 'conv2d_fixed_padding' in p or (len(p) > 4 and p[2] == 'initial_conv_relu_max_pool'
+                                       and p[3] == '4'):
+      return True
+  return False
+
+
+@dataclasses.dataclass
+class Source:
+  """What a --checkpoint path holds: model variables by structural path, their keys and shapes."""
+  path: str
+  prefix: str
+  saved_model: bool
+  origin: str  # OURS or ORIGINAL
+  variables: Dict[str, str]  # structural path below the root ('model/...') -> checkpoint key
+  shapes: Dict[str, List[int]]  # checkpoint key -> shape
+  has_values: bool  # False for an index file without its data shards
+
+
+def structural_variable_paths(reader, root_child: str = 'model') -> Dict[str, str]:
+  """{structural path: key} for the variables below the root's `root_child`, found in the object
+  graph breadth-first without passing through alias children (`ALIAS_CHILDREN`)."""
+  graph = trackable_object_graph_pb2.TrackableObjectGraph()
+  graph.ParseFromString(reader.get_tensor(checkpoints.OBJECT_GRAPH_KEY))
+  start = {c.local_name: c.node_id for c in graph.nodes[0].children}.get(root_child)
+  if start is None:
+    return {}
+  paths: Dict[str, str] = {}
+  seen = {start}
+  queue = collections.deque([(start, root_child)])
+  while queue:
+    node_id, path = queue.popleft()
+    for attr in graph.nodes[node_id].attributes:
+      if attr.name == 'VARIABLE_VALUE':
+        paths[path] = attr.checkpoint_key
+    for child in sorted(graph.nodes[node_id].children, key=lambda c: c.local_name):
+      if child.local_name not in ALIAS_CHILDREN and child.node_id not in seen:
+        seen.add(child.node_id)
+        queue.append((child.node_id, f'{path}/{child.local_name}'))
+  return paths
+
+
+def _resolve(path: str) -> Tuple[str, bool]:
+  """(checkpoint prefix, is a SavedModel) for a prefix, model_dir, SavedModel or export folder."""
+  if tf.io.gfile.isdir(path):
+    variables = os.path.join(path, 'variables', 'variables')
+    if tf.io.gfile.exists(variables + '.index'):
+      return variables, True
+    if tf.train.latest_checkpoint(path) is None:  # A folder of exports (model_dir/saved_model)?
+      try:
+        return _resolve(export.resolve_export_path(path))
+      except FileNotFoundError:
+        pass
+  return checkpoints.resolve_checkpoint_path(path), False
+
+
+def open_source(path: str) -> Source:
+  """Reads what `path` holds (keys, shapes, structural paths); no values are loaded."""
+  prefix, saved_model = _resolve(path)
+  reader = tf.train.load_checkpoint(prefix)
+  shapes = reader.get_variable_to_shape_map()
+  try:
+    variables = structural_variable_paths(reader)
+    has_values = True
+  except (tf.errors.OpError, KeyError):  # index without data, or no object graph
+    # Keys of model variables are their structural paths; optimizer slots sit below
+    # `<variable>/.OPTIMIZER_SLOT/...`.
+    variables = {key[:-len(VALUE_SUFFIX)]: key for key in shapes
+                 if key.startswith('model/') and key.endswith(VALUE_SUFFIX)
+                 and '/.' not in key[:-len(VALUE_SUFFIX)]}
+    has_values = False
+  if any(p.startswith('model/encoder/') for p in variables):
+    origin = OURS
+  elif any(original_to_ours(p) for p in variables):
+    origin = ORIGINAL
+  else:
+    raise checkpoints.CheckpointMismatchError(
+        f'--checkpoint={path}: {prefix} holds no model variables of tf-simclr or of '
+        'google-research/simclr\'s TF2 code (expected model/encoder/... or model/resnet_model/...; '
+        'TF1 checkpoints of the original are not supported).')
+  return Source(path=path, prefix=prefix, saved_model=saved_model, origin=origin,
+                variables=variables, shapes=shapes, has_values=has_values)
+
+
+def _ours_by_source(source: Source) -> Tuple[Dict[str, str], Dict[str, str], List[str]]:
+  """({our path: key}, {our path: the checkpoint's name}, checkpoint paths without a home)."""
+  if source.origin == OURS:
+    return dict(source.variables), {p: p for p in source.variables}, []
+  keys, names, homeless = {}, {}, []
+  for path, key in sorted(source.variables.items()):
+    ours = original_to_ours(path)
+    if ours is None or ours in keys:
+      homeless.append(path)
+    else:
+      keys[ours], names[ours] = key, path
+  return keys, names, homeless
+
+
+def describe(source) -> Dict[str, object]:
+  """The architecture a checkpoint implies (ModelConfig field names, plus `num_classes`).
+
+  `source` is a path or a `Source`. Ratios are recovered from widths where they are identifiable;
+  an SK model whose SK widths all sit at the 32-channel minimum reports the SimCLRv2 value 0.0625.
+  """
+  if not isinstance(source, Source):
+    source = open_source(source)
+  keys, _, _ = _ours_by_source(source)
+  shape = {p: list(source.shapes[k]) for p, k in keys.items()}
+  enc = 'model/encoder/'
+  blocks = collections.defaultdict(set)
+  for p in shape:
+    q = p[len(enc):].split('/')
+    if p.startswith(enc + 'block_groups/') and len(q) > 3:
+      blocks[int(q[1])].add(int(q[3]))
+  bottleneck = any('/conv3/' in p for p in shape)
+  sizes = tuple(len(blocks[g]) for g in range(4))
+  depths = resnet_lib._DEPTHS  # pylint: disable=protected-access
+  depth = next((d for d, v in depths.items() if v == (bottleneck, sizes)), None)
+  first = shape.get(enc + 'block_groups/0/blocks/0/conv1/_kernel')
+  width = (first[-1] // 64) if first else None
+  stem = sorted(p for p in shape if p.startswith(enc + 'stem/convs/'))
+  sk = original_uses_resnet_d(source.variables) if source.origin == ORIGINAL else (
+      len(stem) == 3 or any('/sk_conv/' in p for p in shape))
+
+  def ratios(suffix, floor=0):  # reduced width / the block's `filters` (64 * width * 2^group)
+    return [shape[p][-1] / (64 * width * 2 ** int(p.split('/')[3])) for p in shape
+            if p.endswith(suffix) and shape[p][-1] > floor] if width else []
+
+  sk_ratios = ratios('sk_conv/mix_conv0/_kernel', resnet_lib.SK_MIN_DIM)
+  se_ratios = ratios('se/se_reduce/_kernel')
+  head = sorted({int(p.split('/')[3]) for p in shape
+                 if p.startswith('model/projection_head/linear_layers/')})
+  last = head and shape.get(f'model/projection_head/linear_layers/{head[-1]}/dense/_kernel')
+  logits = shape.get('model/supervised_head/linear_layer/dense/_kernel')
+  return dict(
+      resnet_depth=depth, width_multiplier=width,
+      cifar_stem=bool(stem) and len(stem) == 1 and shape[stem[0]][0] == 3,
+      sk_ratio=(max(sk_ratios) if sk_ratios else 0.0625) if sk else 0.0,
+      se_ratio=round(max(se_ratios), 4) if se_ratios else 0.0,
+      proj_head_mode='nonlinear' if len(head) > 1 else ('linear' if head else 'none'),
+      num_proj_layers=len(head), proj_out_dim=last[-1] if last else None,
+      num_classes=logits[-1] if logits else None)
+
+
+def flags_hint(arch: Dict[str, object]) -> str:
+  """The flags that build the architecture `describe` found."""
+  stem = '--image_size<=32 (CIFAR stem)' if arch['cifar_stem'] else '--image_size>32'
+  parts = [f'--resnet_depth={arch["resnet_depth"]}',
+           f'--width_multiplier={arch["width_multiplier"]}', f'--sk_ratio={arch["sk_ratio"]:g}',
+           f'--se_ratio={arch["se_ratio"]:g}', stem, f'--proj_head_mode={arch["proj_head_mode"]}',
+           f'--num_proj_layers={arch["num_proj_layers"]}']
+  if arch['proj_out_dim']:
+    parts.append(f'--proj_out_dim={arch["proj_out_dim"]}')
+  if arch['num_classes']:
+    parts.append(f'({arch["num_classes"]} classes in its supervised head)')
+  return ' '.join(parts)
+
+
+def _model_uses_resnet_d(model) -> Optional[bool]:
+  encoder = getattr(model, 'encoder', None)
+  if encoder is None or not hasattr(encoder, 'block_groups'):
+    return None
+  return len(encoder.stem.convs) == 3 or any(
+      block.shortcut_pool is not None or getattr(block, 'sk_conv', None) is not None
+      for group in encoder.block_groups for block in group.blocks)
+
+
+def match(model, source: Source, fresh_ok: Sequence[str] = (),
+          allow_extra_prefixes: Sequence[str] = ()):
+  """Pairs every variable of `model` with a key of `source`, strictly (no values are read).
+
+  Returns (plan [(variable, key)], fresh [our paths], ignored [checkpoint names]); `fresh_ok` and
+  `allow_extra_prefixes` are path prefixes below `model/` as in checkpoints.restore_model_variables.
+  Raises CheckpointMismatchError naming the variables and the flags the checkpoint implies.
+  """
+  keys, names, homeless = _ours_by_source(source)
+  ours = checkpoints.object_variable_paths(model, 'model')
+
+  def allowed(path, prefixes):
+    return any(path.startswith(f'model/{p}') for p in prefixes)
+
+  def name(path):
+    return path if names.get(path, path) == path else f'{names[path]} (ours: {path})'
+
+  missing, mismatched, fresh, plan = [], [], [], []
+  for path, var in ours.items():
+    key = keys.get(path)
+    if key is None:
+      (fresh if allowed(path, fresh_ok) else missing).append(path)
+      continue
+    have, want = list(source.shapes[key]), list(var.shape)
+    if have != want:
+      if allowed(path, fresh_ok):
+        fresh.append(path)
+      else:
+        mismatched.append(f'{name(path)}: checkpoint {have} vs model {want}')
+      continue
+    plan.append((var, key))
+  unused = [p for p in keys if p not in ours]
+  extra = [name(p) for p in unused
+           if not allowed(p, tuple(fresh_ok) + tuple(allow_extra_prefixes))]
+  problems = []
+  if homeless:
+    problems.append(f'{len(homeless)} variable(s) of the checkpoint with no counterpart in '
+                    'tf-simclr, first: ' + ', '.join(homeless[:5]))
+  if mismatched:
+    problems.append(f'{len(mismatched)} variable(s) with another shape, first: '
+                    + '; '.join(mismatched[:5]))
+  if missing:
+    problems.append(f'{len(missing)} variable(s) of the model not in the checkpoint, first: '
+                    + ', '.join(missing[:5]))
+  if extra:
+    problems.append(f'{len(extra)} variable(s) of the checkpoint the model lacks, first: '
+                    + ', '.join(extra[:5]))
+  theirs_d = original_uses_resnet_d(source.variables) if source.origin == ORIGINAL else None
+  ours_d = _model_uses_resnet_d(model)
+  if not problems and theirs_d is not None and ours_d is not None and theirs_d != ours_d:
+    problems.append('the checkpoint was trained with '
+                    + ('sk_ratio > 0 (ResNet-D stem/shortcuts)' if theirs_d else 'sk_ratio=0')
+                    + ' but the model was built with '
+                    + ('--sk_ratio > 0' if ours_d else '--sk_ratio=0')
+                    + '; the variables fit but would compute something else')
+  if problems:
+    try:
+      hint = 'The checkpoint implies: ' + flags_hint(describe(source)) + '.'
+    except Exception:  # pylint: disable=broad-except  # the hint must not hide the error
+      hint = f'Set the architecture flags ({checkpoints.ARCHITECTURE_FLAGS}) to its own.'
+    kind = 'SavedModel' if source.saved_model else 'checkpoint'
+    raise checkpoints.CheckpointMismatchError(
+        f'--checkpoint={source.path} ({source.origin} {kind} {source.prefix}) does not match the '
+        'model built from the flags: ' + ' | '.join(problems) + '. ' + hint)
+  ignored = [names.get(p, p) for p in unused]
+  return plan, sorted(set(fresh)), ignored
+
+
+def load_pretrained(model, path: str, fresh_ok: Sequence[str] = (),
+                    allow_extra_prefixes: Sequence[str] = ()) -> checkpoints.RestoreReport:
+  """Restores the built `model` from `path` (see module docstring); returns what it did.
+
+  `fresh_ok`: path prefixes below `model/` (e.g. 'supervised_head') that may stay as initialised
+  when the checkpoint lacks them or holds another shape (a new head for a new task).
+  """
+  source = open_source(path)
+  if source.origin == OURS and not source.saved_model:
+    return checkpoints.restore_model_variables(model, path, fresh_ok=fresh_ok,
+                                               allow_extra_prefixes=allow_extra_prefixes)
+  plan, fresh, ignored = match(model, source, fresh_ok, allow_extra_prefixes)
+  if not source.has_values:
+    raise FileNotFoundError(
+        f'--checkpoint={path}: {source.prefix}.index has no readable values (its '
+        f'{source.prefix}.data-* files are missing); copy the whole checkpoint.')
+  reader = tf.train.load_checkpoint(source.prefix)
+  for var, key in plan:
+    var.assign(reader.get_tensor(key))
+  log.info('Loaded %d variables from %s %s %s.', len(plan), source.origin,
+           'SavedModel' if source.saved_model else 'checkpoint', source.prefix)
+  return checkpoints.RestoreReport(restored=len(plan), fresh=fresh, ignored=ignored)
