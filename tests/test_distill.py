@@ -15,22 +15,16 @@ from tf_simclr.data import pipeline
 from tf_simclr.models import simclr
 from tf_simclr.train import experiment
 
+from conftest import checkpoint_values
 from test_train import TINY_MODEL, tiny_config
 
 STUDENT = dict(num_proj_layers=1, proj_out_dim=8)  # Another head than the teacher's.
 
 
 @pytest.fixture(scope='module', autouse=True)
-def no_export():
-  """These runs test training; SavedModel export (tests/test_export.py) would only add time."""
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(experiment, '_export_fn', lambda config: None)
-    yield
+def _skip_export(no_export):
+  del no_export
 
-def _values(path):
-  reader = tf.train.load_checkpoint(path)
-  keys = checkpoints.checkpoint_variable_paths(reader, root_child='model')
-  return {p: reader.get_tensor(k) for p, k in keys.items()}
 
 
 @pytest.fixture(scope='module')
@@ -71,14 +65,15 @@ def test_distill_trains_student_only_and_evaluates_the_student(tmp_path, teacher
   assert result.final_step == 2
   # Teacher: inference mode, no gradients -> every variable, BN moving statistics included, is
   # exactly as in its checkpoint after the student's steps.
-  saved = _values(teacher_checkpoint)
+  saved = checkpoint_values(teacher_checkpoint)
   teacher_vars = checkpoints.variables_by_path(teacher.model)
   assert set(teacher_vars) == set(saved) and not teacher.model.trainable_variables
   assert any(p.endswith('moving_mean') for p in saved)
   for path, var in teacher_vars.items():
     np.testing.assert_array_equal(var.numpy(), saved[path], err_msg=path)
   # Student: its weights and BN statistics move between steps 1 and 2.
-  one, two = _values(str(tmp_path / 'ckpt-1')), _values(str(tmp_path / 'ckpt-2'))
+  one = checkpoint_values(str(tmp_path / 'ckpt-1'))
+  two = checkpoint_values(str(tmp_path / 'ckpt-2'))
   for suffix in ('_kernel', 'moving_mean'):
     moved = [p for p in one if p.startswith('model/encoder') and p.endswith(suffix)
              and not np.array_equal(one[p], two[p])]

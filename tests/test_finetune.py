@@ -18,21 +18,14 @@ from tf_simclr.data import synthetic
 from tf_simclr.models import simclr
 from tf_simclr.train import experiment
 
+from conftest import checkpoint_values
 from test_train import TINY_MODEL, _build_state, tiny_config
 
 
 @pytest.fixture(scope='module', autouse=True)
-def no_export():
-  """These runs test training; SavedModel export (tests/test_export.py) would only add time."""
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(experiment, '_export_fn', lambda config: None)
-    yield
+def _skip_export(no_export):
+  del no_export
 
-def _checkpoint_values(path):
-  """{structural path below model/: value}, read independently of any model object."""
-  reader = tf.train.load_checkpoint(path)
-  keys = checkpoints.checkpoint_variable_paths(reader, root_child='model')
-  return {p: reader.get_tensor(k) for p, k in keys.items()}
 
 
 @pytest.fixture(scope='module')
@@ -63,8 +56,8 @@ def test_fine_tune_after_block_freezes_weights_and_bn_statistics(tmp_path, pretr
                                                                  after_block):
   config = _finetune_config(tmp_path, pretrained, model__fine_tune_after_block=after_block)
   experiment.run(config)
-  before = _checkpoint_values(pretrained)
-  after = _checkpoint_values(tf.train.latest_checkpoint(str(tmp_path)))
+  before = checkpoint_values(pretrained)
+  after = checkpoint_values(tf.train.latest_checkpoint(str(tmp_path)))
   assert set(before) == set(after)
   changed = {p: not np.array_equal(before[p], after[p]) for p in before}
   encoder = [p for p in before if _part(p) is not None]
@@ -87,7 +80,7 @@ def test_fine_tune_after_block_freezes_weights_and_bn_statistics(tmp_path, pretr
 
 
 def test_zero_init_logits_layer_zeroes_the_restored_head(tmp_path, pretrained):
-  head_before = {p: v for p, v in _checkpoint_values(pretrained).items()
+  head_before = {p: v for p, v in checkpoint_values(pretrained).items()
                  if p.startswith('model/supervised_head')}
   assert any(np.any(v != 0) for v in head_before.values())
   for zero in (False, True):
@@ -100,14 +93,14 @@ def test_zero_init_logits_layer_zeroes_the_restored_head(tmp_path, pretrained):
       expected = np.zeros_like(value) if zero else value
       np.testing.assert_array_equal(ours[path].numpy(), expected, err_msg=path)
     stem = [p for p in ours if p.startswith('model/encoder/stem')]
-    restored = _checkpoint_values(pretrained)
+    restored = checkpoint_values(pretrained)
     for p in stem:
       np.testing.assert_array_equal(ours[p].numpy(), restored[p], err_msg=p)
 
 
 def test_resume_from_model_dir_wins_over_checkpoint(tmp_path, pretrained, caplog):
   experiment.run(_finetune_config(tmp_path, pretrained))
-  first = _checkpoint_values(str(tmp_path / 'ckpt-1'))
+  first = checkpoint_values(str(tmp_path / 'ckpt-1'))
   caplog.set_level(logging.INFO)
   # A --checkpoint that does not exist: resuming must not even look at it.
   experiment.run(_finetune_config(tmp_path, str(tmp_path / 'missing' / 'ckpt-9'),
@@ -119,7 +112,7 @@ def test_resume_from_model_dir_wins_over_checkpoint(tmp_path, pretrained, caplog
                  for r in caplog.records)
   # The first run's own checkpoint is kept as it was.
   np.testing.assert_array_equal(first['model/supervised_head/linear_layer/dense/bias'],
-                                _checkpoint_values(str(tmp_path / 'ckpt-1'))[
+                                checkpoint_values(str(tmp_path / 'ckpt-1'))[
                                     'model/supervised_head/linear_layer/dense/bias'])
 
 
@@ -194,7 +187,7 @@ def test_new_supervised_head_with_another_class_count_may_be_fresh(pretrained):
   report = checkpoints.restore_model_variables(model, pretrained, fresh_ok=('supervised_head',))
   assert report.fresh == ['model/supervised_head/linear_layer/dense/_kernel',
                           'model/supervised_head/linear_layer/dense/bias']
-  values = _checkpoint_values(pretrained)
+  values = checkpoint_values(pretrained)
   ours = checkpoints.variables_by_path(model)
   assert report.restored == len(ours) - 2
   for path, var in ours.items():

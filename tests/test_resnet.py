@@ -321,3 +321,16 @@ def test_global_bn_matches_single_device_statistics(two_replica_strategy):
     for value in replicas:
       np.testing.assert_allclose(value.numpy(), whole.numpy(), rtol=1e-4, atol=1e-5)
   assert max(np.abs(whole.numpy() - part).max() for _, whole, part in moving) > 1e-3
+
+
+def test_fractional_width_scales_every_layer_and_keeps_integer_widths_exact():
+  """--width_multiplier=0.25 gives a 16-32-64-128 ResNet-18 (small CPU models); 2 doubles."""
+  images = tf.zeros([1, 16, 16, 3])
+  for width, expected in ((0.25, (16, 16, 32, 64, 128)), (2, (128, 128, 256, 512, 1024))):
+    out = resnet_lib.resnet(18, width_multiplier=width, cifar_stem=True)(images,
+                                                                          return_endpoints=True)
+    got = tuple(int(out[k].shape[-1]) for k in
+                ('initial_max_pool', 'block_group1', 'block_group2', 'block_group3',
+                 'block_group4'))
+    assert got == expected, (width, got)
+    assert int(out['final_avg_pool'].shape[-1]) == expected[-1]

@@ -115,6 +115,55 @@ class RestoreReport:
   ignored: List[str]
 
 
+@dataclasses.dataclass
+class Match:
+  """How a checkpoint's variables line up with a model's (see `match_variables`)."""
+  plan: List  # (variable, checkpoint key) pairs to assign
+  fresh: List[str]  # our paths left as initialised on purpose (fresh_ok)
+  unused: List[str]  # checkpoint paths with no variable of ours
+  problems: List[str]  # what makes the restore impossible, for the error message
+
+
+def _under(path: str, prefixes: Sequence[str]) -> bool:
+  return any(path.startswith(f'model/{p}') for p in prefixes)
+
+
+def match_variables(ours: Dict[str, tf.Variable], theirs: Dict[str, str],
+                    shapes: Dict[str, List[int]], fresh_ok: Sequence[str] = (),
+                    allow_extra_prefixes: Sequence[str] = (),
+                    name: Callable[[str], str] = lambda path: path) -> Match:
+  """Strictly pairs our variables (by structural path) with checkpoint keys, reading no values.
+
+  `theirs` maps structural paths (in our naming) to tensor keys; `name` renders a path for
+  messages. Variables under `fresh_ok` may be absent or of another shape; checkpoint paths under
+  `fresh_ok` or `allow_extra_prefixes` may go unused.
+  """
+  missing, mismatched, fresh, plan = [], [], [], []
+  for path, var in ours.items():
+    key = theirs.get(path)
+    if key is None:
+      (fresh if _under(path, fresh_ok) else missing).append(path)
+      continue
+    have, want = list(shapes[key]), list(var.shape)
+    if have != want:
+      if _under(path, fresh_ok):
+        fresh.append(path)
+      else:
+        mismatched.append(f'{name(path)}: checkpoint {have} vs model {want}')
+      continue
+    plan.append((var, key))
+  unused = [p for p in theirs if p not in ours]
+  extra = [name(p) for p in unused
+           if not _under(p, tuple(fresh_ok) + tuple(allow_extra_prefixes))]
+  problems = []
+  for count, what, first in ((mismatched, 'with another shape', '; '),
+                             (missing, 'of the model not in the checkpoint', ', '),
+                             (extra, 'of the checkpoint the model lacks', ', ')):
+    if count:
+      problems.append(f'{len(count)} variable(s) {what}, first: ' + first.join(count[:5]))
+  return Match(plan=plan, fresh=sorted(set(fresh)), unused=unused, problems=problems)
+
+
 def restore_model_variables(model, path: str, fresh_ok: Sequence[str] = (),
                             allow_extra_prefixes: Sequence[str] = ()) -> RestoreReport:
   """Strictly restores `model` (tracked as `model` in the checkpoint) from a checkpoint of ours.
@@ -132,46 +181,16 @@ def restore_model_variables(model, path: str, fresh_ok: Sequence[str] = (),
         f'{prefix} holds no `model` object: it was not written by tf-simclr. Weights written by '
         'google-research/simclr are read by tf_simclr.original_weights.')
   ours = object_variable_paths(model, 'model')
-  shapes = reader.get_variable_to_shape_map()
-
-  def allowed(path_, prefixes):
-    return any(path_.startswith(f'model/{p}') for p in prefixes)
-
-  missing, mismatched, fresh, plan = [], [], [], []
-  for path_, var in ours.items():
-    key = theirs.get(path_)
-    if key is None:
-      (fresh if allowed(path_, fresh_ok) else missing).append(path_)
-      continue
-    want, have = list(var.shape), list(shapes[key])
-    if want != have:
-      if allowed(path_, fresh_ok):
-        fresh.append(path_)
-      else:
-        mismatched.append(f'{path_}: checkpoint {have} vs model {want}')
-      continue
-    plan.append((var, key))
-  extra = [p for p in theirs if p not in ours and not allowed(p, tuple(fresh_ok) +
-                                                              tuple(allow_extra_prefixes))]
-  problems = []
-  if mismatched:
-    problems.append(f'{len(mismatched)} variable(s) with another shape, first: '
-                    + '; '.join(mismatched[:5]))
-  if missing:
-    problems.append(f'{len(missing)} variable(s) of the model not in the checkpoint, first: '
-                    + ', '.join(missing[:5]))
-  if extra:
-    problems.append(f'{len(extra)} variable(s) of the checkpoint the model lacks, first: '
-                    + ', '.join(extra[:5]))
-  if problems:
+  match = match_variables(ours, theirs, reader.get_variable_to_shape_map(), fresh_ok,
+                          allow_extra_prefixes)
+  if match.problems:
     raise CheckpointMismatchError(
         f'Checkpoint {prefix} does not match the model built from the flags: '
-        + ' | '.join(problems) + f'. Set the architecture flags ({ARCHITECTURE_FLAGS}) to '
+        + ' | '.join(match.problems) + f'. Set the architecture flags ({ARCHITECTURE_FLAGS}) to '
         'those the checkpoint was trained with (its flags.json has them).')
-  for var, key in plan:
+  for var, key in match.plan:
     var.assign(reader.get_tensor(key))
-  ignored = [p for p in theirs if p not in ours]
-  return RestoreReport(restored=len(plan), fresh=sorted(set(fresh)), ignored=ignored)
+  return RestoreReport(restored=len(match.plan), fresh=match.fresh, ignored=match.unused)
 
 
 def read_global_step(path: str) -> int:

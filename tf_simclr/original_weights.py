@@ -333,42 +333,15 @@ def match(model, source: Source, fresh_ok: Sequence[str] = (),
   keys, names, homeless = _ours_by_source(source)
   ours = checkpoints.object_variable_paths(model, 'model')
 
-  def allowed(path, prefixes):
-    return any(path.startswith(f'model/{p}') for p in prefixes)
-
   def name(path):
     return path if names.get(path, path) == path else f'{names[path]} (ours: {path})'
 
-  missing, mismatched, fresh, plan = [], [], [], []
-  for path, var in ours.items():
-    key = keys.get(path)
-    if key is None:
-      (fresh if allowed(path, fresh_ok) else missing).append(path)
-      continue
-    have, want = list(source.shapes[key]), list(var.shape)
-    if have != want:
-      if allowed(path, fresh_ok):
-        fresh.append(path)
-      else:
-        mismatched.append(f'{name(path)}: checkpoint {have} vs model {want}')
-      continue
-    plan.append((var, key))
-  unused = [p for p in keys if p not in ours]
-  extra = [name(p) for p in unused
-           if not allowed(p, tuple(fresh_ok) + tuple(allow_extra_prefixes))]
-  problems = []
+  found = checkpoints.match_variables(ours, keys, source.shapes, fresh_ok, allow_extra_prefixes,
+                                      name=name)
+  problems = list(found.problems)
   if homeless:
-    problems.append(f'{len(homeless)} variable(s) of the checkpoint with no counterpart in '
+    problems.insert(0, f'{len(homeless)} variable(s) of the checkpoint with no counterpart in '
                     'tf-simclr, first: ' + ', '.join(homeless[:5]))
-  if mismatched:
-    problems.append(f'{len(mismatched)} variable(s) with another shape, first: '
-                    + '; '.join(mismatched[:5]))
-  if missing:
-    problems.append(f'{len(missing)} variable(s) of the model not in the checkpoint, first: '
-                    + ', '.join(missing[:5]))
-  if extra:
-    problems.append(f'{len(extra)} variable(s) of the checkpoint the model lacks, first: '
-                    + ', '.join(extra[:5]))
   theirs_d = original_uses_resnet_d(source.variables) if source.origin == ORIGINAL else None
   ours_d = _model_uses_resnet_d(model)
   if not problems and theirs_d is not None and ours_d is not None and theirs_d != ours_d:
@@ -386,8 +359,8 @@ def match(model, source: Source, fresh_ok: Sequence[str] = (),
     raise checkpoints.CheckpointMismatchError(
         f'--checkpoint={source.path} ({source.origin} {kind} {source.prefix}) does not match the '
         'model built from the flags: ' + ' | '.join(problems) + '. ' + hint)
-  ignored = [names.get(p, p) for p in unused]
-  return plan, sorted(set(fresh)), ignored
+  ignored = [names.get(p, p) for p in found.unused]
+  return found.plan, found.fresh, ignored
 
 
 def load_pretrained(model, path: str, fresh_ok: Sequence[str] = (),
