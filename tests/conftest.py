@@ -63,5 +63,5 @@ def no_export():
   """Training tests that need no SavedModel export (tests/test_export.py covers it) skip it."""
   from tf_simclr.train import experiment
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(experiment, '_export_fn', lambda config: None)
+    patch.setattr(experiment, '_export_fn', lambda config: lambda model, step: None)
     yield

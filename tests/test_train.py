@@ -1,7 +1,9 @@
 """The training loop, tasks, checkpoints and evaluation, end to end on tiny models."""
 
+import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -56,6 +58,20 @@ def test_pretrain_then_eval_runs_exact_steps_and_writes_results(tmp_path):
   assert 0 <= stored['eval/label_top_1_accuracy'] <= stored['eval/label_top_5_accuracy'] <= 1
   assert json.load(open(tmp_path / 'flags.json')) == {'resnet_depth': 18}
   assert result['eval/label_top_1_accuracy'] == stored['eval/label_top_1_accuracy']
+  assert sorted(os.listdir(tmp_path / 'saved_model')) == ['5']  # exported after the eval
+
+  # --mode=eval evaluates the newest checkpoint and stops: it is at the last training step.
+  os.remove(tmp_path / 'result_5.json')
+  again = experiment.run(dataclasses.replace(
+      config, train=dataclasses.replace(config.train, mode='eval')))
+  assert again['eval/label_top_1_accuracy'] == pytest.approx(stored['eval/label_top_1_accuracy'])
+  assert (tmp_path / 'result_5.json').exists()
+
+  # --mode=export re-exports the newest checkpoint.
+  shutil.rmtree(tmp_path / 'saved_model')
+  experiment.run(dataclasses.replace(
+      config, train=dataclasses.replace(config.train, mode='export')))
+  assert (tmp_path / 'saved_model' / '5' / 'saved_model.pb').exists()
 
 
 def _build_state(config, model_dir):

@@ -209,14 +209,9 @@ def follow_and_evaluate(ctx: Context, export_fn: Optional[Callable] = None,
 USER_ERRORS = (ValueError, FileNotFoundError, loop.TrainingDivergedError)
 
 
-def _export_fn(config: Config) -> Optional[Callable]:
-  """Exports a hub-style SavedModel after each evaluation and at the end of training."""
-  try:
-    from tf_simclr import export
-  except ImportError:
-    return None
-  if not hasattr(export, 'export_step'):
-    return None
+def _export_fn(config: Config) -> Callable:
+  """Exports a hub-style SavedModel (after each evaluation and at the end of training)."""
+  from tf_simclr import export
 
   def fn(model, step):
     export.export_step(model, config.train.model_dir, step, config.train.keep_hub_module_max)
@@ -238,8 +233,6 @@ def run(config: Config, flags_dict: Optional[Dict] = None) -> Optional[Dict[str,
   if mode == 'eval':
     return follow_and_evaluate(ctx, export_fn)
   if mode == 'export':
-    if export_fn is None:
-      raise ValueError('--mode=export is not available in this build.')
     model = build_model(ctx)
     latest = tf.train.latest_checkpoint(config.train.model_dir)
     if latest is None:
@@ -252,6 +245,6 @@ def run(config: Config, flags_dict: Optional[Dict] = None) -> Optional[Dict[str,
   model, result = train(ctx, teacher=teacher)
   if mode == 'train_then_eval':
     return evaluate(ctx, model, result.final_step, export_fn=export_fn)
-  if export_fn is not None and distribute.is_chief(ctx.strategy):
+  if distribute.is_chief(ctx.strategy):
     export_fn(model, result.final_step)
   return None
