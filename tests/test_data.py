@@ -32,7 +32,7 @@ def test_synthetic_bytes_are_pinned():
   """Same bytes on every machine: a change here means runs are no longer comparable."""
   images, labels = synthetic.generate(20, seed=123)
   digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
-  assert digest == '9a8c347861c2972519b998d73e8910b4b0f10831f8153ea76f0f1a3d6caad79b'
+  assert digest == 'a0644da02a4e6a2546e292fa3cdb37f1f254f7685300c6dd493fc42ed778696c'
 
 
 def test_synthetic_splits_are_balanced_and_cached():
@@ -63,6 +63,19 @@ def test_synthetic_colour_does_not_predict_class():
   # The foreground always contrasts with the background (the shape is visible).
   gray = te_x.astype(np.float64).mean(-1)
   assert np.percentile(gray.max((1, 2)) - gray.min((1, 2)), 1) > 50
+
+
+def test_synthetic_colours_cannot_identify_an_instance():
+  """Few colourings, each shared by many images of a batch of 128 (a unique colour pair per image
+  let contrastive pretraining solve instance discrimination from colour, never learning shape)."""
+  images = synthetic.load_split('train')[0][:128].reshape(128, -1, 3).astype(np.float64)
+  colourings = set()
+  for image in images:  # (dark colour, light colour): medians of the two luminance halves.
+    lum = image.mean(1)
+    dark = lum < (lum.min() + lum.max()) / 2
+    pair = np.concatenate([np.median(image[dark], 0), np.median(image[~dark], 0)])
+    colourings.add(tuple(np.round(pair / 32).astype(int)))
+  assert len(colourings) <= 8
 
 
 # ----------------------------------------------------------------------------- resolution

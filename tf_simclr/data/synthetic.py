@@ -1,15 +1,22 @@
 """`shapes10`: the built-in dataset, generated in memory (no download).
 
-32x32 RGB uint8 images of ten shape classes. Each image draws one shape with a random colour,
-position, scale and a small rotation (+-15 degrees, so squares stay distinguishable from diamonds
-and horizontal bars from vertical ones) on a background with a random colour, a linear gradient
-and noise. Colours are drawn independently of the class and the shape always contrasts with the
-background, so the label depends on shape alone: colour jitter and random crops are exactly the
-invariances contrastive pretraining needs here, and a pretrained encoder should beat a random one.
+32x32 RGB uint8 images of ten shape classes. Each image draws one shape at a random position and
+scale with a small rotation (+-15 degrees, so squares stay distinguishable from diamonds and
+horizontal bars from vertical ones) over a flat background, plus per-pixel noise.
 
-Generation is deterministic: fixed seeds, numpy's PCG64 generator, uniform draws only and no
-transcendental functions on the drawn values (rotations come from a rational parametrisation),
-so every machine produces the same bytes. Shapes are supersampled 2x2 for anti-aliasing.
+Colours are deliberately uninformative, for contrastive pretraining: a dark-on-light or
+light-on-dark pair of grey levels (one fixed contrast) and one of three tints shared by shape and
+background, so only six colourings exist and every batch holds many images with exactly the same
+colours. Global colour jitter then scrambles even those, and crops remove position: the shape is the
+only salient property two views of one image share, so instance discrimination must learn shape.
+(An earlier version drew a unique random colour pair per image; SimCLR solved instance
+discrimination from colour alone and its features were no better than a random encoder's.) Colours
+are drawn independently of the class, so the label depends on shape alone.
+
+Generation is deterministic: fixed seeds, numpy's PCG64 generator, uniform and integer draws only
+and no transcendental functions on the drawn values (rotations come from a rational
+parametrisation), so every machine produces the same bytes. Shapes are supersampled 2x2 for
+anti-aliasing.
 """
 
 from __future__ import annotations
@@ -29,6 +36,12 @@ SPLITS = {'train': (10000, 20240601), 'test': (2000, 20240602)}
 _SUPERSAMPLE = 2
 _MAX_TAN_HALF_ANGLE = 0.13165  # tan(7.5 degrees): rotations within +-15 degrees.
 _CHUNK = 1000
+# Palette: grey levels, and for each background level the foreground levels it may take (always far
+# apart, so the shape is visible); a tint shared by shape and background.
+_LEVELS = (0.2, 0.8)
+_FG_OPTIONS = ((1, 1), (0, 0))
+_TINTS = ((1.0, 1.0, 1.0), (1.0, 0.8, 0.6), (0.6, 0.8, 1.0))
+_NOISE = 0.06
 
 
 def _inside(class_id: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -63,16 +76,14 @@ def _draw(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   n = labels.shape[0]
   size = IMAGE_SIZE * _SUPERSAMPLE
   # All random draws first, in a fixed order, so the stream never depends on the class mix.
-  scale = rng.uniform(8.0, 13.0, n)
+  scale = rng.uniform(10.0, 14.0, n)
   cy = rng.uniform(0.0, 1.0, n)
   cx = rng.uniform(0.0, 1.0, n)
   t = rng.uniform(-_MAX_TAN_HALF_ANGLE, _MAX_TAN_HALF_ANGLE, n)
-  bg_level = rng.uniform(0.05, 0.95, n)
-  contrast = rng.uniform(0.3, 0.6, n)
-  fg_tint = rng.uniform(-0.45, 0.45, (n, 3))
-  bg_tint = rng.uniform(-0.45, 0.45, (n, 3))
-  gradient = rng.uniform(-0.15, 0.15, (n, 2))
-  noise = rng.uniform(-0.05, 0.05, (n, IMAGE_SIZE, IMAGE_SIZE, 3))
+  bg_index = rng.integers(0, len(_LEVELS), n)
+  fg_choice = rng.integers(0, 2, n)
+  tint_index = rng.integers(0, len(_TINTS), n)
+  noise = rng.uniform(-_NOISE, _NOISE, (n, IMAGE_SIZE, IMAGE_SIZE, 3))
 
   # Centre keeps most of the shape inside the image.
   margin = 0.8 * scale
@@ -93,17 +104,14 @@ def _draw(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
       mask[sel] = _inside(class_id, u[sel], v[sel])
   mask = mask.reshape(n, IMAGE_SIZE, _SUPERSAMPLE, IMAGE_SIZE, _SUPERSAMPLE).mean(axis=(2, 4))
 
-  # Foreground brightness is bg +- contrast, on whichever side stays inside [0, 1].
-  up = bg_level + contrast <= 1.0
-  down = bg_level - contrast >= 0.0
-  go_up = np.where(up & down, contrast > 0.45, up)
-  fg_level = np.where(go_up, bg_level + contrast, bg_level - contrast)
-  fg = fg_level[:, None] * (1 + fg_tint)
-  ramp = (np.arange(IMAGE_SIZE, dtype=np.float64) / (IMAGE_SIZE - 1)) - 0.5
-  bg = (bg_level[:, None, None, None] * (1 + bg_tint[:, None, None, :])
-        + gradient[:, 0, None, None, None] * ramp[None, :, None, None]
-        + gradient[:, 1, None, None, None] * ramp[None, None, :, None])
-  images = mask[..., None] * fg[:, None, None, :] + (1 - mask[..., None]) * bg + noise
+  # Background and foreground come from a small shared palette (few (bg, fg, tint) triples, so
+  # many images in a batch share their colours): colour cannot tell instances apart, shape must.
+  fg_index = np.asarray(_FG_OPTIONS)[bg_index, fg_choice]
+  tint = np.asarray(_TINTS)[tint_index]
+  bg = np.asarray(_LEVELS)[bg_index][:, None] * tint
+  fg = np.asarray(_LEVELS)[fg_index][:, None] * tint
+  images = (mask[..., None] * fg[:, None, None, :] + (1 - mask[..., None]) * bg[:, None, None, :]
+            + noise)
   return np.clip(images, 0.0, 1.0)
 
 
