@@ -41,12 +41,12 @@ TOP1 = 'eval/label_top_1_accuracy'
 TOP5 = 'eval/label_top_5_accuracy'
 # The architecture of flags/quickstart.cfg; every arm uses it (a reused pretrain run is checked).
 ARCHITECTURE = {'dataset': 'shapes10', 'image_size': 16, 'resnet_depth': 18,
-                'width_multiplier': 1, 'sk_ratio': 0.0, 'proj_head_mode': 'nonlinear',
+                'width_multiplier': 0.25, 'sk_ratio': 0.0, 'proj_head_mode': 'nonlinear',
                 'num_proj_layers': 3, 'proj_out_dim': 128}
 COMMON = ['--dataset=shapes10', '--train_split=train', '--eval_split=test', '--image_size=16',
-          '--resnet_depth=18', '--width_multiplier=1', '--sk_ratio=0',
+          '--resnet_depth=18', '--width_multiplier=0.25', '--sk_ratio=0',
           '--proj_head_mode=nonlinear', '--num_proj_layers=3', '--proj_out_dim=128',
-          '--mode=train_then_eval', '--eval_batch_size=500', '--color_jitter_strength=0.5',
+          '--mode=train_then_eval', '--eval_batch_size=500', '--color_jitter_strength=1.0',
           '--use_blur=False', '--seed=0']
 
 
