@@ -1,6 +1,6 @@
 """Does the quickstart's pretraining help? Linear eval of the pretrained vs a random encoder.
 
-  python benchmarks/quickstart_gain.py                                  # runs both arms
+  python benchmarks/quickstart_gain.py                                  # runs all three arms
   python benchmarks/quickstart_gain.py --reuse_pretrained=/tmp/tf_simclr_quickstart
   python benchmarks/quickstart_gain.py --extra_flags=--train_steps=4    # smoke run
 
@@ -15,6 +15,13 @@ only the linear head trains. Both heads read the encoder output (ft_proj_selecto
 same optimizer: with LARS the supervised head is excluded from adaptation and decay, so in both
 arms it is momentum SGD with the quickstart's warmup + cosine learning rate and the same L2 on its
 kernel (see benchmarks/README.md for why this choice).
+
+Arm `pretrained_linear_eval`: exactly the `random_init` run (same flags, same head training, same
+budget) but with the encoder initialised from the `pretrained` arm's checkpoint (--checkpoint). It
+is the like-for-like comparison with `random_init`: both train a linear head, from zero
+(--zero_init_logits_layer), on a frozen encoder; only the encoder's weights differ. (The
+`pretrained` arm's own head is trained while the encoder still changes, on two jittered views,
+and under-fits.)
 
 Each arm is a `run.py` subprocess with its own --model_dir under --work_dir; the script reads
 result.json, prints a table and writes benchmarks/results/quickstart_gain.json.
@@ -36,7 +43,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, 'benchmarks', 'results')
 TOP1 = 'eval/label_top_1_accuracy'
 TOP5 = 'eval/label_top_5_accuracy'
-RANDOM_INIT_FLAGS = ('--train_mode=finetune', '--fine_tune_after_block=4')
+RANDOM_INIT_FLAGS = ('--train_mode=finetune', '--fine_tune_after_block=4',
+                     '--zero_init_logits_layer=True')
 # Flags that define the budget; a reused pretrained run must match the flagfile on these.
 BUDGET_FLAGS = ('dataset', 'train_split', 'eval_split', 'image_size', 'resnet_depth',
                 'width_multiplier', 'train_batch_size', 'train_epochs', 'train_steps',
@@ -149,31 +157,38 @@ def main(argv=None):
       print(f'WARNING: reused run differs from {args.flagfile}: {m}', flush=True)
     notes += [f'reused run differs: {m}' for m in mismatches]
     rows.append(reused_arm(args.reuse_pretrained))
+    pretrained_dir = args.reuse_pretrained
   else:
-    rows.append(run_arm('pretrained', os.path.join(work_dir, 'pretrained'), flagfile, extra,
-                        args.python))
+    pretrained_dir = os.path.join(work_dir, 'pretrained')
+    rows.append(run_arm('pretrained', pretrained_dir, flagfile, extra, args.python))
   rows.append(run_arm('random_init', os.path.join(work_dir, 'random_init'), flagfile,
                       [*RANDOM_INIT_FLAGS, *extra], args.python))
+  rows.append(run_arm('pretrained_linear_eval', os.path.join(work_dir, 'pretrained_linear_eval'),
+                      flagfile, [*RANDOM_INIT_FLAGS, f'--checkpoint={pretrained_dir}', *extra],
+                      args.python))
 
   print()
-  header = f'{"arm":<12} {"top-1":>7} {"top-5":>7} {"step":>6} {"wall time":>10}'
+  header = f'{"arm":<22} {"top-1":>7} {"top-5":>7} {"step":>6} {"wall time":>10}'
   print(header)
   print('-' * len(header))
   for r in rows:
     wall = f'{r["wall_seconds"]:.0f} s' if r['wall_seconds'] is not None else '?'
     if r['reused']:
       wall += '*'
-    print(f'{r["arm"]:<12} {r["top1"]:>7.4f} {r["top5"]:>7.4f} {r["global_step"]:>6} '
+    print(f'{r["arm"]:<22} {r["top1"]:>7.4f} {r["top5"]:>7.4f} {r["global_step"]:>6} '
           f'{wall:>10}')
   gain = rows[0]['top1'] - rows[1]['top1']
-  print(f'\nTop-1 gain of pretraining over a random-init encoder: {100 * gain:+.2f} points')
+  linear_gain = rows[2]['top1'] - rows[1]['top1']
+  print(f'\nTop-1 gain over a random-init encoder: {100 * gain:+.2f} points (head trained while '
+        f'pretraining), {100 * linear_gain:+.2f} points (same linear eval on both encoders)')
   if rows[0]['reused']:
     print('* reused run: wall time = result.json mtime - flags.json mtime (includes eval).')
   payload = {
       'date_utc': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'nproc': os.cpu_count(), 'loadavg_at_end': list(os.getloadavg()),
       'flagfile': os.path.relpath(flagfile, ROOT), 'extra_flags': extra,
-      'random_init_flags': list(RANDOM_INIT_FLAGS), 'top1_gain': gain, 'arms': rows,
+      'random_init_flags': list(RANDOM_INIT_FLAGS), 'top1_gain': gain,
+      'top1_gain_same_linear_eval': linear_gain, 'arms': rows,
       'notes': notes}
   os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
   with open(args.output, 'w') as f:

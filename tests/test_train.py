@@ -186,3 +186,11 @@ def test_two_replicas_take_exactly_the_single_device_step(tmp_path, two_replica_
     np.testing.assert_allclose(double[path], single[path], rtol=2e-4, atol=2e-5, err_msg=path)
   for name in ('contrast_loss', 'supervised_loss', 'weight_decay'):
     assert double_metrics[name] == pytest.approx(single_metrics[name], rel=1e-4), name
+
+
+def test_resuming_a_model_dir_of_another_architecture_names_the_variables(tmp_path):
+  experiment.run(tiny_config(tmp_path, train__train_steps=1))
+  other = tiny_config(tmp_path, train__train_steps=2, model__proj_out_dim=8)
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match=r'another architecture.*projection_head.*\[512, 16\] vs model \[512, 8\]'):
+    experiment.run(other)

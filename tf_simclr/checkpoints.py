@@ -235,6 +235,15 @@ class TrainState:
     latest = tf.train.latest_checkpoint(self.model_dir)
     if latest:
       log.info('Resuming from %s (weights, optimizer state and step).', latest)
+      reader = tf.train.load_checkpoint(latest)
+      match = match_variables(object_variable_paths(self.model, 'model'),
+                              checkpoint_variable_paths(reader, root_child='model'),
+                              reader.get_variable_to_shape_map())
+      if match.problems:
+        raise CheckpointMismatchError(
+            f'--model_dir={self.model_dir} holds a run of another architecture ({latest}): '
+            + ' | '.join(match.problems) + '. Resume it with its own flags (its flags.json), or '
+            'use a new --model_dir.')
       self.checkpoint.restore(latest).assert_existing_objects_matched()
       return 'resumed'
     if init_checkpoint:
