@@ -21,10 +21,8 @@ from test_train import TINY_MODEL, tiny_config
 STUDENT = dict(num_proj_layers=1, proj_out_dim=8)  # Another head than the teacher's.
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _skip_export(no_export):
-  del no_export
-
+# Training runs here need no SavedModel export (tests/test_export.py covers it).
+pytestmark = pytest.mark.usefixtures('no_export')
 
 
 @pytest.fixture(scope='module')

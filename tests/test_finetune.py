@@ -22,10 +22,8 @@ from conftest import checkpoint_values
 from test_train import TINY_MODEL, _build_state, tiny_config
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _skip_export(no_export):
-  del no_export
-
+# Training runs here need no SavedModel export (tests/test_export.py covers it).
+pytestmark = pytest.mark.usefixtures('no_export')
 
 
 @pytest.fixture(scope='module')
