@@ -8,7 +8,7 @@ touches summaries except the augmented-image summary the loop asks for.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import tensorflow as tf
 
