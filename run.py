@@ -17,6 +17,8 @@ from absl import flags
 from absl import logging
 
 FLAGS = flags.FLAGS
+# Exit status after a SIGTERM that saved a checkpoint (2: a user error, 1: a crash).
+EXIT_PREEMPTED = 3
 
 # ---- Flags of the original tf2/run.py (same names, meanings and defaults). ----
 flags.DEFINE_float('learning_rate', 0.3, 'Initial learning rate per batch size of 256.')
@@ -117,6 +119,9 @@ flags.DEFINE_float('train_label_fraction', 1.0,
                    'Keep a class-balanced, seeded fraction of the train split as labelled data '
                    '(ids written to model_dir/label_subset.json).')
 flags.DEFINE_integer('label_fraction_seed', 0, 'Seed for --train_label_fraction.')
+flags.DEFINE_float('eval_timeout', 3600,
+                   '--mode=eval: seconds to wait for each new checkpoint in model_dir before '
+                   'stopping (an error if none came at all); 0 waits forever.')
 flags.DEFINE_integer('seed', None, 'Global random seed (None: nondeterministic).')
 flags.DEFINE_string('teacher_checkpoint', None,
                     'Distillation teacher: a fine-tuned checkpoint or model_dir of ours, or an '
@@ -177,7 +182,8 @@ def config_from_flags(flag_values) -> 'Config':
       keep_checkpoint_max=f.keep_checkpoint_max, keep_hub_module_max=f.keep_hub_module_max,
       temperature=f.temperature, hidden_norm=f.hidden_norm,
       lineareval_while_pretraining=f.lineareval_while_pretraining,
-      zero_init_logits_layer=f.zero_init_logits_layer, eval_name=f.eval_name, seed=f.seed)
+      zero_init_logits_layer=f.zero_init_logits_layer, eval_name=f.eval_name, seed=f.seed,
+      eval_timeout=f.eval_timeout)
   strategy = f.distribution_strategy
   if f.use_tpu is True:
     strategy = 'tpu'
@@ -226,6 +232,9 @@ def main(argv):
   from tf_simclr.train import experiment
   try:
     experiment.run(config, serializable_flags(FLAGS))
+  except experiment.PREEMPTED as e:
+    logging.error('%s', e)
+    sys.exit(EXIT_PREEMPTED)
   except experiment.USER_ERRORS as e:
     logging.error('%s', e)
     sys.exit(2)

@@ -408,8 +408,31 @@ def variables_by_path(model) -> Dict[str, tf.Variable]:
   return object_variable_paths(model, 'model')
 
 
-def iter_checkpoints(model_dir: str, timeout: Optional[float] = None,
-                     min_interval_secs: float = 15) -> Iterable[str]:
-  """Yields each new checkpoint in `model_dir` as it appears (eval mode follows training)."""
-  return tf.train.checkpoints_iterator(model_dir, min_interval_secs=min_interval_secs,
-                                       timeout=timeout)
+def wait_for_checkpoints(model_dir: str, timeout: float = 0,
+                         poll_secs: float = 15) -> Iterable[str]:
+  """Yields the newest checkpoint of `model_dir` each time a new one appears (eval follows training).
+
+  Logs when it starts waiting and every minute while it waits; stops after `timeout` seconds
+  (0: never) without a new checkpoint. Never creates model_dir.
+  """
+  last = None
+  while True:
+    limit = f'timeout {timeout:g} s' if timeout else 'no timeout'
+    log.info('Waiting for a checkpoint in %s (%s).', model_dir, limit)
+    start = time.time()
+    next_note = start + 60
+    while True:
+      found = find_checkpoints(model_dir)
+      if found and found[0] != last:
+        break
+      now = time.time()
+      if timeout and now - start >= timeout:
+        return
+      if now >= next_note:
+        log.info('Still waiting for a checkpoint in %s (%d s so far, %s).', model_dir,
+                 now - start, limit)
+        next_note += 60
+      remaining = (start + timeout - now) if timeout else poll_secs
+      time.sleep(max(0.1, min(poll_secs, remaining)))
+    last = found[0]
+    yield last
