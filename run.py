@@ -118,6 +118,10 @@ flags.DEFINE_enum('color_jitter_impl', 'simclrv2', ['simclrv1', 'simclrv2'],
 flags.DEFINE_float('train_label_fraction', 1.0,
                    'Keep a class-balanced, seeded fraction of the train split as labelled data '
                    '(ids written to model_dir/label_subset.json).')
+flags.DEFINE_bool('skip_bad_images', False,
+                  'folder: datasets: decode every image once before training and leave out (and '
+                  'count in the log) those that cannot be decoded. Without it, a bad image stops '
+                  'the run with an error naming the file.')
 flags.DEFINE_integer('label_fraction_seed', 0, 'Seed for --train_label_fraction.')
 flags.DEFINE_float('eval_timeout', 3600,
                    '--mode=eval: seconds to wait for each new checkpoint in model_dir before '
@@ -168,7 +172,8 @@ def config_from_flags(flag_values) -> 'Config':
       eval_split=f.eval_split, image_size=f.image_size,
       color_jitter_strength=f.color_jitter_strength, color_jitter_impl=f.color_jitter_impl,
       use_blur=f.use_blur, cache_dataset=f.cache_dataset,
-      train_label_fraction=f.train_label_fraction, label_fraction_seed=f.label_fraction_seed)
+      train_label_fraction=f.train_label_fraction, label_fraction_seed=f.label_fraction_seed,
+      skip_bad_images=f.skip_bad_images)
   optim = cfg.OptimConfig(
       optimizer=f.optimizer, learning_rate=f.learning_rate,
       learning_rate_scaling=f.learning_rate_scaling, warmup_epochs=f.warmup_epochs,

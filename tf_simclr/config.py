@@ -105,6 +105,8 @@ class DataConfig:
   # Fraction of the train split kept, class-balanced and seeded (1.0 keeps everything).
   train_label_fraction: float = 1.0
   label_fraction_seed: int = 0
+  # folder: datasets: decode every image once up front and leave out those that fail.
+  skip_bad_images: bool = False
 
   def __post_init__(self):
     _check(bool(self.dataset),

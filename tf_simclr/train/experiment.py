@@ -5,6 +5,7 @@ This is what `run.py` calls after turning flags into a Config; notebooks can cal
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -195,8 +196,21 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
                          config.train.train_batch_size,
                          distribute.write_dir(model_dir, ctx.strategy),
                          learning_rate_fn=learning_rate)
-  result = trainer.train(iter(dataset))
+  with _naming_bad_images(ctx, config.data.train_split):
+    result = trainer.train(iter(dataset))
   return model, result
+
+
+@contextlib.contextmanager
+def _naming_bad_images(ctx: Context, split: str):
+  """Turns a decode failure inside a folder: pipeline into an error naming the bad files."""
+  try:
+    yield
+  except tf.errors.InvalidArgumentError as e:
+    error = datasets.bad_images_error(ctx.source, split)
+    if error is None:
+      raise
+    raise error from e
 
 
 def evaluate(ctx: Context, model, global_step: int,
@@ -212,7 +226,8 @@ def evaluate(ctx: Context, model, global_step: int,
   evaluator = evaluate_lib.Evaluator(model, ctx.strategy,
                                      tasks.weight_decay_variables(model, config.optim.optimizer),
                                      config.optim.weight_decay)
-  result = evaluator.evaluate(dataset, ctx.steps.eval_steps)
+  with _naming_bad_images(ctx, config.data.eval_split):
+    result = evaluator.evaluate(dataset, ctx.steps.eval_steps)
   if not distribute.is_chief(ctx.strategy):
     return result
   summary_dir = config.train.model_dir
