@@ -96,7 +96,7 @@ def test_run_survives_sigterm_kill_damage_and_concurrency(tmp_path):
   p2.send_signal(signal.SIGKILL)
   p2.wait()
   out2 = open(tmp_path / 'p2.log').read()
-  assert f'Resumed from {model_dir}/ckpt-{stopped} at step {stopped}' in out2
+  assert f'Resuming from {model_dir}/ckpt-{stopped} at step {stopped}' in out2
   assert 'Training from step 0' not in out2
   assert json.load(open(model_dir / 'LOCK'))['pid'] == p2.pid
   saved = steps_saved(model_dir)
@@ -122,7 +122,7 @@ def test_run_survives_sigterm_kill_damage_and_concurrency(tmp_path):
   assert 'Taking over the stale lock' in out and f'pid {p2.pid}' in out
   assert f'Removed 1 unfinished checkpoint folder(s) of an interrupted save: {temp}' in out
   assert f'Checkpoint {model_dir}/ckpt-{newest} is damaged' in out
-  assert f'Resumed from {model_dir}/ckpt-{newest - 1} at step {newest - 1}' in out
+  assert f'Resuming from {model_dir}/ckpt-{newest - 1} at step {newest - 1}' in out
   assert f'Training from step {newest - 1} to {final}' in out
   assert not temp.exists() and not (model_dir / 'LOCK').exists()
   after = digests(model_dir)

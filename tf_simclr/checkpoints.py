@@ -42,7 +42,8 @@ def resolve_checkpoint_path(path: str) -> str:
     variables_prefix = os.path.join(path, 'variables', 'variables')
     if tf.io.gfile.exists(variables_prefix + '.index'):
       return variables_prefix  # A SavedModel directory: its variables form a checkpoint.
-    latest = tf.train.latest_checkpoint(path)
+    found = find_checkpoints(path)
+    latest = tf.train.latest_checkpoint(path) or (found[0] if found else None)
     if latest is None:
       raise FileNotFoundError(
           f'--checkpoint={path} is a directory without a checkpoint or SavedModel: point it at '
@@ -384,7 +385,7 @@ class TrainState:
     """
     latest = self._restore_intact()
     if latest:
-      log.info('Resumed from %s at step %d (weights, optimizer state and step).', latest,
+      log.info('Resuming from %s at step %d (weights, optimizer state and step).', latest,
                self.step)
       return 'resumed'
     if init_checkpoint:

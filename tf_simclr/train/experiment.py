@@ -40,6 +40,7 @@ class Context:
   num_classes: int
   label_subset: Optional[object] = None
   lock: Optional[run_dir.RunLock] = None  # held by a training run's chief
+  flags_dict: Optional[Dict] = None  # written to flags.json once training has its weights
 
 
 TRAINING_MODES = ('train', 'train_then_eval')
@@ -48,8 +49,9 @@ TRAINING_MODES = ('train', 'train_then_eval')
 def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
   """Validates model_dir, data and settings before any expensive work.
 
-  Training (and only training) then takes the model_dir lock, removes unfinished checkpoint
-  folders and writes flags.json; eval and export read model_dir and never create or rewrite it.
+  Training (and only training) takes the model_dir lock and removes unfinished checkpoint
+  folders; `train()` writes flags.json once the weights are restored. Eval and export read
+  model_dir and never create or rewrite it.
   """
   train = config.train
   # First: MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
@@ -111,8 +113,6 @@ def _prepare_locked(config: Config, flags_dict: Optional[Dict], strategy,
              steps.checkpoint_steps, steps.steps_per_loop, steps.eval_steps)
     if chief:
       checkpoints.clean_temp_folders(train.model_dir)
-      if flags_dict is not None:
-        run_dir.write_flags(train.model_dir, flags_dict)
       if label_subset is not None:
         path = datasets.write_label_subset(
             train.model_dir, dataset=data.dataset, split=data.train_split,
@@ -121,7 +121,8 @@ def _prepare_locked(config: Config, flags_dict: Optional[Dict], strategy,
         log.info('Label fraction %.4g of %s: %d labelled examples (ids in %s).',
                  data.train_label_fraction, data.train_split, len(label_subset), path)
   return Context(config=config, strategy=strategy, source=source, steps=steps,
-                 num_classes=source.num_classes, label_subset=label_subset, lock=lock)
+                 num_classes=source.num_classes, label_subset=label_subset, lock=lock,
+                 flags_dict=flags_dict)
 
 
 def build_model(ctx: Context, model_config=None):
@@ -184,6 +185,9 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
   state = checkpoints.TrainState(model, optimizer, model_dir, config.train.keep_checkpoint_max,
                                  save_dir=distribute.write_dir(model_dir, ctx.strategy))
   initialize_weights(config, model, state, init_fn=init_fn)
+  if ctx.flags_dict is not None and distribute.is_chief(ctx.strategy):
+    # Only now: the flags, the data, the lock and the restore (architecture) have all passed.
+    run_dir.write_flags(model_dir, ctx.flags_dict)
   task = tasks.make_task(config, model, ctx.strategy, teacher=teacher)
   dataset = pipeline.build_train_dataset(
       ctx.source, config.data, config.train.train_batch_size, ctx.strategy,
