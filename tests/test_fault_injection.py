@@ -262,3 +262,23 @@ def test_corrupt_image_is_named_or_skipped(tmp_path):
   skipped = datasets.resolve_dataset(f'folder:{tmp_path}', skip_bad_images=True)
   assert skipped.num_examples('train') == 6 and source.num_examples('train') == 7
   assert sum(1 for _ in skipped.as_dataset('train')) == 6
+
+
+def test_model_dir_that_is_not_writable_is_named(tmp_path, monkeypatch):
+  monkeypatch.setattr(os, 'access', lambda path, mode: False)  # tests may run as root
+  with pytest.raises(run_dir.ModelDirError, match=f'--model_dir={tmp_path} is not writable'):
+    run_dir.check_usable(str(tmp_path), create=True)
+
+
+def test_train_split_smaller_than_one_batch_is_an_error(tmp_path):
+  from tf_simclr.train import experiment
+  config = cfg.Config(
+      model=cfg.ModelConfig(resnet_depth=18), data=cfg.DataConfig(
+          dataset='shapes10', train_split='train[:5]', eval_split='test', image_size=8),
+      optim=cfg.OptimConfig(), train=cfg.TrainConfig(model_dir=str(tmp_path / 'run'),
+                                                     train_batch_size=8, train_steps=2))
+  with pytest.raises(ValueError, match=r"train\[:5\].*has 5 training examples, fewer than one "
+                                       r"global batch \(--train_batch_size=8\)"):
+    experiment.prepare(config)
+  assert not (tmp_path / 'run' / run_dir.LOCK_FILE).exists()
+  assert not (tmp_path / 'run' / run_dir.FLAGS_FILE).exists()
