@@ -112,7 +112,7 @@ def test_run_survives_sigterm_kill_damage_and_concurrency(tmp_path):
   with open(data, 'r+b') as f:
     f.truncate(os.path.getsize(data) // 3)
   temp = model_dir / f'ckpt-{newest + 1}_temp'
-  temp.mkdir()
+  temp.mkdir(exist_ok=True)  # the kill may already have left it
   (temp / 'part-00000-of-00001.data-00000-of-00001').write_bytes(b'\0' * 100)
   kept = digests(model_dir)
   final = newest + 3
