@@ -17,6 +17,8 @@ from absl import flags
 from absl import logging
 
 FLAGS = flags.FLAGS
+# Exit status after a SIGTERM that saved a checkpoint (2: a user error, 1: a crash).
+EXIT_PREEMPTED = 3
 
 # ---- Flags of the original tf2/run.py (same names, meanings and defaults). ----
 flags.DEFINE_float('learning_rate', 0.3, 'Initial learning rate per batch size of 256.')
@@ -116,7 +118,14 @@ flags.DEFINE_enum('color_jitter_impl', 'simclrv2', ['simclrv1', 'simclrv2'],
 flags.DEFINE_float('train_label_fraction', 1.0,
                    'Keep a class-balanced, seeded fraction of the train split as labelled data '
                    '(ids written to model_dir/label_subset.json).')
+flags.DEFINE_bool('skip_bad_images', False,
+                  'folder: datasets: decode every image once before training and leave out (and '
+                  'count in the log) those that cannot be decoded. Without it, a bad image stops '
+                  'the run with an error naming the file.')
 flags.DEFINE_integer('label_fraction_seed', 0, 'Seed for --train_label_fraction.')
+flags.DEFINE_float('eval_timeout', 3600,
+                   '--mode=eval: seconds to wait for each new checkpoint in model_dir before '
+                   'stopping (an error if none came at all); 0 waits forever.')
 flags.DEFINE_integer('seed', None, 'Global random seed (None: nondeterministic).')
 flags.DEFINE_string('teacher_checkpoint', None,
                     'Distillation teacher: a fine-tuned checkpoint or model_dir of ours, or an '
@@ -163,7 +172,8 @@ def config_from_flags(flag_values) -> 'Config':
       eval_split=f.eval_split, image_size=f.image_size,
       color_jitter_strength=f.color_jitter_strength, color_jitter_impl=f.color_jitter_impl,
       use_blur=f.use_blur, cache_dataset=f.cache_dataset,
-      train_label_fraction=f.train_label_fraction, label_fraction_seed=f.label_fraction_seed)
+      train_label_fraction=f.train_label_fraction, label_fraction_seed=f.label_fraction_seed,
+      skip_bad_images=f.skip_bad_images)
   optim = cfg.OptimConfig(
       optimizer=f.optimizer, learning_rate=f.learning_rate,
       learning_rate_scaling=f.learning_rate_scaling, warmup_epochs=f.warmup_epochs,
@@ -177,7 +187,8 @@ def config_from_flags(flag_values) -> 'Config':
       keep_checkpoint_max=f.keep_checkpoint_max, keep_hub_module_max=f.keep_hub_module_max,
       temperature=f.temperature, hidden_norm=f.hidden_norm,
       lineareval_while_pretraining=f.lineareval_while_pretraining,
-      zero_init_logits_layer=f.zero_init_logits_layer, eval_name=f.eval_name, seed=f.seed)
+      zero_init_logits_layer=f.zero_init_logits_layer, eval_name=f.eval_name, seed=f.seed,
+      eval_timeout=f.eval_timeout)
   strategy = f.distribution_strategy
   if f.use_tpu is True:
     strategy = 'tpu'
@@ -226,6 +237,9 @@ def main(argv):
   from tf_simclr.train import experiment
   try:
     experiment.run(config, serializable_flags(FLAGS))
+  except experiment.PREEMPTED as e:
+    logging.error('%s', e)
+    sys.exit(EXIT_PREEMPTED)
   except experiment.USER_ERRORS as e:
     logging.error('%s', e)
     sys.exit(2)

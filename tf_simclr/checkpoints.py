@@ -17,6 +17,8 @@ import collections
 import dataclasses
 import logging
 import os
+import re
+import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import tensorflow as tf
@@ -40,7 +42,8 @@ def resolve_checkpoint_path(path: str) -> str:
     variables_prefix = os.path.join(path, 'variables', 'variables')
     if tf.io.gfile.exists(variables_prefix + '.index'):
       return variables_prefix  # A SavedModel directory: its variables form a checkpoint.
-    latest = tf.train.latest_checkpoint(path)
+    found = find_checkpoints(path)
+    latest = tf.train.latest_checkpoint(path) or (found[0] if found else None)
     if latest is None:
       raise FileNotFoundError(
           f'--checkpoint={path} is a directory without a checkpoint or SavedModel: point it at '
@@ -200,6 +203,72 @@ def read_global_step(path: str) -> int:
   return int(reader.get_tensor(key)) if key else 0
 
 
+CHECKPOINT_NAME = 'ckpt'
+_CKPT_RE = re.compile(r'^ckpt-(\d+)\.index$')
+_RESTORE_ERRORS = (tf.errors.OpError, IndexError, ValueError, OSError, RuntimeError,
+                   tf.errors.DataLossError)
+
+
+class NoIntactCheckpointError(RuntimeError):
+  """model_dir holds checkpoints of a run, but none can be read."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (disk full, permissions); the message names model_dir."""
+
+
+def find_checkpoints(model_dir: str) -> List[str]:
+  """Every `ckpt-N` prefix in `model_dir` with its .index, newest (highest N) first.
+
+  Found by listing the folder, not from the `checkpoint` index file, which may be missing or
+  name a checkpoint that is gone.
+  """
+  if not tf.io.gfile.isdir(model_dir):
+    return []
+  found = []
+  for name in tf.io.gfile.listdir(model_dir):
+    m = _CKPT_RE.match(name)
+    if m:
+      found.append((int(m.group(1)), os.path.join(model_dir, name[:-len('.index')])))
+  return [path for _, path in sorted(found, reverse=True)]
+
+
+def checkpoint_step(prefix: str) -> int:
+  """N of a `.../ckpt-N` prefix."""
+  return int(prefix.rsplit('-', 1)[1])
+
+
+def clean_temp_folders(model_dir: str) -> List[str]:
+  """Removes `ckpt-N_temp*` folders left by a save that was killed or ran out of disk."""
+  removed = []
+  if not tf.io.gfile.isdir(model_dir):
+    return removed
+  for name in tf.io.gfile.listdir(model_dir):
+    name = name.rstrip('/')
+    if re.match(r'^ckpt-\d+_temp', name):
+      path = os.path.join(model_dir, name)
+      if tf.io.gfile.isdir(path):
+        tf.io.gfile.rmtree(path)
+      else:
+        tf.io.gfile.remove(path)
+      removed.append(path)
+  if removed:
+    log.warning('Removed %d unfinished checkpoint folder(s) of an interrupted save: %s',
+                len(removed), ', '.join(removed))
+  return removed
+
+
+def _set_aside(prefix: str) -> List[str]:
+  """Renames the files of a damaged checkpoint to damaged-ckpt-N.* so nothing overwrites them."""
+  folder, base = os.path.split(prefix)
+  moved = []
+  for path in tf.io.gfile.glob(prefix + '.*'):
+    target = os.path.join(folder, 'damaged-' + base + os.path.basename(path)[len(base):])
+    tf.io.gfile.rename(path, target, overwrite=True)
+    moved.append(target)
+  return moved
+
+
 class TrainState:
   """Model + optimizer + step under one CheckpointManager in `model_dir`.
 
@@ -212,17 +281,99 @@ class TrainState:
     self.model = model
     self.optimizer = optimizer
     self.model_dir = model_dir
+    self.save_dir = save_dir or model_dir
+    self.max_to_keep = max_to_keep
     self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
                                           global_step=optimizer.iterations)
-    self.manager = tf.train.CheckpointManager(self.checkpoint, directory=save_dir or model_dir,
-                                              max_to_keep=max_to_keep)
+    self.manager = self._make_manager()
+
+  def _make_manager(self) -> tf.train.CheckpointManager:
+    return tf.train.CheckpointManager(self.checkpoint, directory=self.save_dir,
+                                      max_to_keep=self.max_to_keep,
+                                      checkpoint_name=CHECKPOINT_NAME)
 
   @property
   def step(self) -> int:
     return int(self.optimizer.iterations.numpy())
 
   def save(self) -> str:
-    return self.manager.save(checkpoint_number=self.step)
+    """Saves ckpt-<step>; a failed write raises CheckpointSaveError naming the folder."""
+    try:
+      return self.manager.save(checkpoint_number=self.step)
+    except (tf.errors.OpError, OSError) as e:
+      kept = find_checkpoints(self.model_dir)
+      raise CheckpointSaveError(
+          f'Could not write checkpoint {CHECKPOINT_NAME}-{self.step} to {self.save_dir} '
+          f'({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e}). '
+          'Is the disk full or the folder not writable? Free space and rerun the same command: '
+          + (f'it resumes from {os.path.basename(kept[0])}' if kept else 'it starts again')
+          + ' and removes the unfinished ckpt-*_temp folder.') from e
+
+  def _restore_intact(self) -> Optional[str]:
+    """Restores the newest readable checkpoint of model_dir; None when there is none at all.
+
+    A checkpoint that fails to read (truncated, half-written) is logged, renamed to
+    damaged-ckpt-N.* and the next older one is tried. A checkpoint of another architecture is
+    an error, not something to skip.
+    """
+    candidates = find_checkpoints(self.model_dir)
+    indexed = tf.train.latest_checkpoint(self.model_dir)
+    if candidates and indexed != candidates[0]:
+      log.warning('The checkpoint index file of %s %s; found %s by listing the folder.',
+                  self.model_dir, f'names {indexed}' if indexed else 'is missing or unusable',
+                  ', '.join(os.path.basename(c) for c in candidates))
+    damaged = []
+    for path in candidates:
+      reader = None
+      try:
+        reader = tf.train.load_checkpoint(path)
+        theirs = checkpoint_variable_paths(reader, root_child='model')
+        shapes = reader.get_variable_to_shape_map()
+      except _RESTORE_ERRORS as e:
+        damaged.append((path, e))
+        continue
+      match = match_variables(object_variable_paths(self.model, 'model'), theirs, shapes)
+      if match.problems:
+        raise CheckpointMismatchError(
+            f'--model_dir={self.model_dir} holds a run of another architecture ({path}): '
+            + ' | '.join(match.problems) + '. Resume it with its own flags (its flags.json), or '
+            'use a new --model_dir.')
+      try:
+        self.checkpoint.restore(path).assert_existing_objects_matched()
+      except _RESTORE_ERRORS as e:
+        damaged.append((path, e))
+        continue
+      break
+    else:
+      path = None
+    for bad, error in damaged:
+      log.warning('Checkpoint %s is damaged (%s: %s); %s', bad, type(error).__name__,
+                  str(error).strip().splitlines()[0] if str(error).strip() else '',
+                  f'falling back to {path}.' if path else 'no older intact one.')
+    if candidates and path is None:
+      raise NoIntactCheckpointError(
+          f'--model_dir={self.model_dir} holds checkpoints of a run '
+          f'({", ".join(os.path.basename(c) for c in candidates)}) but none can be read, so the '
+          'run cannot resume and is not restarted from step 0 over them. Move them away (or use '
+          'a new --model_dir) to start again.')
+    if path is None:
+      return None
+    if self.save_dir == self.model_dir:
+      for bad, _ in damaged:
+        if checkpoint_step(bad) > checkpoint_step(path):
+          log.warning('Renamed the damaged checkpoint files to %s so that nothing overwrites '
+                      'them.', ', '.join(_set_aside(bad)))
+      if damaged or indexed != path:
+        # Rewrite the index from what is on disk so the manager keeps rotating old checkpoints.
+        intact = [c for c in reversed(find_checkpoints(self.model_dir))
+                  if checkpoint_step(c) <= checkpoint_step(path)]
+        now = time.time()
+        tf.compat.v1.train.update_checkpoint_state(
+            self.model_dir, path, intact,
+            all_model_checkpoint_timestamps=[now - len(intact) + i for i in range(len(intact))],
+            last_preserved_timestamp=now - len(intact) - 1)
+        self.manager = self._make_manager()
+    return path
 
   def restore_or_initialize(self, init_checkpoint: Optional[str], fresh_ok: Sequence[str] = (),
                             init_fn: Optional[Callable[[str], RestoreReport]] = None) -> str:
@@ -232,19 +383,10 @@ class TrainState:
     `init_fn(path)` replaces the default strict loader for `init_checkpoint` (e.g. for weights
     written by the original code or an exported SavedModel).
     """
-    latest = tf.train.latest_checkpoint(self.model_dir)
+    latest = self._restore_intact()
     if latest:
-      log.info('Resuming from %s (weights, optimizer state and step).', latest)
-      reader = tf.train.load_checkpoint(latest)
-      match = match_variables(object_variable_paths(self.model, 'model'),
-                              checkpoint_variable_paths(reader, root_child='model'),
-                              reader.get_variable_to_shape_map())
-      if match.problems:
-        raise CheckpointMismatchError(
-            f'--model_dir={self.model_dir} holds a run of another architecture ({latest}): '
-            + ' | '.join(match.problems) + '. Resume it with its own flags (its flags.json), or '
-            'use a new --model_dir.')
-      self.checkpoint.restore(latest).assert_existing_objects_matched()
+      log.info('Resuming from %s at step %d (weights, optimizer state and step).', latest,
+               self.step)
       return 'resumed'
     if init_checkpoint:
       log.info('Initialising the model from --checkpoint=%s', init_checkpoint)
@@ -267,8 +409,31 @@ def variables_by_path(model) -> Dict[str, tf.Variable]:
   return object_variable_paths(model, 'model')
 
 
-def iter_checkpoints(model_dir: str, timeout: Optional[float] = None,
-                     min_interval_secs: float = 15) -> Iterable[str]:
-  """Yields each new checkpoint in `model_dir` as it appears (eval mode follows training)."""
-  return tf.train.checkpoints_iterator(model_dir, min_interval_secs=min_interval_secs,
-                                       timeout=timeout)
+def wait_for_checkpoints(model_dir: str, timeout: float = 0,
+                         poll_secs: float = 15) -> Iterable[str]:
+  """Yields the newest checkpoint of `model_dir` each time a new one appears (eval follows training).
+
+  Logs when it starts waiting and every minute while it waits; stops after `timeout` seconds
+  (0: never) without a new checkpoint. Never creates model_dir.
+  """
+  last = None
+  while True:
+    limit = f'timeout {timeout:g} s' if timeout else 'no timeout'
+    log.info('Waiting for a checkpoint in %s (%s).', model_dir, limit)
+    start = time.time()
+    next_note = start + 60
+    while True:
+      found = find_checkpoints(model_dir)
+      if found and found[0] != last:
+        break
+      now = time.time()
+      if timeout and now - start >= timeout:
+        return
+      if now >= next_note:
+        log.info('Still waiting for a checkpoint in %s (%d s so far, %s).', model_dir,
+                 now - start, limit)
+        next_note += 60
+      remaining = (start + timeout - now) if timeout else poll_secs
+      time.sleep(max(0.1, min(poll_secs, remaining)))
+    last = found[0]
+    yield last

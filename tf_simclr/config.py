@@ -105,6 +105,8 @@ class DataConfig:
   # Fraction of the train split kept, class-balanced and seeded (1.0 keeps everything).
   train_label_fraction: float = 1.0
   label_fraction_seed: int = 0
+  # folder: datasets: decode every image once up front and leave out those that fail.
+  skip_bad_images: bool = False
 
   def __post_init__(self):
     _check(bool(self.dataset),
@@ -189,6 +191,8 @@ class TrainConfig:
   zero_init_logits_layer: bool = False
   eval_name: Optional[str] = None
   seed: Optional[int] = None
+  # --mode=eval: seconds to wait for each new checkpoint (0: forever).
+  eval_timeout: float = 3600
 
   def __post_init__(self):
     _check(bool(self.model_dir), '--model_dir is required: the folder for checkpoints, '
@@ -208,6 +212,8 @@ class TrainConfig:
     _check(self.keep_checkpoint_max >= 1,
            f'--keep_checkpoint_max={self.keep_checkpoint_max} must be >= 1.')
     _check(self.temperature > 0, f'--temperature={self.temperature} must be > 0.')
+    _check(self.eval_timeout >= 0,
+           f'--eval_timeout={self.eval_timeout} must be >= 0 (seconds; 0 waits forever).')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +234,40 @@ class Config:
     _check(mode != 'distill' or bool(self.distill.teacher_checkpoint),
            '--train_mode=distill needs --teacher_checkpoint (a fine-tuned checkpoint or '
            'exported SavedModel directory).')
+
+
+def check_same_architecture(model: ModelConfig, stored_flags: dict, where: str) -> None:
+  """Raises ConfigError if `model` contradicts the architecture flags a run recorded.
+
+  stored_flags: the flags.json of the run in `where` (the model_dir being resumed or read).
+  """
+  def stored(name):
+    return stored_flags.get(name)
+
+  pairs = [('resnet_depth', model.resnet_depth), ('width_multiplier', model.width_multiplier),
+           ('sk_ratio', model.sk_ratio), ('se_ratio', model.se_ratio),
+           ('proj_head_mode', model.proj_head_mode)]
+  if model.proj_head_mode == stored('proj_head_mode'):
+    if model.proj_head_mode == 'nonlinear':
+      pairs.append(('num_proj_layers', model.num_proj_layers))
+    if model.proj_head_mode != 'none':
+      pairs.append(('proj_out_dim', model.proj_out_dim))
+  wrong = [f'--{name}={value!r} here but {stored(name)!r} in the run'
+           for name, value in pairs
+           if stored(name) is not None and not _same(stored(name), value)]
+  size = stored('image_size')
+  if isinstance(size, int) and (size <= 32) != model.cifar_stem:
+    wrong.append(f'the {"CIFAR" if model.cifar_stem else "ImageNet"} stem here (--image_size '
+                 f'{"<=" if model.cifar_stem else ">"} 32) but the '
+                 f'{"CIFAR" if size <= 32 else "ImageNet"} stem in the run (--image_size={size})')
+  _check(not wrong, f'--model_dir={where} holds a run of another architecture (its flags.json): '
+         + '; '.join(wrong) + '. Use the run\'s architecture flags, or a new --model_dir.')
+
+
+def _same(a, b) -> bool:
+  if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+    return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+  return a == b
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,9 +16,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import os
 import socket
 import urllib.error
+import urllib.parse
 from typing import Any, Optional
 
 import numpy as np
@@ -27,6 +29,8 @@ import tensorflow_datasets as tfds
 
 from tf_simclr.config import ConfigError
 from tf_simclr.data import synthetic
+
+log = logging.getLogger(__name__)
 
 FOLDER_PREFIX = 'folder:'
 LABEL_SUBSET_FILE = 'label_subset.json'
@@ -151,13 +155,58 @@ def _resolve_builtin(name: str) -> DatasetSource:
       class_names=synthetic.CLASS_NAMES)
 
 
-def _resolve_folder(name: str) -> DatasetSource:
+def find_bad_images(paths) -> list:
+  """The paths among `paths` that cannot be read and decoded as images (a parallel tf.data pass)."""
+  paths = list(paths)
+  if not paths:
+    return []
+  ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
+  ds = ds.map(lambda i, p: (i, tf.shape(tf.io.decode_image(tf.io.read_file(p), channels=3,
+                                                          expand_animations=False))),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).ignore_errors()
+  good = np.zeros(len(paths), bool)
+  for batch, _ in ds.batch(4096):
+    good[batch.numpy()] = True
+  return [p for p, ok in zip(paths, good) if not ok]
+
+
+def bad_images_error(source: 'DatasetSource', split: str) -> Optional[DatasetError]:
+  """For a folder: dataset whose reading failed: a DatasetError naming the bad files, or None."""
+  examples = getattr(source.builder, '_split_examples', None)
+  if source.kind != 'folder' or examples is None:
+    return None
+  names = sorted({n for n, _, _ in source._ranges(split)})
+  bad = find_bad_images(e.image_path for n in names for e in examples[n])
+  if not bad:
+    return None
+  return DatasetError(
+      f'--dataset={source.name}: {len(bad)} image file(s) cannot be decoded, first: '
+      + ', '.join(bad[:5]) + '. Remove or fix them, or pass --skip_bad_images to leave them out.')
+
+
+def _drop_bad_images(builder, name: str) -> None:
+  """--skip_bad_images: removes undecodable files from every split of an ImageFolder."""
+  examples = builder._split_examples  # pylint: disable=protected-access
+  paths = [e.image_path for split in examples.values() for e in split]
+  bad = set(find_bad_images(paths))
+  if not bad:
+    log.info('--skip_bad_images: all %d images of --dataset=%s decode.', len(paths), name)
+    return
+  for split in examples:
+    examples[split][:] = [e for e in examples[split] if e.image_path not in bad]
+  log.warning('--skip_bad_images: left out %d of %d images of --dataset=%s that cannot be decoded '
+              '(first: %s).', len(bad), len(paths), name, ', '.join(sorted(bad)[:3]))
+
+
+def _resolve_folder(name: str, skip_bad_images: bool = False) -> DatasetSource:
   path = os.path.expanduser(name[len(FOLDER_PREFIX):])
   if not path or not tf.io.gfile.isdir(path):
     raise DatasetError(f'--dataset={name}: folder {path!r} does not exist. Expected images in '
                        f'{path or "PATH"}/<split>/<class>/*.jpg|png.')
   builder = tfds.folder_dataset.ImageFolder(path)
-  split_sizes = {k: v.num_examples for k, v in builder.info.splits.items()}
+  if skip_bad_images:
+    _drop_bad_images(builder, name)
+  split_sizes = {k: len(v) for k, v in builder._split_examples.items()}  # pylint: disable=protected-access
   if not split_sizes:
     raise DatasetError(f'--dataset={name}: no split folders with images found in {path!r}. '
                        'Expected PATH/<split>/<class>/*.jpg|png, e.g. PATH/train/cat/1.jpg.')
@@ -185,6 +234,39 @@ def _is_network_error(error: Optional[BaseException]) -> bool:
   return False
 
 
+_PROXY_VARS = ('HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy', 'ALL_PROXY',
+               'all_proxy')
+
+
+def _unreachable_download_hosts(builder, timeout: float = 5.0) -> Optional[str]:
+  """The download hosts of `builder`, when none of them answers a TCP connect; else None.
+
+  A quick probe so that a machine without network fails in seconds instead of after TFDS's
+  minutes of retries. Skipped (None) behind a proxy or when the builder lists no URLs.
+  """
+  if any(os.environ.get(v) for v in _PROXY_VARS):
+    return None
+  try:
+    urls = list(builder.url_infos or {})
+  except Exception:  # pylint: disable=broad-except
+    return None
+  hosts = []
+  for url in urls:
+    parsed = urllib.parse.urlparse(url)
+    if parsed.hostname and (parsed.hostname, parsed.port, parsed.scheme) not in hosts:
+      hosts.append((parsed.hostname, parsed.port, parsed.scheme))
+  if not hosts:
+    return None
+  for host, port, scheme in hosts[:3]:
+    try:
+      socket.create_connection((host, port or (443 if scheme == 'https' else 80)),
+                               timeout=timeout).close()
+      return None
+    except OSError:
+      continue
+  return ', '.join(h for h, _, _ in hosts[:3])
+
+
 def _prepare_tfds(builder, name: str) -> None:
   """download_and_prepare with clear errors for manual downloads and network failures."""
   if builder.is_prepared():
@@ -200,6 +282,10 @@ def _prepare_tfds(builder, name: str) -> None:
         f'--dataset={name} needs a manual download: put the files in {manual_dir} (that is '
         f'<--data_dir>/downloads/manual) as TFDS describes below, then run again.\n'
         f'{builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}')
+  unreachable = _unreachable_download_hosts(builder)
+  if unreachable:
+    raise DatasetError(f'--dataset={name} must be downloaded, but {unreachable} cannot be reached '
+                       '(no network?). ' + pre_download)
   try:
     builder.download_and_prepare()
   except Exception as e:  # pylint: disable=broad-except
@@ -231,20 +317,25 @@ def _resolve_tfds(name: str, data_dir: Optional[str]) -> DatasetSource:
       class_names=tuple(label.names), builder=builder)
 
 
-def resolve_dataset(dataset: str, data_dir: Optional[str] = None) -> DatasetSource:
-  """Maps a --dataset value to a DatasetSource (preparing TFDS data if needed)."""
+def resolve_dataset(dataset: str, data_dir: Optional[str] = None,
+                    skip_bad_images: bool = False) -> DatasetSource:
+  """Maps a --dataset value to a DatasetSource (preparing TFDS data if needed).
+
+  skip_bad_images: for folder: datasets, decode every image once and leave out those that fail.
+  """
   if not dataset:
     raise DatasetError(f'--dataset is empty. Use {_FORMS}.')
   if dataset == synthetic.NAME:
     return _resolve_builtin(dataset)
   if dataset.startswith(FOLDER_PREFIX):
-    return _resolve_folder(dataset)
+    return _resolve_folder(dataset, skip_bad_images)
   return _resolve_tfds(dataset, data_dir)
 
 
 def resolve_from_config(data_config) -> DatasetSource:
   """Resolves data_config.dataset and validates both --train_split and --eval_split."""
-  source = resolve_dataset(data_config.dataset, data_config.data_dir)
+  source = resolve_dataset(data_config.dataset, data_config.data_dir,
+                           data_config.skip_bad_images)
   source.validate_split(data_config.train_split, '--train_split')
   source.validate_split(data_config.eval_split, '--eval_split')
   return source

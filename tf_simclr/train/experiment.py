@@ -5,8 +5,8 @@ This is what `run.py` calls after turning flags into a Config; notebooks can cal
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import logging
 import os
 from typing import Callable, Dict, Optional
@@ -15,7 +15,9 @@ import keras
 import tensorflow as tf
 
 from tf_simclr import checkpoints
+from tf_simclr import config as config_lib
 from tf_simclr import distribute
+from tf_simclr import run_dir
 from tf_simclr.config import Config, Steps, resolve_steps
 from tf_simclr.data import datasets, pipeline
 from tf_simclr.models import simclr
@@ -37,26 +39,49 @@ class Context:
   steps: Steps
   num_classes: int
   label_subset: Optional[object] = None
+  lock: Optional[run_dir.RunLock] = None  # held by a training run's chief
+  flags_dict: Optional[Dict] = None  # written to flags.json once training has its weights
 
 
-def _write_json(path: str, payload) -> None:
-  with tf.io.gfile.GFile(path, 'w') as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
+TRAINING_MODES = ('train', 'train_then_eval')
 
 
 def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
-  """Validates data and settings before any expensive work; writes flags.json."""
+  """Validates model_dir, data and settings before any expensive work.
+
+  Training (and only training) takes the model_dir lock and removes unfinished checkpoint
+  folders; `train()` writes flags.json once the weights are restored. Eval and export read
+  model_dir and never create or rewrite it.
+  """
   train = config.train
   # First: MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
   strategy = distribute.make_strategy(config.distribute)
-  tf.io.gfile.makedirs(train.model_dir)
-  if flags_dict is not None and distribute.is_chief(strategy):
-    _write_json(os.path.join(train.model_dir, 'flags.json'), flags_dict)
+  chief = distribute.is_chief(strategy)
+  needs_train = train.mode in TRAINING_MODES
+  run_dir.check_usable(train.model_dir, create=needs_train)
+  stored = run_dir.read_flags(train.model_dir)
+  if stored is not None and checkpoints.find_checkpoints(train.model_dir):
+    config_lib.check_same_architecture(config.model, stored, train.model_dir)
+  # Only a training run's chief holds the lock, taken before anything is written.
+  lock = run_dir.RunLock(train.model_dir).acquire() if needs_train and chief else None
+  try:
+    return _prepare_locked(config, flags_dict, strategy, lock)
+  except BaseException:
+    if lock is not None:
+      lock.release()
+    raise
+
+
+def _prepare_locked(config: Config, flags_dict: Optional[Dict], strategy,
+                    lock: Optional[run_dir.RunLock]) -> Context:
+  """prepare() once model_dir is checked and, for training, locked."""
+  train = config.train
+  chief = distribute.is_chief(strategy)
+  needs_train = train.mode in TRAINING_MODES
   if train.seed is not None:
     keras.utils.set_random_seed(train.seed)
   data = config.data
   source = datasets.resolve_from_config(data)
-  needs_train = train.mode in ('train', 'train_then_eval')
   num_train = source.num_examples(data.train_split)
   label_subset = None
   if data.train_label_fraction < 1.0 and needs_train:
@@ -64,12 +89,6 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
                                              data.train_label_fraction, data.label_fraction_seed)
     if train.train_mode != 'distill':
       num_train = len(label_subset)
-    if distribute.is_chief(strategy):
-      path = datasets.write_label_subset(
-          train.model_dir, dataset=data.dataset, split=data.train_split,
-          fraction=data.train_label_fraction, seed=data.label_fraction_seed, indices=label_subset)
-      log.info('Label fraction %.4g of %s: %d labelled examples (ids in %s).',
-               data.train_label_fraction, data.train_split, len(label_subset), path)
   num_eval = source.num_examples(data.eval_split)
   steps = resolve_steps(train, config.optim, num_train, num_eval)
   replicas = strategy.num_replicas_in_sync
@@ -78,6 +97,13 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
     if batch % replicas:
       raise ValueError(f'--{flag}={batch} is not divisible by the {replicas} replicas; use a '
                        f'multiple of {replicas}.')
+  if needs_train and num_train < train.train_batch_size:
+    raise ValueError(
+        f'--train_split={data.train_split} of --dataset={data.dataset} has {num_train} '
+        f'training examples{" (after --train_label_fraction)" if label_subset is not None else ""}'
+        f', fewer than one global batch (--train_batch_size={train.train_batch_size}): every '
+        'batch would repeat images (an image would be its own negative). Lower '
+        '--train_batch_size or use more data.')
   log.info('Dataset %s: %d train examples (%s), %d eval examples (%s), %d classes.',
            config.data.dataset, num_train, config.data.train_split, num_eval,
            config.data.eval_split, source.num_classes)
@@ -85,8 +111,18 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
     log.info('Steps: %d train (%d per epoch, %d warmup), checkpoint every %d, %d per loop; '
              '%d eval steps.', steps.train_steps, steps.epoch_steps, steps.warmup_steps,
              steps.checkpoint_steps, steps.steps_per_loop, steps.eval_steps)
+    if chief:
+      checkpoints.clean_temp_folders(train.model_dir)
+      if label_subset is not None:
+        path = datasets.write_label_subset(
+            train.model_dir, dataset=data.dataset, split=data.train_split,
+            fraction=data.train_label_fraction, seed=data.label_fraction_seed,
+            indices=label_subset)
+        log.info('Label fraction %.4g of %s: %d labelled examples (ids in %s).',
+                 data.train_label_fraction, data.train_split, len(label_subset), path)
   return Context(config=config, strategy=strategy, source=source, steps=steps,
-                 num_classes=source.num_classes, label_subset=label_subset)
+                 num_classes=source.num_classes, label_subset=label_subset, lock=lock,
+                 flags_dict=flags_dict)
 
 
 def build_model(ctx: Context, model_config=None):
@@ -149,6 +185,9 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
   state = checkpoints.TrainState(model, optimizer, model_dir, config.train.keep_checkpoint_max,
                                  save_dir=distribute.write_dir(model_dir, ctx.strategy))
   initialize_weights(config, model, state, init_fn=init_fn)
+  if ctx.flags_dict is not None and distribute.is_chief(ctx.strategy):
+    # Only now: the flags, the data, the lock and the restore (architecture) have all passed.
+    run_dir.write_flags(model_dir, ctx.flags_dict)
   task = tasks.make_task(config, model, ctx.strategy, teacher=teacher)
   dataset = pipeline.build_train_dataset(
       ctx.source, config.data, config.train.train_batch_size, ctx.strategy,
@@ -161,8 +200,21 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
                          config.train.train_batch_size,
                          distribute.write_dir(model_dir, ctx.strategy),
                          learning_rate_fn=learning_rate)
-  result = trainer.train(iter(dataset))
+  with _naming_bad_images(ctx, config.data.train_split):
+    result = trainer.train(iter(dataset))
   return model, result
+
+
+@contextlib.contextmanager
+def _naming_bad_images(ctx: Context, split: str):
+  """Turns a decode failure inside a folder: pipeline into an error naming the bad files."""
+  try:
+    yield
+  except tf.errors.InvalidArgumentError as e:
+    error = datasets.bad_images_error(ctx.source, split)
+    if error is None:
+      raise
+    raise error from e
 
 
 def evaluate(ctx: Context, model, global_step: int,
@@ -178,7 +230,8 @@ def evaluate(ctx: Context, model, global_step: int,
   evaluator = evaluate_lib.Evaluator(model, ctx.strategy,
                                      tasks.weight_decay_variables(model, config.optim.optimizer),
                                      config.optim.weight_decay)
-  result = evaluator.evaluate(dataset, ctx.steps.eval_steps)
+  with _naming_bad_images(ctx, config.data.eval_split):
+    result = evaluator.evaluate(dataset, ctx.steps.eval_steps)
   if not distribute.is_chief(ctx.strategy):
     return result
   summary_dir = config.train.model_dir
@@ -191,22 +244,38 @@ def evaluate(ctx: Context, model, global_step: int,
 
 
 def follow_and_evaluate(ctx: Context, export_fn: Optional[Callable] = None,
-                        timeout: Optional[float] = None) -> Optional[Dict[str, float]]:
-  """--mode=eval: evaluates each new checkpoint in model_dir until the last training step."""
-  model = build_model(ctx)
-  result = None
-  for path in checkpoints.iter_checkpoints(ctx.config.train.model_dir, timeout=timeout):
+                        timeout: float = 0) -> Optional[Dict[str, float]]:
+  """--mode=eval: evaluates each new checkpoint in model_dir until the last training step.
+
+  Waits at most `timeout` seconds (0: forever) for each new checkpoint; raises
+  FileNotFoundError when none comes at all.
+  """
+  model_dir = ctx.config.train.model_dir
+  model = None
+  result, step = None, None
+  for path in checkpoints.wait_for_checkpoints(model_dir, timeout=timeout):
+    if model is None:
+      model = build_model(ctx)
     checkpoints.restore_model_variables(model, path)
     step = checkpoints.read_global_step(path)
     log.info('Evaluating %s (step %d).', path, step)
     result = evaluate(ctx, model, step, export_fn=export_fn)
     if result is None or step >= ctx.steps.train_steps:
       log.info('Eval complete.')
-      break
+      return result
+  if step is None:
+    raise FileNotFoundError(
+        f'--mode=eval: no checkpoint appeared in --model_dir={model_dir} within '
+        f'--eval_timeout={timeout:g} s. Check the path (training writes ckpt-N there), or raise '
+        '--eval_timeout (0 waits forever).')
+  log.warning('No new checkpoint in %s within --eval_timeout=%g s after step %d (training ends at '
+              '%d); stopping.', model_dir, timeout, step, ctx.steps.train_steps)
   return result
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, loop.TrainingDivergedError)
+PREEMPTED = loop.TrainingPreemptedError
+USER_ERRORS = (ValueError, FileNotFoundError, loop.TrainingDivergedError,
+               checkpoints.NoIntactCheckpointError, checkpoints.CheckpointSaveError)
 
 
 def _export_fn(config: Config) -> Callable:
@@ -228,18 +297,27 @@ def _teacher(ctx: Context) -> Callable:
 def run(config: Config, flags_dict: Optional[Dict] = None) -> Optional[Dict[str, float]]:
   """Runs `config.train.mode`; returns the last eval result when there is one."""
   ctx = prepare(config, flags_dict)
+  try:
+    return _run_mode(ctx)
+  finally:
+    if ctx.lock is not None:
+      ctx.lock.release()
+
+
+def _run_mode(ctx: Context) -> Optional[Dict[str, float]]:
+  config = ctx.config
   export_fn = _export_fn(config)
   mode = config.train.mode
   if mode == 'eval':
-    return follow_and_evaluate(ctx, export_fn)
+    return follow_and_evaluate(ctx, export_fn, timeout=config.train.eval_timeout)
   if mode == 'export':
     model = build_model(ctx)
-    latest = tf.train.latest_checkpoint(config.train.model_dir)
-    if latest is None:
+    found = checkpoints.find_checkpoints(config.train.model_dir)
+    if not found:
       raise FileNotFoundError(f'--mode=export: no checkpoint in --model_dir='
                               f'{config.train.model_dir}.')
-    checkpoints.restore_model_variables(model, latest)
-    export_fn(model, checkpoints.read_global_step(latest))
+    checkpoints.restore_model_variables(model, found[0])
+    export_fn(model, checkpoints.read_global_step(found[0]))
     return None
   teacher = _teacher(ctx) if config.train.train_mode == 'distill' else None
   model, result = train(ctx, teacher=teacher)

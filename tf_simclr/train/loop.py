@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import signal
+import threading
 import time
 from typing import Dict, List, Optional
 
@@ -22,8 +24,53 @@ from tf_simclr.config import Steps
 log = logging.getLogger(__name__)
 
 
+# A loss (any metric named *loss) above this is divergence, as is a NaN/inf loss or weight. The
+# contrastive loss is at most about 2 / temperature + log(2 x batch), a cross-entropy about
+# log(classes) at initialisation: a healthy run is orders of magnitude below.
+LOSS_BOUND = 1e6
+
+
 class TrainingDivergedError(RuntimeError):
-  """The loss became NaN or infinite; the last good checkpoint is kept."""
+  """The loss or the weights diverged; the last good checkpoint is kept, nothing is exported."""
+
+
+class TrainingPreemptedError(RuntimeError):
+  """SIGTERM arrived: a checkpoint was saved at the step boundary; rerun to resume."""
+
+
+class _StopRequest:
+  """Turns SIGTERM into a flag read at loop boundaries (installed in the main thread only).
+
+  The signal cannot interrupt a running tf.function: the loop in progress ends first, so a loop
+  of --steps_per_loop steps must fit in the scheduler's grace period. Under multi-worker
+  strategies the workers agree (max over workers) so they all save and stop at the same step.
+  """
+
+  def __init__(self, strategy):
+    self.strategy = strategy
+    self.signalled = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    if not self.signalled:
+      log.warning('SIGTERM received: will save a checkpoint and stop at the end of this loop.')
+    self.signalled = True
+
+  def requested(self) -> bool:
+    if not any(c.__name__ in ('CollectiveAllReduceStrategy', 'MultiWorkerMirroredStrategy')
+               for c in type(self.strategy).__mro__):
+      return self.signalled
+    flag = 1.0 if self.signalled else 0.0
+    per_replica = self.strategy.run(lambda: tf.constant(flag))
+    return float(self.strategy.reduce(tf.distribute.ReduceOp.MAX, per_replica, axis=None)) > 0
+
+  def uninstall(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 class MetricAccumulator:
@@ -79,6 +126,7 @@ class Trainer:
     self.writer = tf.summary.create_file_writer(summary_dir)
     self._accumulator: Optional[MetricAccumulator] = None
     self._train_fn = None
+    self._weights_finite = None
 
   def _replica_step(self, batch):
     """One optimisation step on one replica's batch (replica context)."""
@@ -126,6 +174,7 @@ class Trainer:
       return LoopResult(step, {}, 0.0)
     log.info('Training from step %d to %d (%d steps per loop, checkpoint every %d).',
              step, steps.train_steps, steps.steps_per_loop, steps.checkpoint_steps)
+    stop = _StopRequest(self.strategy)
     try:
       while step < steps.train_steps:
         next_ckpt = (step // steps.checkpoint_steps + 1) * steps.checkpoint_steps
@@ -137,25 +186,47 @@ class Trainer:
         elapsed = time.time() - t0
         last_metrics = self._accumulator.result()
         self._accumulator.reset()
-        bad = [k for k, v in last_metrics.items() if not math.isfinite(v)]
-        if bad:
-          raise TrainingDivergedError(
-              f'Non-finite {", ".join(bad)} at step {step}; stopped without saving, so the last '
-              f'good checkpoint in {state.manager.directory} is kept. Lower --learning_rate, '
-              'check the data, or raise --temperature.')
+        self._check_divergence(step, last_metrics)
         self._log_progress(step, n, elapsed, start_step, start_time, last_metrics)
         self._write_scalars(step, last_metrics)
+        path = None
         if step % steps.checkpoint_steps == 0 or step >= steps.train_steps:
           path = state.save()
           log.info('Saved checkpoint %s', path)
+        if step < steps.train_steps and stop.requested():
+          path = path or state.save()
+          raise TrainingPreemptedError(
+              f'PREEMPTED: stopped on SIGTERM at step {step} of {steps.train_steps} after saving '
+              f'{path}; rerun the same command to resume from step {step}.')
     except KeyboardInterrupt:
       log.warning('Interrupted at step %d: saving a checkpoint before exiting.', state.step)
       state.save()
       raise
+    finally:
+      stop.uninstall()
     total = time.time() - start_time
     rate = (step - start_step) / total if total > 0 else 0.0
     log.info('Training complete at step %d (%.2f steps/s overall).', step, rate)
     return LoopResult(step, last_metrics, rate)
+
+  def _check_divergence(self, step: int, metrics: Dict[str, float]) -> None:
+    """Raises TrainingDivergedError (before anything is saved) on a diverged loss or weights."""
+    bad = [f'{k}={v}' for k, v in metrics.items() if not math.isfinite(v)]
+    bad += [f'{k}={v:.3g}' for k, v in metrics.items()
+            if k.endswith('loss') and math.isfinite(v) and abs(v) > LOSS_BOUND]
+    if not bad:
+      if self._weights_finite is None:
+        variables = list(self.state.model.variables)
+        self._weights_finite = tf.function(lambda: tf.reduce_all(
+            [tf.reduce_all(tf.math.is_finite(v)) for v in variables]))
+      if not bool(self._weights_finite()):
+        bad = ['non-finite model weights']
+    if bad:
+      raise TrainingDivergedError(
+          f'Training diverged at step {step}: {", ".join(bad)} (a loss above {LOSS_BOUND:g}, or '
+          f'NaN/inf, counts as divergence). Stopped without saving or exporting, so the last '
+          f'good checkpoint in {self.state.manager.directory} is kept. Lower --learning_rate, '
+          'check the data, or raise --temperature.')
 
   def _log_progress(self, step, n, elapsed, start_step, start_time, metrics):
     total = self.steps.train_steps

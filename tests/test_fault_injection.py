@@ -1,0 +1,284 @@
+"""Fault injection on real `run.py` processes: what survives kill -9, SIGTERM, damage and mistakes.
+
+One tiny pretraining run (shapes10 at 8 px, ResNet-18 at width 1/16, batch 8, a checkpoint every
+step) goes through, in order: SIGTERM (saves, exit 3) -> rerun resumes -> a concurrent second run
+is refused -> kill -9 mid-loop -> index file deleted, newest checkpoint truncated, an unfinished
+`ckpt-N_temp` folder (what a kill during a save leaves) -> rerun falls back to the newest intact
+checkpoint and ends at exactly --train_steps. Then a mistaken export, eval on a missing folder and
+a diverging run. The in-process tests below cover the pieces that need no training.
+"""
+
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_simclr import checkpoints
+from tf_simclr import config as cfg
+from tf_simclr import run_dir
+from tf_simclr.data import datasets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--dataset=shapes10', '--eval_split=test', '--eval_steps=1', '--eval_batch_size=16',
+        '--image_size=8', '--resnet_depth=18', '--width_multiplier=0.0625',
+        '--proj_out_dim=8', '--num_proj_layers=1', '--use_blur=False', '--train_batch_size=8',
+        '--checkpoint_steps=1', '--steps_per_loop=1', '--keep_checkpoint_max=1000', '--seed=1',
+        '--learning_rate=0.1']
+LONG = 100000  # --train_steps of the run that gets interrupted.
+
+
+def start(model_dir, log_path, *flags):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
+  log = open(log_path, 'w')
+  return subprocess.Popen([sys.executable, os.path.join(ROOT, 'run.py'), *TINY,
+                           f'--model_dir={model_dir}', *flags],
+                          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def finish(proc, log_path, timeout=300):
+  rc = proc.wait(timeout=timeout)
+  return rc, open(log_path).read()
+
+
+def steps_saved(model_dir):
+  return [checkpoints.checkpoint_step(p) for p in checkpoints.find_checkpoints(str(model_dir))]
+
+
+def wait_for(condition, proc, what, timeout=240):
+  end = time.time() + timeout
+  while not condition():
+    assert proc.poll() is None, f'the run exited ({proc.returncode}) before {what}'
+    assert time.time() < end, f'timed out waiting for {what}'
+    time.sleep(0.05)
+
+
+def digests(model_dir):
+  return {name: hashlib.sha256(open(os.path.join(model_dir, name), 'rb').read()).hexdigest()
+          for name in os.listdir(model_dir) if os.path.isfile(os.path.join(model_dir, name))}
+
+
+def test_run_survives_sigterm_kill_damage_and_concurrency(tmp_path):
+  model_dir = tmp_path / 'run'
+  # 1. SIGTERM mid-loop: a checkpoint at the next step boundary, a distinct message, exit 3.
+  p1 = start(model_dir, tmp_path / 'p1.log', f'--train_steps={LONG}')
+  wait_for(lambda: len(steps_saved(model_dir)) >= 3, p1, 'three checkpoints')
+  p1.send_signal(signal.SIGTERM)
+  rc, out = finish(p1, tmp_path / 'p1.log')
+  assert rc == 3, out[-3000:]
+  m = re.search(r'PREEMPTED: stopped on SIGTERM at step (\d+) of 100000 after saving (\S+);', out)
+  assert m, out[-3000:]
+  stopped = int(m.group(1))
+  assert m.group(2) == str(model_dir / f'ckpt-{stopped}')
+  assert max(steps_saved(model_dir)) == stopped
+  assert checkpoints.read_global_step(str(model_dir / f'ckpt-{stopped}')) == stopped
+  assert not (model_dir / 'LOCK').exists()
+
+  # 2. The same command resumes from that step; a second run meanwhile is refused at once.
+  p2 = start(model_dir, tmp_path / 'p2.log', f'--train_steps={LONG}')
+  wait_for(lambda: max(steps_saved(model_dir)) > stopped, p2, 'a checkpoint after the resume')
+  before = digests(model_dir)
+  p3 = start(model_dir, tmp_path / 'p3.log', f'--train_steps={LONG}', '--temperature=0.3')
+  rc3, out3 = finish(p3, tmp_path / 'p3.log')
+  assert p2.poll() is None, 'the first run ended before the second was refused'
+  assert rc3 == 2, out3[-3000:]
+  assert f'is in use by another training run (host {socket.gethostname()}, pid {p2.pid}' in out3
+  assert json.load(open(model_dir / 'flags.json'))['temperature'] == 0.1  # not the second's
+  # 3. kill -9 mid-loop: the lock stays behind (stale), the checkpoints are what was saved.
+  p2.send_signal(signal.SIGKILL)
+  p2.wait()
+  out2 = open(tmp_path / 'p2.log').read()
+  assert f'Resuming from {model_dir}/ckpt-{stopped} at step {stopped}' in out2
+  assert 'Training from step 0' not in out2
+  assert json.load(open(model_dir / 'LOCK'))['pid'] == p2.pid
+  saved = steps_saved(model_dir)
+  newest = max(saved)
+  assert newest > stopped and newest - 1 in saved
+  for name, digest in before.items():  # nothing of the earlier runs was rewritten
+    if name.startswith('ckpt-'):
+      assert digests(model_dir)[name] == digest, name
+
+  # 4. Damage: no index file, a truncated newest checkpoint, a half-written save's temp folder.
+  os.remove(model_dir / 'checkpoint')
+  data = model_dir / f'ckpt-{newest}.data-00000-of-00001'
+  with open(data, 'r+b') as f:
+    f.truncate(os.path.getsize(data) // 3)
+  temp = model_dir / f'ckpt-{newest + 1}_temp'
+  temp.mkdir(exist_ok=True)  # the kill may already have left it
+  (temp / 'part-00000-of-00001.data-00000-of-00001').write_bytes(b'\0' * 100)
+  kept = digests(model_dir)
+  final = newest + 3
+  p4 = start(model_dir, tmp_path / 'p4.log', f'--train_steps={final}')
+  rc, out = finish(p4, tmp_path / 'p4.log')
+  assert rc == 0, out[-3000:]
+  assert 'Taking over the stale lock' in out and f'pid {p2.pid}' in out
+  assert f'Removed 1 unfinished checkpoint folder(s) of an interrupted save: {temp}' in out
+  assert f'Checkpoint {model_dir}/ckpt-{newest} is damaged' in out
+  assert f'Resuming from {model_dir}/ckpt-{newest - 1} at step {newest - 1}' in out
+  assert f'Training from step {newest - 1} to {final}' in out
+  assert not temp.exists() and not (model_dir / 'LOCK').exists()
+  after = digests(model_dir)
+  # The damaged checkpoint is kept aside, byte for byte; the older ones are untouched.
+  assert after[f'damaged-ckpt-{newest}.data-00000-of-00001'] == kept[data.name]
+  assert after[f'damaged-ckpt-{newest}.index'] == kept[f'ckpt-{newest}.index']
+  for name, digest in kept.items():
+    step = re.match(r'ckpt-(\d+)\.', name)
+    if step and int(step.group(1)) < newest:
+      assert after[name] == digest, name
+  assert max(steps_saved(model_dir)) == final
+  assert checkpoints.read_global_step(str(model_dir)) == final
+  assert (model_dir / 'saved_model' / str(final) / 'saved_model.pb').exists()
+
+  # 5. A mistaken export with another width: an error naming both values before any work;
+  # flags.json and the exports are untouched. Meanwhile --mode=eval on a misspelled folder
+  # waits visibly, then fails, without creating it.
+  flags_bytes = (model_dir / 'flags.json').read_bytes()
+  missing = tmp_path / 'misspelled'
+  p5 = start(model_dir, tmp_path / 'p5.log', '--mode=export', '--width_multiplier=0.125')
+  p6 = start(missing, tmp_path / 'p6.log', '--mode=eval', '--eval_timeout=2')
+  rc, out = finish(p5, tmp_path / 'p5.log')
+  assert rc == 2, out[-3000:]
+  assert '--width_multiplier=0.125 here but 0.0625 in the run' in out
+  assert (model_dir / 'flags.json').read_bytes() == flags_bytes
+  assert os.listdir(model_dir / 'saved_model') == [str(final)]
+  rc, out = finish(p6, tmp_path / 'p6.log')
+  assert rc == 2, out[-3000:]
+  assert f'Waiting for a checkpoint in {missing} (timeout 2 s)' in out
+  assert f'no checkpoint appeared in --model_dir={missing} within --eval_timeout=2 s' in out
+  assert not missing.exists()
+
+
+def test_divergence_stops_without_saving_or_exporting(tmp_path):
+  model_dir = tmp_path / 'diverged'
+  p = start(model_dir, tmp_path / 'p.log', '--train_steps=6', '--checkpoint_steps=2',
+            '--steps_per_loop=2', '--optimizer=momentum', '--learning_rate=1e6')
+  rc, out = finish(p, tmp_path / 'p.log')
+  assert rc == 2, out[-3000:]
+  m = re.search(r'Training diverged at step (\d+): ', out)
+  assert m, out[-3000:]
+  assert max(steps_saved(model_dir), default=0) < int(m.group(1))
+  assert not (model_dir / 'saved_model').exists()
+  assert not (model_dir / 'LOCK').exists()
+
+
+# ---- In-process pieces (no training). ----
+
+def test_lock_names_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+  lock_path = tmp_path / run_dir.LOCK_FILE
+  sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+  try:
+    record = {'host': socket.gethostname(), 'pid': sleeper.pid, 'started': 'then'}
+    lock_path.write_text(json.dumps(record))
+    with pytest.raises(run_dir.ModelDirError, match=f'pid {sleeper.pid}, started then'):
+      run_dir.RunLock(str(tmp_path)).acquire()
+    lock_path.write_text(json.dumps({**record, 'host': 'elsewhere'}))  # can't tell: refuse
+    with pytest.raises(run_dir.ModelDirError, match='host elsewhere'):
+      run_dir.RunLock(str(tmp_path)).acquire()
+  finally:
+    sleeper.kill()
+    sleeper.wait()
+  lock_path.write_text(json.dumps({**record, 'pid': sleeper.pid}))  # now dead
+  lock = run_dir.RunLock(str(tmp_path)).acquire()
+  assert json.loads(lock_path.read_text())['pid'] == os.getpid()
+  lock.release()
+  assert not lock_path.exists()
+
+
+def test_model_dir_that_is_a_file_is_named(tmp_path):
+  path = tmp_path / 'file'
+  path.write_text('x')
+  with pytest.raises(run_dir.ModelDirError, match=f'--model_dir={path} is a file'):
+    run_dir.check_usable(str(path), create=True)
+
+
+def test_architecture_check_names_both_values():
+  model = cfg.ModelConfig(resnet_depth=18, width_multiplier=0.5, cifar_stem=True)
+  stored = {'resnet_depth': 18, 'width_multiplier': 0.25, 'image_size': 224,
+            'proj_head_mode': 'nonlinear', 'num_proj_layers': 3, 'proj_out_dim': 128}
+  with pytest.raises(cfg.ConfigError) as e:
+    cfg.check_same_architecture(model, stored, 'DIR')
+  assert '--width_multiplier=0.5 here but 0.25 in the run' in str(e.value)
+  assert 'the CIFAR stem here' in str(e.value) and '--image_size=224' in str(e.value)
+  cfg.check_same_architecture(model, {**stored, 'width_multiplier': 0.5, 'image_size': 32}, 'D')
+
+
+def test_no_network_fails_in_seconds(tmp_path, monkeypatch):
+  def unreachable(*args, **kwargs):
+    raise OSError('no route to host')
+
+  def must_not_download(*args, **kwargs):
+    raise AssertionError('download_and_prepare was called')
+
+  for var in datasets._PROXY_VARS:
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setattr(socket, 'create_connection', unreachable)
+  monkeypatch.setattr('tensorflow_datasets.core.dataset_builder.DatasetBuilder.'
+                      'download_and_prepare', must_not_download)
+  start_time = time.time()
+  with pytest.raises(datasets.DatasetError, match='cs.toronto.edu cannot be reached'):
+    datasets.resolve_dataset('cifar10', data_dir=str(tmp_path))
+  assert time.time() - start_time < 10
+
+
+def test_failed_save_names_model_dir(tmp_path):
+  model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
+  optimizer = tf.keras.optimizers.SGD()
+  optimizer.build(model.trainable_variables)
+  state = checkpoints.TrainState(model, optimizer, str(tmp_path), max_to_keep=2)
+
+  def full(**kwargs):
+    raise tf.errors.ResourceExhaustedError(None, None, 'No space left on device')
+
+  state.manager.save = full
+  with pytest.raises(checkpoints.CheckpointSaveError) as e:
+    state.save()
+  assert str(tmp_path) in str(e.value) and 'No space left on device' in str(e.value)
+  assert 'disk full' in str(e.value)
+
+
+def test_corrupt_image_is_named_or_skipped(tmp_path):
+  rng = np.random.default_rng(0)
+  for split in ('train', 'test'):
+    for label in ('a', 'b'):
+      folder = tmp_path / split / label
+      folder.mkdir(parents=True)
+      for i in range(3):
+        image = rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)
+        tf.io.write_file(str(folder / f'{i}.png'), tf.io.encode_png(image))
+  bad = tmp_path / 'train' / 'b' / 'broken.jpg'
+  bad.write_bytes(b'\xff\xd8 not really a jpeg')
+  source = datasets.resolve_dataset(f'folder:{tmp_path}')
+  error = datasets.bad_images_error(source, 'train')
+  assert error is not None and str(bad) in str(error) and '--skip_bad_images' in str(error)
+  assert datasets.bad_images_error(source, 'test') is None
+  skipped = datasets.resolve_dataset(f'folder:{tmp_path}', skip_bad_images=True)
+  assert skipped.num_examples('train') == 6 and source.num_examples('train') == 7
+  assert sum(1 for _ in skipped.as_dataset('train')) == 6
+
+
+def test_model_dir_that_is_not_writable_is_named(tmp_path, monkeypatch):
+  monkeypatch.setattr(os, 'access', lambda path, mode: False)  # tests may run as root
+  with pytest.raises(run_dir.ModelDirError, match=f'--model_dir={tmp_path} is not writable'):
+    run_dir.check_usable(str(tmp_path), create=True)
+
+
+def test_train_split_smaller_than_one_batch_is_an_error(tmp_path):
+  from tf_simclr.train import experiment
+  config = cfg.Config(
+      model=cfg.ModelConfig(resnet_depth=18), data=cfg.DataConfig(
+          dataset='shapes10', train_split='train[:5]', eval_split='test', image_size=8),
+      optim=cfg.OptimConfig(), train=cfg.TrainConfig(model_dir=str(tmp_path / 'run'),
+                                                     train_batch_size=8, train_steps=2))
+  with pytest.raises(ValueError, match=r"train\[:5\].*has 5 training examples, fewer than one "
+                                       r"global batch \(--train_batch_size=8\)"):
+    experiment.prepare(config)
+  assert not (tmp_path / 'run' / run_dir.LOCK_FILE).exists()
+  assert not (tmp_path / 'run' / run_dir.FLAGS_FILE).exists()

@@ -1,0 +1,194 @@
+"""Guards of a model_dir: one training run at a time (a lock file), its flags.json, its checks.
+
+A model_dir belongs to one training run (DESIGN rule 6). Training takes `model_dir/LOCK` before
+it writes anything; the file names the holder (host, pid, start time). A second run on the same
+folder fails at once naming that holder; a lock whose process is dead on this host is taken over
+with a warning. On a local disk the lock is created atomically (a hard link that fails if the name
+exists); on gs:// and other remote file systems it is best effort: written, then read back, so two
+runs started within the same second may both proceed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import socket
+import uuid
+from typing import Dict, Optional
+
+import tensorflow as tf
+
+from tf_simclr.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = 'LOCK'
+FLAGS_FILE = 'flags.json'
+
+
+class ModelDirError(ConfigError):
+  """model_dir cannot be used (a file, not writable, held by another run)."""
+
+
+def _is_local(path: str) -> bool:
+  return '://' not in path
+
+
+def check_usable(model_dir: str, create: bool) -> None:
+  """Raises ModelDirError unless model_dir is a folder (created when `create`) we can write."""
+  if tf.io.gfile.exists(model_dir) and not tf.io.gfile.isdir(model_dir):
+    raise ModelDirError(f'--model_dir={model_dir} is a file, not a folder: pass a folder path '
+                        '(it is created if missing).')
+  if not create:
+    return
+  try:
+    tf.io.gfile.makedirs(model_dir)
+  except (tf.errors.OpError, OSError) as e:
+    raise ModelDirError(f'--model_dir={model_dir} cannot be created ({type(e).__name__}: '
+                        f'{_first_line(e)}): choose a folder you can write to.') from e
+  if _is_local(model_dir) and not os.access(model_dir, os.W_OK | os.X_OK):
+    raise ModelDirError(f'--model_dir={model_dir} is not writable: fix its permissions or '
+                        'choose another folder.')
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else ''
+
+
+@dataclasses.dataclass(frozen=True)
+class Holder:
+  """Who holds a lock."""
+  host: str
+  pid: int
+  started: str
+  token: str = ''
+
+  def describe(self) -> str:
+    return f'host {self.host}, pid {self.pid}, started {self.started}'
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # Alive, owned by someone else.
+  return True
+
+
+def _read_holder(path: str) -> Optional[Holder]:
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      record = json.load(f)
+    return Holder(host=str(record['host']), pid=int(record['pid']),
+                  started=str(record['started']), token=str(record.get('token', '')))
+  except (tf.errors.NotFoundError, FileNotFoundError):
+    return None
+  except (ValueError, KeyError, TypeError):
+    return Holder(host='?', pid=-1, started='? (unreadable lock file)')
+
+
+class RunLock:
+  """model_dir/LOCK held by this process for one training run (a context manager)."""
+
+  def __init__(self, model_dir: str):
+    self.model_dir = model_dir
+    self.path = os.path.join(model_dir, LOCK_FILE)
+    self.me = Holder(host=socket.gethostname(), pid=os.getpid(),
+                     started=datetime.datetime.now(datetime.timezone.utc).isoformat(
+                         timespec='seconds'),
+                     token=uuid.uuid4().hex)
+    self.held = False
+
+  def _payload(self) -> str:
+    return json.dumps(dataclasses.asdict(self.me))
+
+  def _create(self) -> bool:
+    """Creates the lock file if absent; False when someone else's exists."""
+    if _is_local(self.path):
+      tmp = f'{self.path}.{self.me.token}'
+      with open(tmp, 'w') as f:
+        f.write(self._payload())
+      try:
+        os.link(tmp, self.path)  # Atomic: fails if the lock exists.
+        return True
+      except FileExistsError:
+        return False
+      finally:
+        os.remove(tmp)
+    if tf.io.gfile.exists(self.path):
+      return False
+    with tf.io.gfile.GFile(self.path, 'w') as f:
+      f.write(self._payload())
+    holder = _read_holder(self.path)  # Best effort: the last writer wins, the other sees it.
+    return holder is not None and holder.token == self.me.token
+
+  def acquire(self) -> 'RunLock':
+    try:
+      for _ in range(2):
+        if self._create():
+          self.held = True
+          return self
+        holder = _read_holder(self.path)
+        if holder is None:
+          continue  # Released meanwhile: try again.
+        if holder.host == self.me.host and holder.pid == self.me.pid:
+          log.info('Reusing the lock %s left by an earlier run in this process.', self.path)
+          tf.io.gfile.remove(self.path)
+          continue
+        if holder.host == self.me.host and holder.pid > 0 and not _pid_alive(holder.pid):
+          log.warning('Taking over the stale lock %s of a run that is gone (%s).', self.path,
+                      holder.describe())
+          tf.io.gfile.remove(self.path)
+          continue
+        raise ModelDirError(
+            f'--model_dir={self.model_dir} is in use by another training run ({holder.describe()}'
+            f'; lock file {self.path}). Wait for it to finish, use another --model_dir, or, if '
+            'that run is dead (e.g. on another machine), delete the lock file.')
+    except (tf.errors.PermissionDeniedError, PermissionError, OSError,
+            tf.errors.OpError) as e:
+      raise ModelDirError(f'--model_dir={self.model_dir} is not writable: cannot create '
+                          f'{self.path} ({type(e).__name__}: {_first_line(e)}).') from e
+    raise ModelDirError(f'Could not take the lock {self.path}; try again.')
+
+  def release(self) -> None:
+    if not self.held:
+      return
+    self.held = False
+    holder = _read_holder(self.path)
+    if holder is not None and holder.token == self.me.token:
+      try:
+        tf.io.gfile.remove(self.path)
+      except (tf.errors.OpError, OSError):
+        log.warning('Could not remove the lock file %s.', self.path)
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def read_flags(model_dir: str) -> Optional[Dict]:
+  """The flags.json of model_dir, or None."""
+  path = os.path.join(model_dir, FLAGS_FILE)
+  if not tf.io.gfile.exists(path):
+    return None
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      return json.load(f)
+  except ValueError:
+    log.warning('%s is not valid JSON; ignoring it.', path)
+    return None
+
+
+def write_flags(model_dir: str, flags: Dict) -> str:
+  path = os.path.join(model_dir, FLAGS_FILE)
+  with tf.io.gfile.GFile(path, 'w') as f:
+    json.dump(flags, f, indent=2, sort_keys=True)
+  return path
