@@ -122,7 +122,8 @@ def test_xla_multi_step_function_takes_the_uncompiled_step(train_mode, tmp_path,
 
 def test_xla_rejects_a_host_only_op_in_the_step(tmp_path):
   """The proxy can fail: a summary write inside the step does not compile."""
-  with pytest.raises(tf.errors.InvalidArgumentError, match='XLA'):
+  with pytest.raises((tf.errors.InvalidArgumentError, tf.errors.UnimplementedError),
+                     match='XLA|tf2xla'):
     _train('finetune', tf.distribute.get_strategy(), True, tmp_path, task_cls=_PrintingTask)
 
 

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from tf_simclr import checkpoints
 from tf_simclr import distribute
+from tf_simclr import config as cfg_lib
 from tf_simclr.config import Config, Steps, resolve_steps
 from tf_simclr.data import datasets, pipeline
 from tf_simclr.models import simclr
@@ -49,6 +50,8 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
   train = config.train
   # First: MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
   strategy = distribute.make_strategy(config.distribute)
+  if distribute.is_tpu(strategy):  # Before anything is written or read.
+    cfg_lib.check_tpu_paths(config)
   tf.io.gfile.makedirs(train.model_dir)
   if flags_dict is not None and distribute.is_chief(strategy):
     _write_json(os.path.join(train.model_dir, 'flags.json'), flags_dict)
