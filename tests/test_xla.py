@@ -151,3 +151,28 @@ def test_xla_eval_step_matches_numpy(tmp_path):
     assert result['num_examples'] == 10
     assert result[evaluate.TOP1] == pytest.approx(top1)
     assert result[evaluate.TOP5] == pytest.approx(top5)
+
+
+def test_metrics_are_all_reduced_and_summed_on_each_replica(two_replica_strategy):
+  """Replica-context all-reduce, then per-replica (on-device) sums the host reads once."""
+  strategy = two_replica_strategy
+  with strategy.scope():
+    accumulator = loop.MetricAccumulator(['loss'])
+
+  def replica_step(step):
+    context = tf.distribute.get_replica_context()
+    value = tf.cast(context.replica_id_in_sync_group, tf.float32) * 10.0 + step  # 0+s, 10+s
+    accumulator.add(context.all_reduce(tf.distribute.ReduceOp.MEAN, {'loss': value}))
+
+  @tf.function
+  def steps():
+    for step in tf.range(3):
+      strategy.run(replica_step, args=(tf.cast(step, tf.float32),))
+
+  steps()
+  copies = accumulator._sums['loss'].values  # pylint: disable=protected-access
+  assert [c.device.split(':')[-1] for c in copies] == ['0', '1']  # one copy per device
+  np.testing.assert_allclose([c.numpy() for c in copies], [18.0, 18.0])  # 5 + 6 + 7 each
+  assert accumulator.result() == {'loss': pytest.approx(6.0)}
+  accumulator.reset()
+  assert accumulator.result() == {'loss': 0.0}

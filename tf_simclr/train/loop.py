@@ -115,16 +115,13 @@ class Trainer:
     images = task.image_summary(batch)
     self._images.assign(tf.cast(images[:self._images.shape[0]], tf.float32))
 
-  def _build_state(self, iterator):
-    """Device-side accumulators and image buffer, shaped from the iterator's element spec."""
+  def _build_state(self):
+    """Device-side metric sums and the image buffer (the pipelines' image_size squares)."""
     with self.strategy.scope():
       self._accumulator = MetricAccumulator(self.task.metric_names())
-      spec = tf.nest.flatten(iterator.element_spec)[0]
-      spec = getattr(spec, '_value_specs', (spec,))[0]  # One replica's spec of a PerReplicaSpec.
       local_batch = self.global_batch_size // self.strategy.num_replicas_in_sync
       size = self.task.config.data.image_size
-      spatial = [d if d is not None else size for d in spec.shape.as_list()[1:-1]]
-      shape = [min(MAX_SUMMARY_IMAGES, local_batch)] + spatial + [3]
+      shape = [min(MAX_SUMMARY_IMAGES, local_batch), size, size, 3]
       self._images = tf.Variable(tf.zeros(shape), name='summary_images', **_ON_DEVICE)
 
   def _build_train_fn(self):
@@ -146,7 +143,7 @@ class Trainer:
     steps = self.steps
     state = self.state
     if self._accumulator is None:
-      self._build_state(iterator)
+      self._build_state()
     if self._train_fn is None:
       self._train_fn = self._build_train_fn()
     train_steps = self._train_fn
