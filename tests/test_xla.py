@@ -99,7 +99,23 @@ def _train(train_mode, strategy, jit_compile, tmp_path, initial=None, task_cls=N
       tuple(np.stack(parts) for parts in zip(*batches))).repeat()
   result = trainer.train(iter(strategy.experimental_distribute_dataset(dataset)))
   weights = {p: v.numpy() for p, v in checkpoints.object_variable_paths(model, 'model').items()}
+  if task_cls is None:  # The host wrote the last step's augmented images after the loop.
+    images = _summary_images(run_dir)  # Replica 0's first example of the second batch.
+    assert list(images) == [2]
+    np.testing.assert_allclose(images[2], batches[1][0][0, ..., :3] * 255, atol=1)
   return result.metrics, weights, init
+
+
+def _summary_images(log_dir):
+  """{step: first decoded image} of the 'image' summaries under log_dir."""
+  out = {}
+  for path in tf.io.gfile.glob(str(log_dir / 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == 'image':
+          encoded = tf.make_ndarray(value.tensor)[2]  # [width, height, png 1, png 2, ...]
+          out[event.step] = tf.io.decode_png(encoded).numpy()
+  return out
 
 
 @pytest.mark.parametrize('train_mode', ['pretrain', 'finetune', 'distill'])

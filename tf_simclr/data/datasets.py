@@ -116,7 +116,9 @@ class DatasetSource:
     """How many files TFDS reads for `split` (None for folder and built-in data)."""
     if self.kind != 'tfds':
       return None
-    return len(self.builder.info.splits[split].file_instructions)
+    splits = self.builder.info.splits
+    return sum(len(splits[f'{name}[{a}:{b}]'].file_instructions)
+               for name, a, b in self._ranges(split))
 
   def as_dataset(self, split: str, shuffle_files: bool = False, input_context=None,
                  decode: bool = True) -> tf.data.Dataset:
