@@ -110,6 +110,9 @@ flags.DEFINE_enum('distribution_strategy', 'auto',
                   ['auto', 'tpu', 'mirrored', 'multi_worker', 'default'],
                   'auto: TPU if configured or found, else MultiWorkerMirrored when TF_CONFIG '
                   'names several workers, else Mirrored over local GPUs, else the default (CPU).')
+flags.DEFINE_bool('allow_local_paths_on_tpu', False,
+                  'On a TPU, --model_dir and --data_dir must be gs:// paths (every host reads '
+                  'and writes them); set this on a single-host TPU VM to use its local disk.')
 flags.DEFINE_integer('steps_per_loop', 0,
                      'Steps run inside one tf.function between host-side logs/summaries. '
                      '0: same as the checkpoint interval (the original).')
@@ -196,7 +199,8 @@ def config_from_flags(flag_values) -> 'Config':
     raise cfg.ConfigError('--use_tpu=False contradicts --distribution_strategy=tpu.')
   distribute = cfg.DistributeConfig(
       strategy=strategy, tpu_name=f.tpu_name, tpu_zone=f.tpu_zone, gcp_project=f.gcp_project,
-      master=f.master, allow_tpu=f.use_tpu is not False)
+      master=f.master, allow_tpu=f.use_tpu is not False,
+      allow_local_paths_on_tpu=f.allow_local_paths_on_tpu)
   distill = cfg.DistillConfig()
   if train_mode == 'distill':
     overrides = {name: getattr(f, f'teacher_{name}') for name in teacher_lib.ARCHITECTURE_FIELDS

@@ -70,8 +70,40 @@ def test_original_cifar_command_line_parses_to_the_right_config(run_module):
 
 
 def test_use_tpu_true_forces_tpu(run_module):
-  fv = _parse(['--use_tpu=True', '--model_dir=/tmp/x'])
+  fv = _parse(['--use_tpu=True', '--model_dir=gs://b/x', '--data_dir=gs://b/tfds'])
   assert run_module.config_from_flags(fv).distribute.strategy == 'tpu'
+
+
+@pytest.mark.parametrize('argv, flag', [
+    (['--use_tpu=True', '--model_dir=/tmp/x', '--data_dir=gs://b/d'], '--model_dir'),
+    (['--tpu_name=pod', '--model_dir=gs://b/x', '--data_dir=/data'], '--data_dir'),
+    (['--distribution_strategy=tpu', '--model_dir=gs://b/x'], '--data_dir'),  # TFDS default dir
+    (['--use_tpu=True', '--model_dir=gs://b/x', '--dataset=folder:/imgs'], '--dataset'),
+])
+def test_local_paths_on_a_tpu_are_an_error_naming_the_flag(run_module, argv, flag):
+  with pytest.raises(cfg.ConfigError, match=f'{flag}=.*local.*gs://.*--allow_local_paths_on_tpu'):
+    run_module.config_from_flags(_parse(argv))
+
+
+@pytest.mark.parametrize('argv', [
+    ['--use_tpu=True', '--model_dir=/tmp/x', '--allow_local_paths_on_tpu'],  # single-host VM
+    ['--use_tpu=True', '--model_dir=gs://b/x', '--dataset=shapes10'],  # generated on each host
+    ['--use_tpu=True', '--model_dir=gs://b/x', '--dataset=folder:gs://b/imgs'],
+    ['--use_tpu=False', '--model_dir=/tmp/x', '--tpu_name=ignored'],  # no TPU: no rule
+    ['--model_dir=/tmp/x'],  # auto without a named TPU: checked once a TPU is found
+])
+def test_tpu_path_rule_allows(run_module, argv):
+  run_module.config_from_flags(_parse(argv))
+
+
+def test_check_tpu_paths_without_a_tpu():
+  """The check experiment.prepare runs when `auto` finds a TPU on the VM."""
+  config = cfg.Config(model=cfg.ModelConfig(), data=cfg.DataConfig(data_dir='gs://b/d'),
+                      optim=cfg.OptimConfig(), train=cfg.TrainConfig(model_dir='/home/me/run'))
+  with pytest.raises(cfg.ConfigError, match="--model_dir='/home/me/run' is local"):
+    cfg.check_tpu_paths(config)
+  cfg.check_tpu_paths(cfg.Config(model=config.model, data=config.data, optim=config.optim,
+                                 train=cfg.TrainConfig(model_dir='gs://b/run')))
 
 
 def test_finetune_flags_map_to_model_config(run_module):
@@ -117,3 +149,19 @@ def test_help_lists_original_and_new_flags():
   assert out.returncode in (0, 1), out.stderr  # absl exits 1 after printing help
   for name in ('--learning_rate', '--sk_ratio', '--distribution_strategy', '--teacher_checkpoint'):
     assert name in out.stdout
+
+
+def test_a_tpu_found_by_auto_checks_paths_before_any_work(monkeypatch, tmp_path):
+  from tf_simclr import distribute
+  from tf_simclr.train import experiment
+
+  class TPUStrategy:  # Stands in for the strategy `auto` builds on a TPU VM.
+    num_replicas_in_sync = 8
+
+  monkeypatch.setattr(distribute, 'make_strategy', lambda config: TPUStrategy())
+  model_dir = tmp_path / 'run'
+  config = cfg.Config(model=cfg.ModelConfig(), data=cfg.DataConfig(dataset='shapes10'),
+                      optim=cfg.OptimConfig(), train=cfg.TrainConfig(model_dir=str(model_dir)))
+  with pytest.raises(cfg.ConfigError, match='--model_dir=.* is local'):
+    experiment.prepare(config)
+  assert not model_dir.exists()

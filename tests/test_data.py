@@ -307,3 +307,71 @@ def test_label_subset_for_source_and_json(tmp_path):
   assert (raw['dataset'], raw['split'], raw['fraction'], raw['seed']) == ('shapes10', 'train',
                                                                          0.01, 0)
   np.testing.assert_array_equal(datasets.read_label_subset(path)['indices'], ids)
+
+
+# ----------------------------------------------------------------------------- input per host
+
+
+def _pairs(ds):
+  return [(int(image.numpy().ravel()[0]), int(label)) for image, label in ds]
+
+
+def test_one_file_split_falls_back_to_example_sharding(tiny_tfds, caplog):
+  """4 input pipelines on a split stored in one file (TFDS file sharding would raise): each
+  pipeline reads its own contiguous examples; together they cover the split exactly once."""
+  assert tiny_tfds.num_files('train') == 1
+  whole = _pairs(tiny_tfds.as_dataset('train'))
+  assert len(set(whole)) == 40  # (pixel value, label) identifies an example
+  with caplog.at_level('INFO'):
+    shares = [_pairs(tiny_tfds.as_dataset('train', input_context=tf.distribute.InputContext(
+        num_input_pipelines=4, input_pipeline_id=i))) for i in range(4)]
+  assert 'sharding by example' in caplog.text
+  assert [len(s) for s in shares] == [10, 10, 10, 10]
+  assert sum(shares, []) == whole  # disjoint, covering, each share in the split's order
+  # A sliced split too (13 examples: shares of 3, 3, 3, 4).
+  shares = [_pairs(tiny_tfds.as_dataset('train[5:18]', input_context=tf.distribute.InputContext(
+      num_input_pipelines=4, input_pipeline_id=i))) for i in range(4)]
+  assert sum(shares, []) == whole[5:18] and [len(s) for s in shares] == [3, 3, 3, 4]
+
+
+def test_label_subset_and_mask_read_only_the_hosts_share(tiny_tfds, monkeypatch):
+  reads = []
+  real_read_range = datasets.DatasetSource.read_range
+
+  def spy(self, split, start, stop, shuffle_files=False, decode=True):
+    reads.append((split, start, stop, decode))
+    return real_read_range(self, split, start, stop, shuffle_files, decode)
+
+  monkeypatch.setattr(datasets.DatasetSource, 'read_range', spy)
+  cfg = DataConfig(dataset='tiny_gray_dataset', train_split='train', image_size=8)
+  labels = tiny_tfds.labels('train')
+  subset = np.flatnonzero(labels == 1)
+  whole = _pairs(tiny_tfds.as_dataset('train'))
+  members = [whole[i] for i in subset]
+  shares, masked = [], []
+  for i in range(4):
+    ctx = tf.distribute.InputContext(num_input_pipelines=4, input_pipeline_id=i)
+    ds = pipeline._indexed_source(tiny_tfds, 'train', subset, False, ctx)
+    shares.append(_pairs(ds))
+    ds = pipeline._indexed_source(tiny_tfds, 'train', subset, True, ctx)
+    masked.append([(int(im.numpy().ravel()[0]), int(l), float(m)) for im, l, m in ds])
+  assert sum(shares, []) == members  # disjoint and covering the subset
+  assert max(len(s) for s in shares) - min(len(s) for s in shares) <= 1
+  assert [(v, l) for v, l, _ in sum(masked, [])] == whole  # masks: the whole split, once
+  assert [m for *_, m in sum(masked, [])] == [float(l == 1) for l in labels]
+  assert [len(m) for m in masked] == [10, 10, 10, 10]  # each host reads a quarter
+  # Each host read only its range, undecoded (filtered before decoding): for the subset the
+  # span from its first to its last member, disjoint from the other hosts' spans.
+  subset_reads, mask_reads = reads[0::2], reads[1::2]
+  assert all(not decode for *_, decode in reads)
+  assert [r[1:3] for r in mask_reads] == [(0, 10), (10, 20), (20, 30), (30, 40)]
+  spans = [r[1:3] for r in subset_reads]
+  for (start, stop), share in zip(spans, shares):
+    inside = subset[(subset >= start) & (subset < stop)]
+    assert [whole[i] for i in inside] == share and stop == inside[-1] + 1
+  assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+  # The pipeline on top: batches of subset members only.
+  ds = pipeline.make_train_dataset(tiny_tfds, cfg, 2, num_views=1, label_subset=subset,
+                                   input_context=tf.distribute.InputContext(4, 3))
+  for _, y in ds.take(3):
+    np.testing.assert_array_equal(np.argmax(y, 1), 1)

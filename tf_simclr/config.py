@@ -163,6 +163,14 @@ class DistributeConfig:
   master: Optional[str] = None
   # False when the user ruled TPUs out (--use_tpu=False): `auto` then never probes for one.
   allow_tpu: bool = True
+  # --allow_local_paths_on_tpu: a single-host TPU VM may keep model_dir/data on its own disk.
+  allow_local_paths_on_tpu: bool = False
+
+  @property
+  def tpu_requested(self) -> bool:
+    """The flags ask for a TPU (one found on the VM by `auto` is only known once probed)."""
+    return self.strategy == 'tpu' or (self.strategy == 'auto' and self.allow_tpu and
+                                      bool(self.tpu_name or self.master))
 
   def __post_init__(self):
     _check_choice('distribution_strategy', self.strategy, STRATEGIES)
@@ -234,6 +242,36 @@ class Config:
     _check(mode != 'distill' or bool(self.distill.teacher_checkpoint),
            '--train_mode=distill needs --teacher_checkpoint (a fine-tuned checkpoint or '
            'exported SavedModel directory).')
+    if self.distribute.tpu_requested:  # A TPU found by probing is checked once it is known.
+      check_tpu_paths(self)
+
+
+def check_tpu_paths(config: 'Config') -> None:
+  """On a TPU, --model_dir and the data must be on Cloud Storage (gs://).
+
+  Every TPU host runs its own copy of the program: with a local model_dir each host would write
+  its checkpoints and summaries to its own disk (and a TPU Node's server cannot reach this
+  machine's disk at all), and a local --data_dir would have to exist on every host.
+  --allow_local_paths_on_tpu lifts this for a single-host TPU VM, where local disk works.
+  """
+  if config.distribute.allow_local_paths_on_tpu:
+    return
+  from tf_simclr.data import synthetic  # pylint: disable=g-import-not-at-top (config is first)
+  hint = ('On a TPU every host reads and writes these paths: use a Cloud Storage bucket '
+          '(gs://BUCKET/...), or pass --allow_local_paths_on_tpu on a single-host TPU VM.')
+  _check(config.train.model_dir.startswith('gs://'),
+         f'--model_dir={config.train.model_dir!r} is local but the strategy is a TPU. {hint}')
+  dataset = config.data.dataset
+  if dataset == synthetic.NAME:  # Generated in memory on every host.
+    return
+  if dataset.startswith('folder:'):
+    _check(dataset[len('folder:'):].startswith('gs://'),
+           f'--dataset={dataset!r} is a local folder but the strategy is a TPU. {hint}')
+    return
+  data_dir = config.data.data_dir
+  _check(bool(data_dir) and data_dir.startswith('gs://'),
+         f'--data_dir={data_dir!r} is local but the strategy is a TPU'
+         f'{" (unset: TFDS reads ~/tensorflow_datasets)" if not data_dir else ""}. {hint}')
 
 
 def check_same_architecture(model: ModelConfig, stored_flags: dict, where: str) -> None:

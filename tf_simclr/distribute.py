@@ -140,6 +140,11 @@ def describe(strategy: tf.distribute.Strategy) -> str:
   return text
 
 
+def is_tpu(strategy: tf.distribute.Strategy) -> bool:
+  """TPUStrategy (or its experimental predecessor), by class name so no TPU import is needed."""
+  return any(c.__name__ in ('TPUStrategy', 'TPUStrategyV2') for c in type(strategy).__mro__)
+
+
 def _is_multi_worker(strategy) -> bool:
   """MultiWorkerMirroredStrategy (class CollectiveAllReduceStrategy), by class name."""
   return any(c.__name__ in ('CollectiveAllReduceStrategy', 'MultiWorkerMirroredStrategy')

@@ -18,6 +18,11 @@ import tensorflow as tf
 LARGE_NUM = 1e9
 
 
+def _static_or_dynamic_rows(x: tf.Tensor):
+  """x's number of rows: a Python int when the shape is static, else a scalar tensor."""
+  return x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
+
+
 def _cross_replica_views(hidden1: tf.Tensor, hidden2: tf.Tensor,
                          strategy: Optional[tf.distribute.Strategy]):
   """Returns (hidden1_all, hidden2_all, offset): global views and this replica's first row."""
@@ -30,10 +35,10 @@ def _cross_replica_views(hidden1: tf.Tensor, hidden2: tf.Tensor,
         'replica context), where the other replicas\' projections can be gathered; call it from '
         'the per-replica step function, or pass strategy=None for a single-device loss.')
   hidden1_all, hidden2_all = context.all_gather([hidden1, hidden2], axis=0)
-  # Local batch sizes of every replica, so the offset is right even for uneven last batches.
-  sizes = context.all_gather(tf.reshape(tf.shape(hidden1)[0], [1]), axis=0)
+  # Every replica has the same local batch (the pipelines drop remainders), as the original's
+  # replica_id * batch_size: a static-shape offset, which XLA/TPU compilation needs.
   replica_id = tf.cast(context.replica_id_in_sync_group, tf.int32)
-  offset = tf.reduce_sum(sizes[:replica_id])
+  offset = replica_id * _static_or_dynamic_rows(hidden1)
   return hidden1_all, hidden2_all, offset
 
 
@@ -57,9 +62,9 @@ def nt_xent(hidden: tf.Tensor, temperature: float, hidden_norm: bool = True,
   if hidden_norm:
     hidden = tf.math.l2_normalize(hidden, -1)
   hidden1, hidden2 = tf.split(hidden, 2, 0)
-  batch_size = tf.shape(hidden1)[0]
+  batch_size = _static_or_dynamic_rows(hidden1)
   hidden1_all, hidden2_all, offset = _cross_replica_views(hidden1, hidden2, strategy)
-  global_batch = tf.shape(hidden1_all)[0]
+  global_batch = _static_or_dynamic_rows(hidden1_all)
 
   positives = tf.range(batch_size) + offset
   labels = tf.one_hot(positives, global_batch * 2, dtype=hidden.dtype)

@@ -39,6 +39,9 @@ _FORMS = ('a TFDS image-classification name (e.g. cifar10, imagenet2012; catalog
           'PATH/<split>/<class>/*.jpg|png), or the built-in shapes10 (no download)')
 
 
+log = logging.getLogger(__name__)
+
+
 class DatasetError(ConfigError):
   """A user-fixable data problem; the message names the flag or path and the fix."""
 
@@ -49,10 +52,16 @@ def _read_config(input_context=None) -> tfds.ReadConfig:
                          input_context=input_context)
 
 
-def _shard(ds: tf.data.Dataset, input_context) -> tf.data.Dataset:
-  if input_context is None or input_context.num_input_pipelines <= 1:
-    return ds
-  return ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+def host_range(num_examples: int, num_pipelines: int, pipeline_id: int) -> tuple:
+  """[start, stop) of input pipeline `pipeline_id`'s contiguous, near-equal share of examples."""
+  return (num_examples * pipeline_id // num_pipelines,
+          num_examples * (pipeline_id + 1) // num_pipelines)
+
+
+def _pipelines(input_context) -> tuple:
+  if input_context is None:
+    return 1, 0
+  return input_context.num_input_pipelines, input_context.input_pipeline_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,21 +105,65 @@ class DatasetSource:
   def num_examples(self, split: str, flag: str = '--train_split/--eval_split') -> int:
     return sum(stop - start for _, start, stop in self._ranges(split, flag))
 
-  def as_dataset(self, split: str, shuffle_files: bool = False,
-                 input_context=None) -> tf.data.Dataset:
+  def sub_split(self, split: str, start: int, stop: int) -> Optional[str]:
+    """A split spec for examples [start, stop) of `split` (in as_dataset order); None if empty."""
+    parts, offset = [], 0
+    for name, a, b in self._ranges(split):
+      lo, hi = max(start, offset), min(stop, offset + b - a)
+      if lo < hi:
+        parts.append(f'{name}[{a + lo - offset}:{a + hi - offset}]')
+      offset += b - a
+    return '+'.join(parts) or None
+
+  def num_files(self, split: str) -> Optional[int]:
+    """How many files TFDS reads for `split` (None for folder and built-in data)."""
+    if self.kind != 'tfds':
+      return None
+    splits = self.builder.info.splits
+    return sum(len(splits[f'{name}[{a}:{b}]'].file_instructions)
+               for name, a, b in self._ranges(split))
+
+  def as_dataset(self, split: str, shuffle_files: bool = False, input_context=None,
+                 decode: bool = True) -> tf.data.Dataset:
     """(image uint8 HxWxC, label int64) examples; fixed order unless shuffle_files.
 
-    With an input_context each input pipeline reads its own part of the split.
+    With an input_context each input pipeline reads only its own part of the split: whole
+    files when the TFDS split has at least one file per pipeline (as the original), else a
+    contiguous range of examples (`host_range`). With decode=False TFDS images stay encoded
+    (filter first, then `decode_image`).
     """
+    num_pipelines, pipeline_id = _pipelines(input_context)
+    if num_pipelines > 1:
+      files = self.num_files(split)
+      if files is not None and files >= num_pipelines:
+        return self._read(split, shuffle_files, decode, input_context)
+      start, stop = host_range(self.num_examples(split), num_pipelines, pipeline_id)
+      if files is not None:
+        log.info('%s split %r has %d file(s) for %d input pipelines: sharding by example '
+                 '(pipeline %d reads examples [%d, %d)).', self.name, split, files,
+                 num_pipelines, pipeline_id, start, stop)
+      return self.read_range(split, start, stop, shuffle_files, decode)
+    return self._read(split, shuffle_files, decode)
+
+  def read_range(self, split, start, stop, shuffle_files=False, decode=True):
+    """Examples [start, stop) of `split`, read without touching the rest."""
+    spec = self.sub_split(split, start, stop)
+    if spec is None:
+      return self._read(split, False, decode).take(0)
+    return self._read(spec, shuffle_files, decode)
+
+  def _read(self, split, shuffle_files, decode, input_context=None) -> tf.data.Dataset:
     ranges = self._ranges(split)
     if self.kind == 'tfds':
+      decoders = None if decode else {self.builder.info.supervised_keys[0]:
+                                      tfds.decode.SkipDecoding()}
       return self.builder.as_dataset(split=split, shuffle_files=shuffle_files, as_supervised=True,
-                                     read_config=_read_config(input_context))
+                                     decoders=decoders, read_config=_read_config(input_context))
     if self.kind == 'builtin':
       parts = [synthetic.load_split(name) for name, _, _ in ranges]
       images = np.concatenate([p[0][a:b] for p, (_, a, b) in zip(parts, ranges)])
       labels = np.concatenate([p[1][a:b] for p, (_, a, b) in zip(parts, ranges)])
-      return _shard(tf.data.Dataset.from_tensor_slices((images, labels)), input_context)
+      return tf.data.Dataset.from_tensor_slices((images, labels))
     # Folder: ImageFolder reads whole splits in a fixed order; slices are cut here.
     whole = len(ranges) == 1 and ranges[0][1:] == (0, self.split_sizes[ranges[0][0]])
     ds = None
@@ -119,7 +172,13 @@ class DatasetSource:
                                      as_supervised=True)
       part = part.skip(start).take(stop - start)
       ds = part if ds is None else ds.concatenate(part)
-    return _shard(ds, input_context)
+    return ds
+
+  def decode_image(self, image: tf.Tensor) -> tf.Tensor:
+    """Decodes an image read with as_dataset(decode=False) (identity unless TFDS)."""
+    if self.kind != 'tfds':
+      return image
+    return self.builder.info.features[self.builder.info.supervised_keys[0]].decode_example(image)
 
   def labels(self, split: str) -> np.ndarray:
     """All labels of `split` (int64) in the order of `as_dataset(split, shuffle_files=False)`.

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_simclr.data import augment
-from tf_simclr.data.datasets import DatasetError, DatasetSource
+from tf_simclr.data.datasets import DatasetError, DatasetSource, host_range
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -74,11 +74,26 @@ def _membership(source: DatasetSource, split: str, label_subset) -> np.ndarray:
 
 
 def _indexed_source(source, split, label_subset, with_label_mask, input_context):
-  """The split read in a fixed order, restricted to / masked by label_subset, then sharded.
+  """The host's share of the split in a fixed order, restricted to / masked by label_subset.
 
+  Each input pipeline reads only its own contiguous range of the split: with a mask, its
+  `host_range` of all examples; with a subset, the range covering its near-equal share of the
+  (sorted) subset, filtered by index before images are decoded.
   Yields (image, label, mask) when with_label_mask, else (image, label).
   """
-  member = tf.constant(_membership(source, split, label_subset))
+  member_np = _membership(source, split, label_subset)
+  member = tf.constant(member_np)
+  num_pipelines, pipeline_id = (1, 0) if input_context is None else (
+      input_context.num_input_pipelines, input_context.input_pipeline_id)
+  if with_label_mask:
+    start, stop = host_range(len(member_np), num_pipelines, pipeline_id)
+  else:
+    indices = np.flatnonzero(member_np)
+    if len(indices) < num_pipelines:
+      raise DatasetError(f'The label subset has {len(indices)} example(s), fewer than the '
+                         f'{num_pipelines} input pipelines: raise --train_label_fraction.')
+    lo, hi = host_range(len(indices), num_pipelines, pipeline_id)
+    start, stop = int(indices[lo]), int(indices[hi - 1]) + 1
 
   def with_mask(index, example):
     return example + (tf.cast(tf.gather(member, index), tf.float32),)
@@ -87,18 +102,16 @@ def _indexed_source(source, split, label_subset, with_label_mask, input_context)
     del example
     return tf.gather(member, index)
 
-  def drop_index(index, example):
-    del index
-    return example
+  def decode(image, label, *mask):
+    return (source.decode_image(image), label) + mask
 
-  ds = source.as_dataset(split, shuffle_files=False).enumerate()
+  ds = source.read_range(split, start, stop, decode=False)
+  ds = ds.enumerate(start)
   if with_label_mask:
     ds = ds.map(with_mask)
   else:
-    ds = ds.filter(is_member).map(drop_index)
-  if input_context is not None and input_context.num_input_pipelines > 1:
-    ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-  return ds
+    ds = ds.filter(is_member).map(lambda index, example: example)
+  return ds.map(decode, num_parallel_calls=AUTOTUNE)
 
 
 def make_train_dataset(source: DatasetSource, data_config, batch_size: int, num_views: int,

@@ -27,15 +27,21 @@ class Evaluator:
   """Evaluates `model` on a distributed eval dataset; the step function is traced once."""
 
   def __init__(self, model, strategy: tf.distribute.Strategy, decayed: Sequence[tf.Variable],
-               weight_decay: float):
+               weight_decay: float, jit_compile: bool = False):
     self.model = model
     self.strategy = strategy
     self.decayed = list(decayed)
     self.weight_decay = weight_decay
 
+    def replica_step(batch):
+      return tasks.eval_outputs(model, batch[0], batch[1])
+
+    if jit_compile:  # XLA-compile the replica step (TPUStrategy compiles it anyway).
+      replica_step = tf.function(replica_step, jit_compile=True)
+
     @tf.function
     def step(batch):
-      per_replica = strategy.run(lambda b: tasks.eval_outputs(model, b[0], b[1]), args=(batch,))
+      per_replica = strategy.run(replica_step, args=(batch,))
       return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
               for k, v in per_replica.items()}
 

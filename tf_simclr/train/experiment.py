@@ -56,6 +56,8 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
   train = config.train
   # First: MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
   strategy = distribute.make_strategy(config.distribute)
+  if distribute.is_tpu(strategy):  # Before anything is written or read.
+    config_lib.check_tpu_paths(config)
   chief = distribute.is_chief(strategy)
   needs_train = train.mode in TRAINING_MODES
   run_dir.check_usable(train.model_dir, create=needs_train)

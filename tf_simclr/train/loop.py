@@ -1,9 +1,11 @@
 """The one custom training loop.
 
-`steps_per_loop` steps run inside one tf.function (a tf.while_loop over `strategy.run`), metrics
-are averaged over replicas and steps into plain accumulators, and between loops the host logs
-progress, writes summaries, checks the loss is finite and saves checkpoints. Training runs exactly
-`steps.train_steps` steps: the last loop is shortened rather than padded.
+`steps_per_loop` steps run inside one tf.function (a tf.while_loop over `strategy.run`). The
+replica step is all device work (an accelerator program on TPU): it all-reduces its metrics over
+the replicas in replica context and adds them to on-device accumulators, and keeps the first
+augmented images of its batch in a device variable. Between loops the host reads both once, logs
+progress, writes summaries (scalars and images), checks the loss is finite and saves checkpoints.
+Training runs exactly `steps.train_steps` steps: the last loop is shortened rather than padded.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 # contrastive loss is at most about 2 / temperature + log(2 x batch), a cross-entropy about
 # log(classes) at initialisation: a healthy run is orders of magnitude below.
 LOSS_BOUND = 1e6
+MAX_SUMMARY_IMAGES = 3
 
 
 class TrainingDivergedError(RuntimeError):
@@ -73,13 +76,23 @@ class _StopRequest:
       self._previous = None
 
 
+_ON_DEVICE = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                  aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+
 class MetricAccumulator:
-  """Host-side running means of named scalars, fed from inside tf.functions."""
+  """Running means of named scalars, summed on the device and read by the host once per loop.
+
+  Create it under the strategy's scope. The variables are sync-on-read (one copy per replica, as
+  Keras metrics): `add` runs in the replica step on values already all-reduced over replicas, so
+  every copy holds the same sums and reading the first replica's is exact.
+  """
 
   def __init__(self, names: List[str]):
     self.names = list(names)
-    self._sums = {n: tf.Variable(0.0, trainable=False, dtype=tf.float32) for n in self.names}
-    self._count = tf.Variable(0.0, trainable=False, dtype=tf.float32)
+    self._sums = {n: tf.Variable(0.0, dtype=tf.float32, name=f'sum_{n}', **_ON_DEVICE)
+                  for n in self.names}
+    self._count = tf.Variable(0.0, dtype=tf.float32, name='count', **_ON_DEVICE)
 
   def add(self, values: Dict[str, tf.Tensor]) -> None:
     for name in self.names:
@@ -115,7 +128,7 @@ class Trainer:
 
   def __init__(self, task, optimizer, state: TrainState, strategy: tf.distribute.Strategy,
                steps: Steps, global_batch_size: int, summary_dir: str,
-               learning_rate_fn=None):
+               learning_rate_fn=None, jit_compile: bool = False):
     self.task = task
     self.optimizer = optimizer
     self.state = state
@@ -124,17 +137,16 @@ class Trainer:
     self.global_batch_size = global_batch_size
     self.learning_rate_fn = learning_rate_fn
     self.writer = tf.summary.create_file_writer(summary_dir)
+    # XLA-compile the replica step (TPUStrategy compiles it whatever this says).
+    self.jit_compile = jit_compile
     self._accumulator: Optional[MetricAccumulator] = None
+    self._images: Optional[tf.Variable] = None
     self._train_fn = None
     self._weights_finite = None
 
   def _replica_step(self, batch):
-    """One optimisation step on one replica's batch (replica context)."""
+    """One optimisation step on one replica's batch (replica context, device work only)."""
     task, optimizer = self.task, self.optimizer
-    should_record = tf.equal((optimizer.iterations + 1) % self.steps.steps_per_loop, 0)
-    with tf.summary.record_if(should_record):
-      tf.summary.image('image', task.image_summary(batch), step=optimizer.iterations + 1,
-                       max_outputs=3)
     variables = task.trainable_variables
     with tf.GradientTape() as tape:
       loss, logs = task.train_loss(batch)
@@ -142,18 +154,33 @@ class Trainer:
       scaled_loss = loss / self.strategy.num_replicas_in_sync
     grads = tape.gradient(scaled_loss, variables)
     optimizer.apply_gradients(zip(grads, variables))
-    return logs
+    # One batched all-reduce in replica context; the sums stay on the device.
+    context = tf.distribute.get_replica_context()
+    self._accumulator.add(context.all_reduce(tf.distribute.ReduceOp.MEAN, logs))
+    # The host writes the augmented-image summary from this variable between loops.
+    images = task.image_summary(batch)
+    self._images.assign(tf.cast(images[:self._images.shape[0]], tf.float32))
+
+  def _build_state(self):
+    """Device-side metric sums and the image buffer (the pipelines' image_size squares)."""
+    with self.strategy.scope():
+      self._accumulator = MetricAccumulator(self.task.metric_names())
+      local_batch = self.global_batch_size // self.strategy.num_replicas_in_sync
+      size = self.task.config.data.image_size
+      shape = [min(MAX_SUMMARY_IMAGES, local_batch), size, size, 3]
+      self._images = tf.Variable(tf.zeros(shape), name='summary_images', **_ON_DEVICE)
 
   def _build_train_fn(self):
     """The multi-step tf.function; `num_steps` is a tensor so loop lengths never retrace."""
     strategy = self.strategy
+    # The iterator's get-next runs on the host: only the replica step can be XLA-compiled.
+    step = tf.function(self._replica_step, jit_compile=True) if self.jit_compile else (
+        self._replica_step)
 
     @tf.function
     def train_steps(iterator, num_steps):
       for _ in tf.range(num_steps):
-        logs = strategy.run(self._replica_step, args=(next(iterator),))
-        self._accumulator.add({k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
-                               for k, v in logs.items()})
+        strategy.run(step, args=(next(iterator),))
 
     return train_steps
 
@@ -162,7 +189,7 @@ class Trainer:
     steps = self.steps
     state = self.state
     if self._accumulator is None:
-      self._accumulator = MetricAccumulator(self.task.metric_names())
+      self._build_state()
     if self._train_fn is None:
       self._train_fn = self._build_train_fn()
     train_steps = self._train_fn
@@ -245,5 +272,8 @@ class Trainer:
       if self.learning_rate_fn is not None:
         lr = self.learning_rate_fn(tf.constant(max(step - 1, 0), tf.float32))
         tf.summary.scalar('learning_rate', lr, step=step)
+      if self._images is not None:  # The last step's augmented views.
+        tf.summary.image('image', self._images.value(), step=step,
+                         max_outputs=MAX_SUMMARY_IMAGES)
       self.writer.flush()
 
