@@ -88,7 +88,7 @@ def machine_facts() -> dict:
 def _train_objects(bench: Bench, model_dir: str):
   """Model, LARS, PretrainTask and Trainer built as experiment.train builds them."""
   import tensorflow as tf
-  from tf_simclr import checkpoints
+  from tf_simclr import weights
   from tf_simclr import config as cfg
   from tf_simclr.models import simclr
   from tf_simclr.optim import lars, schedule
@@ -118,7 +118,7 @@ def _train_objects(bench: Bench, model_dir: str):
                                      exclude_from_weight_decay=tasks.lars_exclusions(model))
     optimizer.build(model.trainable_variables)
   task = tasks.PretrainTask(config, model, strategy)
-  state = checkpoints.TrainState(model, optimizer, model_dir, 1)
+  state = weights.state.TrainState(model, optimizer, model_dir, 1)
   trainer = loop.Trainer(task, optimizer, state, strategy, steps, batch, model_dir)
   return model, trainer
 

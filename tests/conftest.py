@@ -52,9 +52,9 @@ def original_fixture_dir():
 
 def checkpoint_values(path):
   """{structural path below model/: value} of a checkpoint, read without any model object."""
-  from tf_simclr import checkpoints
+  from tf_simclr import weights
   reader = tf.train.load_checkpoint(path)
-  keys = checkpoints.checkpoint_variable_paths(reader, root_child='model')
+  keys = weights.source.variable_paths(reader, root_child='model')
   return {p: reader.get_tensor(k) for p, k in keys.items()}
 
 

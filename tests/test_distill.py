@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_simclr import checkpoints
+from tf_simclr import weights
 from tf_simclr import config as cfg
 from tf_simclr import teacher as teacher_lib
 from tf_simclr.data import pipeline
@@ -64,7 +64,7 @@ def test_distill_trains_student_only_and_evaluates_the_student(tmp_path, teacher
   # Teacher: inference mode, no gradients -> every variable, BN moving statistics included, is
   # exactly as in its checkpoint after the student's steps.
   saved = checkpoint_values(teacher_checkpoint)
-  teacher_vars = checkpoints.variables_by_path(teacher.model)
+  teacher_vars = weights.match.object_variable_paths(teacher.model)
   assert set(teacher_vars) == set(saved) and not teacher.model.trainable_variables
   assert any(p.endswith('moving_mean') for p in saved)
   for path, var in teacher_vars.items():
@@ -83,7 +83,7 @@ def test_distill_trains_student_only_and_evaluates_the_student(tmp_path, teacher
                                                          ctx.strategy)))
   student = simclr.build_model(config.model, 10)
   student.build_for_size(16)
-  checkpoints.restore_model_variables(student, str(tmp_path / 'ckpt-2'))
+  weights.match.load(student, str(tmp_path / 'ckpt-2'))
   logits = student(images, training=False)[simclr.LOGITS_SUP].numpy()
   truth = labels.numpy().argmax(1)
   top1 = np.mean(logits.argmax(1) == truth)

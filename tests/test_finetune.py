@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 from absl import flags as absl_flags
 
-from tf_simclr import checkpoints
+from tf_simclr import weights
+from tf_simclr.errors import CheckpointMismatchError
 from tf_simclr import config as cfg
 from tf_simclr.data import datasets
 from tf_simclr.data import synthetic
@@ -86,7 +87,7 @@ def test_zero_init_logits_layer_zeroes_the_restored_head(tmp_path, pretrained):
                               train__zero_init_logits_layer=zero)
     model, _, state = _build_state(config, tmp_path / str(zero))
     assert experiment.initialize_weights(config, model, state) == 'initialized'
-    ours = checkpoints.variables_by_path(model)
+    ours = weights.match.object_variable_paths(model)
     for path, value in head_before.items():
       expected = np.zeros_like(value) if zero else value
       np.testing.assert_array_equal(ours[path].numpy(), expected, err_msg=path)
@@ -103,7 +104,7 @@ def test_resume_from_model_dir_wins_over_checkpoint(tmp_path, pretrained, caplog
   # A --checkpoint that does not exist: resuming must not even look at it.
   experiment.run(_finetune_config(tmp_path, str(tmp_path / 'missing' / 'ckpt-9'),
                                   train__train_steps=2))
-  assert checkpoints.read_global_step(str(tmp_path)) == 2
+  assert weights.source.read_global_step(str(tmp_path)) == 2
   assert any('Resuming from' in r.getMessage() and 'ckpt-1' in r.getMessage()
              for r in caplog.records)
   assert not any('Initialising the model from --checkpoint' in r.getMessage()
@@ -170,8 +171,8 @@ def test_restore_of_another_architecture_is_an_error(pretrained):
                           'linear_layers/1/dense/_kernel: checkpoint [512, 16] vs model [512, 8]')):
     model = simclr.build_model(cfg.ModelConfig(**{**TINY_MODEL, **change}), 10)
     model.build_for_size(16)
-    with pytest.raises(checkpoints.CheckpointMismatchError) as error:
-      checkpoints.restore_model_variables(model, pretrained, fresh_ok=('supervised_head',))
+    with pytest.raises(CheckpointMismatchError) as error:
+      weights.match.load(model, pretrained, fresh_ok=('supervised_head',))
     message = str(error.value)
     assert needle in message and '--num_proj_layers' in message and '--width_multiplier' in message
     assert pretrained in message
@@ -180,13 +181,13 @@ def test_restore_of_another_architecture_is_an_error(pretrained):
 def test_new_supervised_head_with_another_class_count_may_be_fresh(pretrained):
   model = simclr.build_model(cfg.ModelConfig(**TINY_MODEL), 7)
   model.build_for_size(16)
-  with pytest.raises(checkpoints.CheckpointMismatchError, match='supervised_head'):
-    checkpoints.restore_model_variables(model, pretrained)
-  report = checkpoints.restore_model_variables(model, pretrained, fresh_ok=('supervised_head',))
+  with pytest.raises(CheckpointMismatchError, match='supervised_head'):
+    weights.match.load(model, pretrained)
+  report = weights.match.load(model, pretrained, fresh_ok=('supervised_head',))
   assert report.fresh == ['model/supervised_head/linear_layer/dense/_kernel',
                           'model/supervised_head/linear_layer/dense/bias']
   values = checkpoint_values(pretrained)
-  ours = checkpoints.variables_by_path(model)
+  ours = weights.match.object_variable_paths(model)
   assert report.restored == len(ours) - 2
   for path, var in ours.items():
     if 'supervised_head' not in path:

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from tf_simclr import checkpoints
+from tf_simclr import weights
 
 ROOT = __import__('conftest').PROJECT_ROOT
 
@@ -52,7 +52,7 @@ def test_two_workers_train_in_lockstep_and_end_with_identical_weights(tmp_path):
   weights = []
   for path in (chief, other):
     reader = tf.train.load_checkpoint(path)
-    paths = checkpoints.checkpoint_variable_paths(reader, root_child='model')
+    paths = weights.source.variable_paths(reader, root_child='model')
     weights.append({p: reader.get_tensor(k) for p, k in paths.items()})
   assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 50
   initial_kernel_changed = False

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_simclr import checkpoints
+from tf_simclr import weights
+from tf_simclr.errors import CheckpointMismatchError
 from tf_simclr import config as cfg
 from tf_simclr.models import simclr
 from tf_simclr.optim import lars
@@ -48,7 +49,7 @@ def test_pretrain_then_eval_runs_exact_steps_and_writes_results(tmp_path):
   assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-5')
   assert sorted(f for f in os.listdir(tmp_path) if f.endswith('.index')) == [
       'ckpt-2.index', 'ckpt-4.index', 'ckpt-5.index']
-  assert checkpoints.read_global_step(str(tmp_path)) == 5
+  assert weights.source.read_global_step(str(tmp_path)) == 5
   stored = json.load(open(tmp_path / 'result.json'))
   assert stored == json.load(open(tmp_path / 'result_5.json'))
   for key in ('eval/label_top_1_accuracy', 'eval/label_top_5_accuracy',
@@ -80,7 +81,7 @@ def _build_state(config, model_dir):
   lr = experiment.make_learning_rate(ctx)
   optimizer = lars.build_optimizer(config.optim, lr, tasks.lars_exclusions(model))
   optimizer.build(model.trainable_variables)
-  return model, optimizer, checkpoints.TrainState(model, optimizer, str(model_dir), 5)
+  return model, optimizer, weights.state.TrainState(model, optimizer, str(model_dir), 5)
 
 
 def test_resume_restores_step_weights_slots_and_bn_statistics(tmp_path):
@@ -90,10 +91,10 @@ def test_resume_restores_step_weights_slots_and_bn_statistics(tmp_path):
   assert state.restore_or_initialize(None) == 'resumed'
   assert state.step == 2
   reader = tf.train.load_checkpoint(str(tmp_path / 'ckpt-2'))
-  keys = {**checkpoints.checkpoint_variable_paths(reader, root_child='model'),
-          **checkpoints.checkpoint_variable_paths(reader, root_child='optimizer')}
-  ours = {**checkpoints.object_variable_paths(model, 'model'),
-          **checkpoints.object_variable_paths(optimizer, 'optimizer')}
+  keys = {**weights.source.variable_paths(reader, root_child='model'),
+          **weights.source.variable_paths(reader, root_child='optimizer')}
+  ours = {**weights.match.object_variable_paths(model, 'model'),
+          **weights.match.object_variable_paths(optimizer, 'optimizer')}
   moving = [p for p in ours if p.endswith('moving_mean') or p.endswith('moving_variance')]
   slots = [p for p in ours if p.startswith('optimizer/') and 'momentum' in p.lower()]
   assert moving and slots, 'BN statistics and momentum slots must be tracked'
@@ -104,7 +105,7 @@ def test_resume_restores_step_weights_slots_and_bn_statistics(tmp_path):
   assert any(np.any(ours[p].numpy() != 0) for p in slots)
   # Continuing the run trains only the remaining steps.
   experiment.run(tiny_config(tmp_path, train__train_steps=4))
-  assert checkpoints.read_global_step(str(tmp_path)) == 4
+  assert weights.source.read_global_step(str(tmp_path)) == 4
 
 
 class _NaNAfter(tasks.FinetuneTask):
@@ -158,7 +159,7 @@ def test_two_replicas_take_exactly_the_single_device_step(tmp_path, two_replica_
     with strategy.scope():
       model = simclr.build_model(config.model, 10)
       model.build_for_size(16)
-    variables = checkpoints.object_variable_paths(model, 'model')
+    variables = weights.match.object_variable_paths(model, 'model')
     if initial is None:
       initial = {p: v.numpy() for p, v in variables.items()}
     else:
@@ -171,14 +172,14 @@ def test_two_replicas_take_exactly_the_single_device_step(tmp_path, two_replica_
     task = tasks.PretrainTask(config, model, strategy)
     steps = cfg.Steps(train_steps=1, epoch_steps=1, warmup_steps=0, checkpoint_steps=1,
                       steps_per_loop=1, eval_steps=1)
-    state = checkpoints.TrainState(model, optimizer, str(tmp_path / type(strategy).__name__), 2)
+    state = weights.state.TrainState(model, optimizer, str(tmp_path / type(strategy).__name__), 2)
     trainer = loop.Trainer(task, optimizer, state, strategy, steps, 8,
                            str(tmp_path / 'summaries'))
     dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
     dist = strategy.experimental_distribute_dataset(dataset)
     result = trainer.train(iter(dist))
     results.append(({p: v.numpy() for p, v in
-                     checkpoints.object_variable_paths(model, 'model').items()},
+                     weights.match.object_variable_paths(model, 'model').items()},
                     result.metrics))
   (single, single_metrics), (double, double_metrics) = results
   assert single.keys() == double.keys()
@@ -191,6 +192,6 @@ def test_two_replicas_take_exactly_the_single_device_step(tmp_path, two_replica_
 def test_resuming_a_model_dir_of_another_architecture_names_the_variables(tmp_path):
   experiment.run(tiny_config(tmp_path, train__train_steps=1))
   other = tiny_config(tmp_path, train__train_steps=2, model__proj_out_dim=8)
-  with pytest.raises(checkpoints.CheckpointMismatchError,
+  with pytest.raises(CheckpointMismatchError,
                      match=r'another architecture.*projection_head.*\[512, 16\] vs model \[512, 8\]'):
     experiment.run(other)

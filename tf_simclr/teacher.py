@@ -53,18 +53,14 @@ def teacher_model_config(student: ModelConfig, teacher_checkpoint: Optional[str]
                              fine_tune_after_block=-1, **values)
 
 
-def is_saved_model(path: str) -> bool:
-  return tf.io.gfile.exists(os.path.join(path, 'saved_model.pb'))
-
-
 def load_teacher(teacher_config: ModelConfig, checkpoint: str, num_classes: int,
                  image_size: int, strategy: tf.distribute.Strategy
                  ) -> Callable[[tf.Tensor], tf.Tensor]:
   """A callable images -> teacher logits, in inference mode, with no trainable variables."""
-  from tf_simclr import original_weights
+  from tf_simclr import export
   from tf_simclr.models import simclr
-  if is_saved_model(checkpoint):
-    from tf_simclr import export
+  from tf_simclr.weights import match, source
+  if source.is_saved_model(checkpoint):
     with strategy.scope():
       module = export.load(checkpoint)
     log.info('Teacher: exported SavedModel %s', checkpoint)
@@ -72,7 +68,9 @@ def load_teacher(teacher_config: ModelConfig, checkpoint: str, num_classes: int,
   with strategy.scope():
     model = simclr.build_model(teacher_config, num_classes)
     model.build_for_size(image_size)
-  original_weights.load_pretrained(model, checkpoint)
+  match.load(model, checkpoint, lead=(
+      f'--teacher_checkpoint={checkpoint} does not match the teacher built from the --teacher_* '
+      'flags (else its flags.json, else the student\'s)'))
   model.trainable = False
   log.info('Teacher: ResNet-%d %gx (sk %.4g) from %s', teacher_config.resnet_depth,
            teacher_config.width_multiplier, teacher_config.sk_ratio, checkpoint)

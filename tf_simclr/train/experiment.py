@@ -14,7 +14,6 @@ from typing import Callable, Dict, Optional
 import keras
 import tensorflow as tf
 
-from tf_simclr import checkpoints
 from tf_simclr import config as config_lib
 from tf_simclr import distribute
 from tf_simclr import run_dir
@@ -24,6 +23,9 @@ from tf_simclr.models import simclr
 from tf_simclr.optim import lars, schedule
 from tf_simclr.train import evaluate as evaluate_lib
 from tf_simclr.train import loop, tasks
+from tf_simclr.weights import match as weights_match
+from tf_simclr.weights import source as weights_source
+from tf_simclr.weights import state as weights_state
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
   needs_train = train.mode in TRAINING_MODES
   run_dir.check_usable(train.model_dir, create=needs_train)
   stored = run_dir.read_flags(train.model_dir)
-  if stored is not None and checkpoints.find_checkpoints(train.model_dir):
+  if stored is not None and weights_source.find_checkpoints(train.model_dir):
     config_lib.check_same_architecture(config.model, stored, train.model_dir)
   # Only a training run's chief holds the lock, taken before anything is written.
   lock = run_dir.RunLock(train.model_dir).acquire() if needs_train and chief else None
@@ -114,7 +116,7 @@ def _prepare_locked(config: Config, flags_dict: Optional[Dict], strategy,
              '%d eval steps.', steps.train_steps, steps.epoch_steps, steps.warmup_steps,
              steps.checkpoint_steps, steps.steps_per_loop, steps.eval_steps)
     if chief:
-      checkpoints.clean_temp_folders(train.model_dir)
+      weights_state.clean_temp_folders(train.model_dir)
       if label_subset is not None:
         path = datasets.write_label_subset(
             train.model_dir, dataset=data.dataset, split=data.train_split,
@@ -151,7 +153,7 @@ def _zero_supervised_head(model) -> None:
   log.info('Zero-initialised the supervised head (%d variables).', len(head_vars))
 
 
-def initialize_weights(config: Config, model, state: checkpoints.TrainState,
+def initialize_weights(config: Config, model, state: weights_state.TrainState,
                        init_fn: Optional[Callable] = None) -> str:
   """Checkpoint precedence, then --zero_init_logits_layer; returns how the weights were set.
 
@@ -162,8 +164,7 @@ def initialize_weights(config: Config, model, state: checkpoints.TrainState,
   fresh_ok = (SUPERVISED_HEAD,) if train_config.train_mode != 'pretrain' else ()
   if init_fn is None:
     # Our checkpoints and exports, and weights written by google-research/simclr.
-    from tf_simclr import original_weights
-    init_fn = lambda path: original_weights.load_pretrained(model, path, fresh_ok=fresh_ok)
+    init_fn = lambda path: weights_match.load(model, path, fresh_ok=fresh_ok)
   how = state.restore_or_initialize(train_config.checkpoint, fresh_ok=fresh_ok, init_fn=init_fn)
   if how != 'resumed' and train_config.zero_init_logits_layer and model.supervised_head:
     _zero_supervised_head(model)
@@ -184,7 +185,7 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
                                      exclude_from_weight_decay=tasks.lars_exclusions(model))
     optimizer.build(model.trainable_variables)
   model_dir = config.train.model_dir
-  state = checkpoints.TrainState(model, optimizer, model_dir, config.train.keep_checkpoint_max,
+  state = weights_state.TrainState(model, optimizer, model_dir, config.train.keep_checkpoint_max,
                                  save_dir=distribute.write_dir(model_dir, ctx.strategy))
   initialize_weights(config, model, state, init_fn=init_fn)
   if ctx.flags_dict is not None and distribute.is_chief(ctx.strategy):
@@ -245,6 +246,9 @@ def evaluate(ctx: Context, model, global_step: int,
   return stored
 
 
+_MODEL_DIR_LEAD = 'Checkpoint {} does not match the model built from the flags'
+
+
 def follow_and_evaluate(ctx: Context, export_fn: Optional[Callable] = None,
                         timeout: float = 0) -> Optional[Dict[str, float]]:
   """--mode=eval: evaluates each new checkpoint in model_dir until the last training step.
@@ -255,11 +259,12 @@ def follow_and_evaluate(ctx: Context, export_fn: Optional[Callable] = None,
   model_dir = ctx.config.train.model_dir
   model = None
   result, step = None, None
-  for path in checkpoints.wait_for_checkpoints(model_dir, timeout=timeout):
+  for path in weights_state.wait_for_checkpoints(model_dir, timeout=timeout):
     if model is None:
       model = build_model(ctx)
-    checkpoints.restore_model_variables(model, path)
-    step = checkpoints.read_global_step(path)
+    found = weights_source.resolve(path)
+    weights_match.load(model, found, lead=_MODEL_DIR_LEAD.format(path))
+    step = weights_source.read_global_step(found)
     log.info('Evaluating %s (step %d).', path, step)
     result = evaluate(ctx, model, step, export_fn=export_fn)
     if result is None or step >= ctx.steps.train_steps:
@@ -277,7 +282,7 @@ def follow_and_evaluate(ctx: Context, export_fn: Optional[Callable] = None,
 
 PREEMPTED = loop.TrainingPreemptedError
 USER_ERRORS = (ValueError, FileNotFoundError, loop.TrainingDivergedError,
-               checkpoints.NoIntactCheckpointError, checkpoints.CheckpointSaveError)
+               weights_state.NoIntactCheckpointError, weights_state.CheckpointSaveError)
 
 
 def _export_fn(config: Config) -> Callable:
@@ -314,12 +319,13 @@ def _run_mode(ctx: Context) -> Optional[Dict[str, float]]:
     return follow_and_evaluate(ctx, export_fn, timeout=config.train.eval_timeout)
   if mode == 'export':
     model = build_model(ctx)
-    found = checkpoints.find_checkpoints(config.train.model_dir)
+    found = weights_source.find_checkpoints(config.train.model_dir)
     if not found:
       raise FileNotFoundError(f'--mode=export: no checkpoint in --model_dir='
                               f'{config.train.model_dir}.')
-    checkpoints.restore_model_variables(model, found[0])
-    export_fn(model, checkpoints.read_global_step(found[0]))
+    latest = weights_source.resolve(found[0])
+    weights_match.load(model, latest, lead=_MODEL_DIR_LEAD.format(found[0]))
+    export_fn(model, weights_source.read_global_step(latest))
     return None
   teacher = _teacher(ctx) if config.train.train_mode == 'distill' else None
   model, result = train(ctx, teacher=teacher)

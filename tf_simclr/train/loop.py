@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 
 import tensorflow as tf
 
-from tf_simclr.checkpoints import TrainState
+from tf_simclr.weights.state import TrainState
 from tf_simclr.config import Steps
 
 log = logging.getLogger(__name__)
