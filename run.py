@@ -228,14 +228,14 @@ def serializable_flags(flag_values) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]} (flags take the form --name=value).')
-  from tf_simclr.config import ConfigError
+  from tf_simclr.errors import UserError
   for ignored in ('train_summary_steps', 'variable_schema'):
     if FLAGS[ignored].present:
       logging.warning('--%s is accepted for compatibility with original command lines and has '
                       'no effect.', ignored)
   try:
     config = config_from_flags(FLAGS)
-  except (ConfigError, FileNotFoundError) as e:
+  except UserError as e:
     logging.error('%s', e)
     sys.exit(2)
   from tf_simclr.train import experiment

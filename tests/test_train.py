@@ -92,7 +92,8 @@ def test_resume_restores_step_weights_slots_and_bn_statistics(tmp_path):
   assert state.step == 2
   reader = tf.train.load_checkpoint(str(tmp_path / 'ckpt-2'))
   keys = {**weights.source.variable_paths(reader, root_child='model'),
-          **weights.source.variable_paths(reader, root_child='optimizer')}
+          **weights.source.variable_paths(reader, root_child='optimizer',
+                                            skip_aliases=False)}
   ours = {**weights.match.object_variable_paths(model, 'model'),
           **weights.match.object_variable_paths(optimizer, 'optimizer')}
   moving = [p for p in ours if p.endswith('moving_mean') or p.endswith('moving_variance')]

@@ -11,6 +11,8 @@ import dataclasses
 import math
 from typing import Optional
 
+from tf_simclr.errors import ConfigError  # noqa: F401  (cfg.ConfigError is public)
+
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 PROJ_HEAD_MODES = ('none', 'linear', 'nonlinear')
 TRAIN_MODES = ('pretrain', 'finetune', 'distill')
@@ -19,10 +21,6 @@ OPTIMIZERS = ('momentum', 'adam', 'lars')
 LR_SCALINGS = ('linear', 'sqrt')
 COLOR_JITTER_IMPLS = ('simclrv1', 'simclrv2')
 STRATEGIES = ('auto', 'tpu', 'mirrored', 'multi_worker', 'default')
-
-
-class ConfigError(ValueError):
-  """A user-fixable configuration problem; the message names the flag and the fix."""
 
 
 def _check(condition: bool, message: str) -> None:

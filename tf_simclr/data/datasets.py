@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from tf_simclr.config import ConfigError
+from tf_simclr.errors import DatasetError
 from tf_simclr.data import synthetic
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,6 @@ _FORMS = ('a TFDS image-classification name (e.g. cifar10, imagenet2012; catalog
 
 
 log = logging.getLogger(__name__)
-
-
-class DatasetError(ConfigError):
-  """A user-fixable data problem; the message names the flag or path and the fix."""
 
 
 def _read_config(input_context=None) -> tfds.ReadConfig:

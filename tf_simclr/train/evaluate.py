@@ -14,6 +14,7 @@ from typing import Dict, Optional, Sequence
 import tensorflow as tf
 
 from tf_simclr import losses
+from tf_simclr.errors import DatasetError
 from tf_simclr.train import tasks
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class Evaluator:
       if done % 50 == 0:
         log.info('Eval: %d / %d steps', done, eval_steps)
     if totals['count'] == 0:
-      raise ValueError('The eval split produced no examples: check --eval_split.')
+      raise DatasetError('The eval split produced no examples: check --eval_split.')
     reg = float(losses.l2_weight_decay(self.decayed, self.weight_decay))
     return {REGULARIZATION: reg,
             TOP1: totals['top1_correct'] / totals['count'],

@@ -18,6 +18,7 @@ from tf_simclr import config as config_lib
 from tf_simclr import distribute
 from tf_simclr import run_dir
 from tf_simclr.config import Config, Steps, resolve_steps
+from tf_simclr.errors import CheckpointNotFoundError, UserError
 from tf_simclr.data import datasets, pipeline
 from tf_simclr.models import simclr
 from tf_simclr.optim import lars, schedule
@@ -99,10 +100,10 @@ def _prepare_locked(config: Config, flags_dict: Optional[Dict], strategy,
   for flag, batch in (('train_batch_size', train.train_batch_size),
                       ('eval_batch_size', train.eval_batch_size)):
     if batch % replicas:
-      raise ValueError(f'--{flag}={batch} is not divisible by the {replicas} replicas; use a '
+      raise config_lib.ConfigError(f'--{flag}={batch} is not divisible by the {replicas} replicas; use a '
                        f'multiple of {replicas}.')
   if needs_train and num_train < train.train_batch_size:
-    raise ValueError(
+    raise datasets.DatasetError(
         f'--train_split={data.train_split} of --dataset={data.dataset} has {num_train} '
         f'training examples{" (after --train_label_fraction)" if label_subset is not None else ""}'
         f', fewer than one global batch (--train_batch_size={train.train_batch_size}): every '
@@ -271,7 +272,7 @@ def follow_and_evaluate(ctx: Context, export_fn: Optional[Callable] = None,
       log.info('Eval complete.')
       return result
   if step is None:
-    raise FileNotFoundError(
+    raise CheckpointNotFoundError(
         f'--mode=eval: no checkpoint appeared in --model_dir={model_dir} within '
         f'--eval_timeout={timeout:g} s. Check the path (training writes ckpt-N there), or raise '
         '--eval_timeout (0 waits forever).')
@@ -281,8 +282,9 @@ def follow_and_evaluate(ctx: Context, export_fn: Optional[Callable] = None,
 
 
 PREEMPTED = loop.TrainingPreemptedError
-USER_ERRORS = (ValueError, FileNotFoundError, loop.TrainingDivergedError,
-               weights_state.NoIntactCheckpointError, weights_state.CheckpointSaveError)
+# Errors a user can cause (flags, files, data, a diverged run): exit 2 with the message alone.
+# Anything else, e.g. a TensorFlow tracing error, keeps its traceback.
+USER_ERRORS = (UserError,)
 
 
 def _export_fn(config: Config) -> Callable:
@@ -321,7 +323,7 @@ def _run_mode(ctx: Context) -> Optional[Dict[str, float]]:
     model = build_model(ctx)
     found = weights_source.find_checkpoints(config.train.model_dir)
     if not found:
-      raise FileNotFoundError(f'--mode=export: no checkpoint in --model_dir='
+      raise CheckpointNotFoundError(f'--mode=export: no checkpoint in --model_dir='
                               f'{config.train.model_dir}.')
     latest = weights_source.resolve(found[0])
     weights_match.load(model, latest, lead=_MODEL_DIR_LEAD.format(found[0]))

@@ -109,13 +109,15 @@ def checkpoint_prefix(path: str) -> Tuple[str, bool]:
   return path, False
 
 
-def variable_paths(reader: tf.train.CheckpointReader,
-                   root_child: Optional[str] = None) -> Dict[str, str]:
+def variable_paths(reader: tf.train.CheckpointReader, root_child: Optional[str] = None,
+                   skip_aliases: bool = True) -> Dict[str, str]:
   """{structural path: tensor key} of a checkpoint, from its object graph (the one walker).
 
   Paths are `/`-joined child names from the root (or from its child `root_child`, which is then
   the first path element), found breadth-first with children in sorted order, shortest first,
-  never through alias children (`ALIAS_CHILDREN`). Raises if the checkpoint has no object graph.
+  never through alias children (`ALIAS_CHILDREN`) unless `skip_aliases` is False (a Keras 3
+  optimizer holds its variables only under `_trainable_variables`). Raises if the checkpoint has
+  no object graph.
   """
   graph = trackable_object_graph_pb2.TrackableObjectGraph()
   graph.ParseFromString(reader.get_tensor(OBJECT_GRAPH_KEY))
@@ -125,6 +127,7 @@ def variable_paths(reader: tf.train.CheckpointReader,
     if start is None:
       return {}
     prefix = root_child
+  skip = ALIAS_CHILDREN if skip_aliases else frozenset()
   paths: Dict[str, str] = {}
   seen = {start}
   queue = collections.deque([(start, prefix)])
@@ -134,7 +137,7 @@ def variable_paths(reader: tf.train.CheckpointReader,
       if attr.name == 'VARIABLE_VALUE':
         paths[path] = attr.checkpoint_key
     for child in sorted(graph.nodes[node_id].children, key=lambda c: c.local_name):
-      if child.local_name not in ALIAS_CHILDREN and child.node_id not in seen:
+      if child.local_name not in skip and child.node_id not in seen:
         seen.add(child.node_id)
         queue.append((child.node_id, f'{path}/{child.local_name}' if path else child.local_name))
   return paths
