@@ -86,13 +86,10 @@ def machine_facts() -> dict:
 
 
 def _train_objects(bench: Bench, model_dir: str):
-  """Model, LARS, PretrainTask and Trainer built as experiment.train builds them."""
+  """Model, LARS, PretrainTask and Trainer from experiment.assemble_trainer (as training)."""
   import tensorflow as tf
-  from tf_simclr import weights
   from tf_simclr import config as cfg
-  from tf_simclr.models import simclr
-  from tf_simclr.optim import lars, schedule
-  from tf_simclr.train import loop, tasks
+  from tf_simclr.train import experiment
 
   size, batch = bench.image_size, bench.batch_size
   model_config = cfg.ModelConfig(
@@ -109,18 +106,8 @@ def _train_objects(bench: Bench, model_dir: str):
   total = 10_000
   steps = cfg.Steps(train_steps=total, epoch_steps=total, warmup_steps=0,
                     checkpoint_steps=total, steps_per_loop=bench.steps, eval_steps=1)
-  with strategy.scope():
-    model = simclr.build_model(model_config, 10)
-    model.build_for_size(size)
-    lr = schedule.WarmupCosineSchedule(base_learning_rate=optim.learning_rate, batch_size=batch,
-                                       scaling='linear', warmup_steps=0, total_steps=total)
-    optimizer = lars.build_optimizer(optim, lr,
-                                     exclude_from_weight_decay=tasks.lars_exclusions(model))
-    optimizer.build(model.trainable_variables)
-  task = tasks.PretrainTask(config, model, strategy)
-  state = weights.state.TrainState(model, optimizer, model_dir, 1)
-  trainer = loop.Trainer(task, optimizer, state, strategy, steps, batch, model_dir)
-  return model, trainer
+  built = experiment.assemble_trainer(config, strategy, steps, num_classes=10)
+  return built.model, built.trainer
 
 
 def run_train(bench: Bench, steps: int) -> dict:

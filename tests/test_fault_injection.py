@@ -50,7 +50,8 @@ def finish(proc, log_path, timeout=300):
 
 
 def steps_saved(model_dir):
-  return [weights.source.checkpoint_step(p) for p in weights.source.find_checkpoints(str(model_dir))]
+  found = weights.source.find_checkpoints(str(model_dir))
+  return [weights.source.checkpoint_step(p) for p in found]
 
 
 def wait_for(condition, proc, what, timeout=240):

@@ -16,30 +16,7 @@ from tf_simclr.models import simclr
 from tf_simclr.optim import lars
 from tf_simclr.train import experiment, loop, tasks
 
-TINY_MODEL = dict(resnet_depth=18, width_multiplier=1, cifar_stem=True, proj_out_dim=16,
-                  num_proj_layers=2)
-
-
-def tiny_config(model_dir, **overrides):
-  """A Config for 16 px shapes10 runs of a few steps."""
-  sections = {'model': {}, 'data': {}, 'optim': {}, 'train': {}}
-  for key, value in overrides.items():
-    section, name = key.split('__')
-    sections[section][name] = value
-  train_mode = sections['train'].get('train_mode', 'pretrain')
-  model = cfg.ModelConfig(**{**TINY_MODEL, 'supervised_head': True,
-                             'supervised_head_stop_gradient': train_mode == 'pretrain',
-                             **sections['model']})
-  data = cfg.DataConfig(**{'dataset': 'shapes10', 'eval_split': 'test', 'image_size': 16,
-                           'use_blur': True, 'color_jitter_strength': 0.5, **sections['data']})
-  optim = cfg.OptimConfig(**{'learning_rate': 0.1, 'weight_decay': 1e-4, 'warmup_epochs': 0,
-                             **sections['optim']})
-  train = cfg.TrainConfig(**{'model_dir': str(model_dir), 'train_batch_size': 8,
-                             'train_steps': 3, 'checkpoint_steps': 2, 'eval_batch_size': 50,
-                             'eval_steps': 2, 'temperature': 0.5, 'seed': 1,
-                             **sections['train']})
-  return cfg.Config(model=model, data=data, optim=optim, train=train)
-
+from helpers import build_state, tiny_config
 
 def test_pretrain_then_eval_runs_exact_steps_and_writes_results(tmp_path):
   config = tiny_config(tmp_path, train__mode='train_then_eval', train__train_steps=5,
@@ -75,19 +52,10 @@ def test_pretrain_then_eval_runs_exact_steps_and_writes_results(tmp_path):
   assert (tmp_path / 'saved_model' / '5' / 'saved_model.pb').exists()
 
 
-def _build_state(config, model_dir):
-  ctx = experiment.prepare(config)
-  model = experiment.build_model(ctx)
-  lr = experiment.make_learning_rate(ctx)
-  optimizer = lars.build_optimizer(config.optim, lr, tasks.lars_exclusions(model))
-  optimizer.build(model.trainable_variables)
-  return model, optimizer, weights.state.TrainState(model, optimizer, str(model_dir), 5)
-
-
 def test_resume_restores_step_weights_slots_and_bn_statistics(tmp_path):
   config = tiny_config(tmp_path, train__train_steps=2)
   experiment.run(config)
-  model, optimizer, state = _build_state(config, tmp_path)
+  model, optimizer, state = build_state(config, tmp_path)
   assert state.restore_or_initialize(None) == 'resumed'
   assert state.step == 2
   reader = tf.train.load_checkpoint(str(tmp_path / 'ckpt-2'))
@@ -127,7 +95,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = tiny_config(tmp_path, train__train_mode='finetune', train__train_steps=6,
                        train__checkpoint_steps=2, model__supervised_head_stop_gradient=False)
   ctx = experiment.prepare(config)
-  model, optimizer, state = _build_state(config, tmp_path)
+  model, optimizer, state = build_state(config, tmp_path)
   task = _NaNAfter(config, model, ctx.strategy, nan_from_step=3)
   task.model_step = lambda: optimizer.iterations
   from tf_simclr.data import pipeline

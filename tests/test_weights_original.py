@@ -193,7 +193,8 @@ def test_wrong_depth_names_variables_and_flags(original_fixture_dir):
 def test_resnet_d_checkpoint_into_plain_model_is_refused(original_fixture_dir):
   """R18 with and without sk_ratio have the same shapes; the import must still refuse."""
   model = _build(1000, 32, zero_init=True, resnet_depth=18, cifar_stem=True)
-  source = weights.source.resolve(str(original_fixture_dir / 'layouts' / 'r18_1x_sk1_cifar' / 'ckpt-1'))
+  source = weights.source.resolve(
+      str(original_fixture_dir / 'layouts' / 'r18_1x_sk1_cifar' / 'ckpt-1'))
   with pytest.raises(CheckpointMismatchError, match='sk_ratio'):
     weights.match.match(model, source)
 

@@ -98,12 +98,12 @@ def _train(train_mode, strategy, jit_compile, tmp_path, initial=None, task_cls=N
   dataset = tf.data.Dataset.from_tensor_slices(
       tuple(np.stack(parts) for parts in zip(*batches))).repeat()
   result = trainer.train(iter(strategy.experimental_distribute_dataset(dataset)))
-  weights = {p: v.numpy() for p, v in weights.match.object_variable_paths(model, 'model').items()}
+  trained = {p: v.numpy() for p, v in weights.match.object_variable_paths(model, 'model').items()}
   if task_cls is None:  # The host wrote the last step's augmented images after the loop.
     images = _summary_images(run_dir)  # Replica 0's first example of the second batch.
     assert list(images) == [2]
     np.testing.assert_allclose(images[2], batches[1][0][0, ..., :3] * 255, atol=1)
-  return result.metrics, weights, init
+  return result.metrics, trained, init
 
 
 def _summary_images(log_dir):

@@ -100,8 +100,8 @@ def _prepare_locked(config: Config, flags_dict: Optional[Dict], strategy,
   for flag, batch in (('train_batch_size', train.train_batch_size),
                       ('eval_batch_size', train.eval_batch_size)):
     if batch % replicas:
-      raise config_lib.ConfigError(f'--{flag}={batch} is not divisible by the {replicas} replicas; use a '
-                       f'multiple of {replicas}.')
+      raise config_lib.ConfigError(f'--{flag}={batch} is not divisible by the {replicas} '
+                                   f'replicas; use a multiple of {replicas}.')
   if needs_train and num_train < train.train_batch_size:
     raise datasets.DatasetError(
         f'--train_split={data.train_split} of --dataset={data.dataset} has {num_train} '
@@ -130,20 +130,50 @@ def _prepare_locked(config: Config, flags_dict: Optional[Dict], strategy,
                  flags_dict=flags_dict)
 
 
-def build_model(ctx: Context, model_config=None):
-  """Builds the model under the strategy's scope with all variables created."""
-  with ctx.strategy.scope():
-    model = simclr.build_model(model_config or ctx.config.model, ctx.num_classes)
-    model.build_for_size(ctx.config.data.image_size)
+def _build_model(config: Config, strategy, num_classes: int):
+  with strategy.scope():
+    model = simclr.build_model(config.model, num_classes)
+    model.build_for_size(config.data.image_size)
   return model
 
 
-def make_learning_rate(ctx: Context):
-  optim, train = ctx.config.optim, ctx.config.train
-  return schedule.WarmupCosineSchedule(
-      base_learning_rate=optim.learning_rate, batch_size=train.train_batch_size,
-      scaling=optim.learning_rate_scaling, warmup_steps=ctx.steps.warmup_steps,
-      total_steps=ctx.steps.train_steps)
+def build_model(ctx: Context):
+  """Builds the model under the strategy's scope with all variables created."""
+  return _build_model(ctx.config, ctx.strategy, ctx.num_classes)
+
+
+@dataclasses.dataclass
+class Assembly:
+  """The objects of one training run, built by `assemble_trainer`."""
+  model: object
+  optimizer: object
+  state: weights_state.TrainState
+  task: tasks.Task
+  trainer: loop.Trainer
+
+
+def assemble_trainer(config: Config, strategy, steps: Steps, num_classes: int,
+                     teacher: Optional[Callable] = None) -> Assembly:
+  """Model, learning-rate schedule, optimizer (built), TrainState, task and Trainer: the one
+  assembly of a training run (`train` and benchmarks/throughput.py). Restores nothing."""
+  model = _build_model(config, strategy, num_classes)
+  optim, train_config = config.optim, config.train
+  learning_rate = schedule.WarmupCosineSchedule(
+      base_learning_rate=optim.learning_rate, batch_size=train_config.train_batch_size,
+      scaling=optim.learning_rate_scaling, warmup_steps=steps.warmup_steps,
+      total_steps=steps.train_steps)
+  with strategy.scope():
+    optimizer = lars.build_optimizer(optim, learning_rate,
+                                     exclude_from_weight_decay=tasks.lars_exclusions(model))
+    optimizer.build(model.trainable_variables)
+  model_dir = train_config.model_dir
+  save_dir = distribute.write_dir(model_dir, strategy)
+  state = weights_state.TrainState(model, optimizer, model_dir, train_config.keep_checkpoint_max,
+                                   save_dir=save_dir)
+  task = tasks.make_task(config, model, strategy, teacher=teacher)
+  trainer = loop.Trainer(task, optimizer, state, strategy, steps, train_config.train_batch_size,
+                         save_dir, learning_rate_fn=learning_rate)
+  return Assembly(model=model, optimizer=optimizer, state=state, task=task, trainer=trainer)
 
 
 def _zero_supervised_head(model) -> None:
@@ -179,20 +209,12 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
           init_fn: Optional[Callable] = None):
   """Trains to the last step; returns (model, final step, metrics of the last loop)."""
   config = ctx.config
-  model = build_model(ctx)
-  learning_rate = make_learning_rate(ctx)
-  with ctx.strategy.scope():
-    optimizer = lars.build_optimizer(config.optim, learning_rate,
-                                     exclude_from_weight_decay=tasks.lars_exclusions(model))
-    optimizer.build(model.trainable_variables)
-  model_dir = config.train.model_dir
-  state = weights_state.TrainState(model, optimizer, model_dir, config.train.keep_checkpoint_max,
-                                 save_dir=distribute.write_dir(model_dir, ctx.strategy))
-  initialize_weights(config, model, state, init_fn=init_fn)
+  built = assemble_trainer(config, ctx.strategy, ctx.steps, ctx.num_classes, teacher=teacher)
+  model, task = built.model, built.task
+  initialize_weights(config, model, built.state, init_fn=init_fn)
   if ctx.flags_dict is not None and distribute.is_chief(ctx.strategy):
     # Only now: the flags, the data, the lock and the restore (architecture) have all passed.
-    run_dir.write_flags(model_dir, ctx.flags_dict)
-  task = tasks.make_task(config, model, ctx.strategy, teacher=teacher)
+    run_dir.write_flags(config.train.model_dir, ctx.flags_dict)
   dataset = pipeline.build_train_dataset(
       ctx.source, config.data, config.train.train_batch_size, ctx.strategy,
       num_views=task.num_views,
@@ -200,12 +222,8 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
       label_subset=(ctx.label_subset if task.name != 'distill' or task.uses_label_mask
                     else None),
       with_label_mask=task.uses_label_mask, seed=config.train.seed)
-  trainer = loop.Trainer(task, optimizer, state, ctx.strategy, ctx.steps,
-                         config.train.train_batch_size,
-                         distribute.write_dir(model_dir, ctx.strategy),
-                         learning_rate_fn=learning_rate)
   with _naming_bad_images(ctx, config.data.train_split):
-    result = trainer.train(iter(dataset))
+    result = built.trainer.train(iter(dataset))
   return model, result
 
 
@@ -287,8 +305,9 @@ PREEMPTED = loop.TrainingPreemptedError
 USER_ERRORS = (UserError,)
 
 
-def _export_fn(config: Config) -> Callable:
-  """Exports a hub-style SavedModel (after each evaluation and at the end of training)."""
+def export_hook(config: Config) -> Callable:
+  """The default `export_fn(model, step)`: a hub-style SavedModel in model_dir/saved_model/<step>
+  (after each evaluation and at the end of training), keeping --keep_hub_module_max."""
   from tf_simclr import export
 
   def fn(model, step):
@@ -296,26 +315,35 @@ def _export_fn(config: Config) -> Callable:
   return fn
 
 
-def _teacher(ctx: Context) -> Callable:
+def no_export(model, step) -> None:  # pylint: disable=unused-argument
+  """An `export_fn` that exports nothing (tests and benchmarks that do not check exports)."""
+
+
+def load_teacher(ctx: Context) -> Callable:
+  """The frozen distillation teacher of `ctx.config.distill` (images -> logits)."""
   from tf_simclr import teacher as teacher_lib
   distill = ctx.config.distill
   return teacher_lib.load_teacher(distill.teacher, distill.teacher_checkpoint, ctx.num_classes,
                                   ctx.config.data.image_size, ctx.strategy)
 
 
-def run(config: Config, flags_dict: Optional[Dict] = None) -> Optional[Dict[str, float]]:
-  """Runs `config.train.mode`; returns the last eval result when there is one."""
+def run(config: Config, flags_dict: Optional[Dict] = None,
+        export_fn: Optional[Callable] = None) -> Optional[Dict[str, float]]:
+  """Runs `config.train.mode`; returns the last eval result when there is one.
+
+  `export_fn(model, step)` is called after each evaluation and at the end of training (default
+  `export_hook(config)`; `no_export` skips it).
+  """
   ctx = prepare(config, flags_dict)
   try:
-    return _run_mode(ctx)
+    return _run_mode(ctx, export_fn or export_hook(config))
   finally:
     if ctx.lock is not None:
       ctx.lock.release()
 
 
-def _run_mode(ctx: Context) -> Optional[Dict[str, float]]:
+def _run_mode(ctx: Context, export_fn: Callable) -> Optional[Dict[str, float]]:
   config = ctx.config
-  export_fn = _export_fn(config)
   mode = config.train.mode
   if mode == 'eval':
     return follow_and_evaluate(ctx, export_fn, timeout=config.train.eval_timeout)
@@ -329,7 +357,7 @@ def _run_mode(ctx: Context) -> Optional[Dict[str, float]]:
     weights_match.load(model, latest, lead=_MODEL_DIR_LEAD.format(found[0]))
     export_fn(model, weights_source.read_global_step(latest))
     return None
-  teacher = _teacher(ctx) if config.train.train_mode == 'distill' else None
+  teacher = load_teacher(ctx) if config.train.train_mode == 'distill' else None
   model, result = train(ctx, teacher=teacher)
   if mode == 'train_then_eval':
     return evaluate(ctx, model, result.final_step, export_fn=export_fn)
