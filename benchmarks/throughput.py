@@ -92,9 +92,8 @@ def _train_objects(bench: Bench, model_dir: str):
   from tf_simclr.train import experiment
 
   size, batch = bench.image_size, bench.batch_size
-  model_config = cfg.ModelConfig(
-      resnet_depth=bench.resnet_depth, cifar_stem=size <= 32, supervised_head=True,
-      supervised_head_stop_gradient=True)
+  model_config = cfg.model_config('pretrain', size, lineareval_while_pretraining=True,
+                                  resnet_depth=bench.resnet_depth)
   optim = cfg.OptimConfig(optimizer='lars', learning_rate=0.3, warmup_epochs=0,
                           weight_decay=1e-6)
   config = cfg.Config(

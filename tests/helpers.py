@@ -1,5 +1,7 @@
 """Helpers shared by test modules (fixtures live in conftest.py): tiny configs and builders."""
 
+import dataclasses
+
 import tensorflow as tf
 
 from tf_simclr import config as cfg
@@ -17,9 +19,12 @@ def tiny_config(model_dir, **overrides):
     section, name = key.split('__')
     sections[section][name] = value
   train_mode = sections['train'].get('train_mode', 'pretrain')
-  model = cfg.ModelConfig(**{**TINY_MODEL, 'supervised_head': True,
-                             'supervised_head_stop_gradient': train_mode == 'pretrain',
-                             **sections['model']})
+  # The run's model as run.py builds it (linear eval while pretraining), then any overrides.
+  image_size = sections['data'].get('image_size', 16)
+  architecture = {k: v for k, v in TINY_MODEL.items() if k != 'cifar_stem'}  # from image_size
+  model = cfg.model_config(train_mode, image_size, lineareval_while_pretraining=True,
+                           **architecture)
+  model = dataclasses.replace(model, **sections['model'])
   data = cfg.DataConfig(**{'dataset': 'shapes10', 'eval_split': 'test', 'image_size': 16,
                            'use_blur': True, 'color_jitter_strength': 0.5, **sections['data']})
   optim = cfg.OptimConfig(**{'learning_rate': 0.1, 'weight_decay': 1e-4, 'warmup_epochs': 0,

@@ -6,7 +6,6 @@ written next to the teacher's checkpoint by its own training run, and the studen
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -14,6 +13,7 @@ from typing import Callable, Dict, Optional
 
 import tensorflow as tf
 
+from tf_simclr import config
 from tf_simclr.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,7 @@ def teacher_model_config(student: ModelConfig, teacher_checkpoint: Optional[str]
     values.update({k: saved[k] for k in ARCHITECTURE_FIELDS if k in saved})
     log.info('Teacher architecture read from %s', flags_path)
   values.update(overrides)
-  return dataclasses.replace(student, supervised_head=True, supervised_head_stop_gradient=False,
-                             fine_tune_after_block=-1, **values)
+  return config.teacher_model_config(student, **values)
 
 
 def load_teacher(teacher_config: ModelConfig, checkpoint: str, num_classes: int,

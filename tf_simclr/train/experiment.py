@@ -99,9 +99,7 @@ def _prepare_locked(config: Config, flags_dict: Optional[Dict], strategy,
   replicas = strategy.num_replicas_in_sync
   for flag, batch in (('train_batch_size', train.train_batch_size),
                       ('eval_batch_size', train.eval_batch_size)):
-    if batch % replicas:
-      raise config_lib.ConfigError(f'--{flag}={batch} is not divisible by the {replicas} '
-                                   f'replicas; use a multiple of {replicas}.')
+    config_lib.check_global_batch(flag, batch, replicas)
   if needs_train and num_train < train.train_batch_size:
     raise datasets.DatasetError(
         f'--train_split={data.train_split} of --dataset={data.dataset} has {num_train} '
