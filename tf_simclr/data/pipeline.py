@@ -1,4 +1,4 @@
-"""tf.data input pipelines for training and evaluation (after the original's data.py).
+"""tf.data input pipelines for training and evaluation (after google-research/simclr `tf2/data.py`).
 
 `make_train_dataset` / `make_eval_dataset` build one plain `tf.data.Dataset` (usable in tests and
 benchmarks); `build_train_dataset` / `build_eval_dataset` wrap them with

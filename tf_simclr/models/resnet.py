@@ -10,7 +10,8 @@ Differences from the original, on purpose:
 - Frozen parts (`fine_tune_after_block`) run in inference mode, so their BN moving statistics stay
   fixed; the original let them move.
 - Sub-layers live in tuples or attributes, never lists, so `tf.train.Checkpoint` tracks every
-  variable including BN moving statistics (see DESIGN.md, Keras 3 traps).
+  variable including BN moving statistics (Keras 3 does not checkpoint layers held in a list or
+  dict).
 """
 
 from __future__ import annotations

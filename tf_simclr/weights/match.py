@@ -1,6 +1,6 @@
 """The strict matcher: every variable of a model paired with a checkpoint value, or one error.
 
-A restore is strict (DESIGN rule 8): a variable of ours with no value or with a value of another
+A restore is strict: a variable of ours with no value or with a value of another
 shape, or a variable of the checkpoint with no home, is a `CheckpointMismatchError` naming the
 first such variables and the architecture the checkpoint implies (`original.describe`). `load` is
 the one loader: --checkpoint, --teacher_checkpoint, eval/export reloads and the probe go through

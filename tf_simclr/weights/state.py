@@ -1,4 +1,4 @@
-"""A training run's checkpoints: precedence, intact fallback, saving (DESIGN rule 8).
+"""A training run's checkpoints: precedence, intact fallback, saving.
 
 One place decides where weights come from: resume from `--model_dir` if it holds a checkpoint
 (weights, optimizer slots, step, BN statistics), else initialise the model from `--checkpoint`
@@ -177,7 +177,7 @@ class TrainState:
                             init_fn: Optional[Callable[[str], RestoreReport]] = None) -> str:
     """Applies the precedence rule; returns 'resumed', 'initialized' or 'scratch'.
 
-    The model and the optimizer must already be built (DESIGN: Keras 3 has no deferred restore).
+    The model and the optimizer must already be built (Keras 3 has no deferred restore).
     `init_fn(path)` replaces the default strict loader for `init_checkpoint` (e.g. for weights
     written by the original code or an exported SavedModel).
     """
