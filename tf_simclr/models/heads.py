@@ -84,8 +84,9 @@ class ProjectionHead(keras.layers.Layer):
           for j in range(num_layers))
     n = len(layers) + 1
     if not -n <= ft_proj_selector < n:
-      raise ValueError(f'ProjectionHead: ft_proj_selector={ft_proj_selector} is out of range for a {mode} '
-                       f'projection head with {n - 1} layer(s): use a value in [{-n}, {n - 1}].')
+      raise ValueError(f'ProjectionHead: ft_proj_selector={ft_proj_selector} is out of range for '
+                       f'a {mode} projection head with {n - 1} layer(s): use a value in '
+                       f'[{-n}, {n - 1}].')
     self.mode = mode
     self.ft_proj_selector = ft_proj_selector
     self.linear_layers = layers

@@ -1,8 +1,8 @@
 """google-research/simclr's variable paths -> ours (the translation table), and `describe`.
 
-google-research/simclr's tf_keras code (its `tf2/` folder) names a variable by its structural path in the object graph
-(`model/resnet_model/block_groups/0/layers/0/conv2d_bn_layers/0/conv2d/kernel`); the explicit
-tables below translate it into ours (`model/encoder/block_groups/0/blocks/0/conv1/_kernel`).
+google-research/simclr's tf_keras code (its `tf2/` folder) names a variable by its structural path
+in the object graph (`model/resnet_model/block_groups/0/layers/0/conv2d_bn_layers/0/conv2d/kernel`);
+the explicit tables below translate it into ours (`model/encoder/block_groups/0/blocks/0/conv1/_kernel`).
 Nothing of the original graph is executed. `describe` recovers the architecture a checkpoint
 (ours or the original's) implies, for the mismatch error's hint.
 """
