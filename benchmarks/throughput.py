@@ -113,7 +113,6 @@ def run_train(bench: Bench, steps: int) -> dict:
   """Traces + runs one step, then times `steps` steps in one multi-step tf.function call."""
   import numpy as np
   import tensorflow as tf
-  from tf_simclr.train import loop
 
   size, batch = bench.image_size, bench.batch_size
   with tempfile.TemporaryDirectory() as model_dir:
@@ -124,7 +123,7 @@ def run_train(bench: Bench, steps: int) -> dict:
     labels = np.eye(10, dtype=np.float32)[rng.randint(10, size=batch)]
     iterator = iter(tf.data.Dataset.from_tensors((images, labels)).repeat())
     # Trainer.train() would also checkpoint and log; time its multi-step function alone.
-    trainer._accumulator = loop.MetricAccumulator(trainer.task.metric_names())
+    trainer._build_state()  # The metric sums and the summary-image buffer the step writes.
     train_steps = trainer._build_train_fn()
     t0 = time.perf_counter()
     with trainer.writer.as_default():
