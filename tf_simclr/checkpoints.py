@@ -212,8 +212,13 @@ class TrainState:
     self.model = model
     self.optimizer = optimizer
     self.model_dir = model_dir
-    self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
-                                          global_step=optimizer.iterations)
+    # The wrapped optimizer under loss scaling, so the optimizer slots sit at the same paths
+    # whatever the precision; the loss scale is an extra, optional entry (see precision.py).
+    inner = getattr(optimizer, 'inner_optimizer', optimizer)
+    self._objects = dict(model=model, optimizer=inner, global_step=optimizer.iterations)
+    self._loss_scale = optimizer.dynamic_scale if inner is not optimizer else None
+    extra = {'loss_scale': self._loss_scale} if self._loss_scale is not None else {}
+    self.checkpoint = tf.train.Checkpoint(**self._objects, **extra)
     self.manager = tf.train.CheckpointManager(self.checkpoint, directory=save_dir or model_dir,
                                               max_to_keep=max_to_keep)
 
@@ -244,7 +249,11 @@ class TrainState:
             f'--model_dir={self.model_dir} holds a run of another architecture ({latest}): '
             + ' | '.join(match.problems) + '. Resume it with its own flags (its flags.json), or '
             'use a new --model_dir.')
-      self.checkpoint.restore(latest).assert_existing_objects_matched()
+      checkpoint = self.checkpoint
+      if self._loss_scale is not None and not checkpoint_variable_paths(reader, 'loss_scale'):
+        # A float32/bfloat16 run resumed in float16: the loss scale starts at its initial value.
+        checkpoint = tf.train.Checkpoint(**self._objects)
+      checkpoint.restore(latest).assert_existing_objects_matched()
       return 'resumed'
     if init_checkpoint:
       log.info('Initialising the model from --checkpoint=%s', init_checkpoint)

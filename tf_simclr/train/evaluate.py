@@ -27,13 +27,13 @@ class Evaluator:
   """Evaluates `model` on a distributed eval dataset; the step function is traced once."""
 
   def __init__(self, model, strategy: tf.distribute.Strategy, decayed: Sequence[tf.Variable],
-               weight_decay: float):
+               weight_decay: float, jit_compile: bool = False):
     self.model = model
     self.strategy = strategy
     self.decayed = list(decayed)
     self.weight_decay = weight_decay
 
-    @tf.function
+    @tf.function(jit_compile=jit_compile)
     def step(batch):
       per_replica = strategy.run(lambda b: tasks.eval_outputs(model, b[0], b[1]), args=(batch,))
       return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from tf_simclr import checkpoints
 from tf_simclr import distribute
+from tf_simclr import precision as precision_lib
 from tf_simclr.config import Config, Steps, resolve_steps
 from tf_simclr.data import datasets, pipeline
 from tf_simclr.models import simclr
@@ -144,6 +145,7 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
   with ctx.strategy.scope():
     optimizer = lars.build_optimizer(config.optim, learning_rate,
                                      exclude_from_weight_decay=tasks.lars_exclusions(model))
+    optimizer = precision_lib.wrap_optimizer(optimizer, config.model.precision)
     optimizer.build(model.trainable_variables)
   model_dir = config.train.model_dir
   state = checkpoints.TrainState(model, optimizer, model_dir, config.train.keep_checkpoint_max,
@@ -160,7 +162,7 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
   trainer = loop.Trainer(task, optimizer, state, ctx.strategy, ctx.steps,
                          config.train.train_batch_size,
                          distribute.write_dir(model_dir, ctx.strategy),
-                         learning_rate_fn=learning_rate)
+                         learning_rate_fn=learning_rate, jit_compile=config.train.jit_compile)
   result = trainer.train(iter(dataset))
   return model, result
 
@@ -177,7 +179,8 @@ def evaluate(ctx: Context, model, global_step: int,
                                         ctx.strategy)
   evaluator = evaluate_lib.Evaluator(model, ctx.strategy,
                                      tasks.weight_decay_variables(model, config.optim.optimizer),
-                                     config.optim.weight_decay)
+                                     config.optim.weight_decay,
+                                     jit_compile=config.train.jit_compile)
   result = evaluator.evaluate(dataset, ctx.steps.eval_steps)
   if not distribute.is_chief(ctx.strategy):
     return result

@@ -26,6 +26,13 @@ class TrainingDivergedError(RuntimeError):
   """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+# Under float16 loss scaling, a step with non-finite gradients is skipped and the scale halved.
+# Gradient overflow alone cannot survive this many halvings (2**15 -> 2**-35), so this many
+# consecutive skips mean the loss itself stays non-finite: training stops.
+MAX_CONSECUTIVE_SKIPS = 50
+SKIPPED = 'skipped_steps'
+
+
 class MetricAccumulator:
   """Host-side running means of named scalars, fed from inside tf.functions."""
 
@@ -68,7 +75,7 @@ class Trainer:
 
   def __init__(self, task, optimizer, state: TrainState, strategy: tf.distribute.Strategy,
                steps: Steps, global_batch_size: int, summary_dir: str,
-               learning_rate_fn=None):
+               learning_rate_fn=None, jit_compile: bool = False):
     self.task = task
     self.optimizer = optimizer
     self.state = state
@@ -76,6 +83,10 @@ class Trainer:
     self.steps = steps
     self.global_batch_size = global_batch_size
     self.learning_rate_fn = learning_rate_fn
+    self.jit_compile = jit_compile
+    # Dynamic loss scaling (mixed_float16): the optimizer wraps the one doing the updates.
+    self.loss_scaling = hasattr(optimizer, 'inner_optimizer')
+    self._consecutive_skips = 0
     self.writer = tf.summary.create_file_writer(summary_dir)
     self._accumulator: Optional[MetricAccumulator] = None
     self._train_fn = None
@@ -91,8 +102,16 @@ class Trainer:
     with tf.GradientTape() as tape:
       loss, logs = task.train_loss(batch)
       # apply_gradients sums over replicas: divide so N replicas apply the mean gradient.
-      scaled_loss = loss / self.strategy.num_replicas_in_sync
+      # scale_loss multiplies by the dynamic loss scale under float16 (identity otherwise);
+      # the optimizer divides the gradients by it again.
+      scaled_loss = optimizer.scale_loss(loss / self.strategy.num_replicas_in_sync)
     grads = tape.gradient(scaled_loss, variables)
+    if self.loss_scaling:
+      # The optimizer skips this step if any replica's gradients are non-finite (same verdict
+      # everywhere); its metrics are zeroed so the host averages over the applied steps only.
+      finite = optimizer.check_finite(grads)
+      logs = {k: tf.where(finite, tf.cast(v, tf.float32), 0.0) for k, v in logs.items()}
+      logs[SKIPPED] = 1.0 - tf.cast(finite, tf.float32)
     optimizer.apply_gradients(zip(grads, variables))
     return logs
 
@@ -100,7 +119,7 @@ class Trainer:
     """The multi-step tf.function; `num_steps` is a tensor so loop lengths never retrace."""
     strategy = self.strategy
 
-    @tf.function
+    @tf.function(jit_compile=self.jit_compile)
     def train_steps(iterator, num_steps):
       for _ in tf.range(num_steps):
         logs = strategy.run(self._replica_step, args=(next(iterator),))
@@ -114,7 +133,8 @@ class Trainer:
     steps = self.steps
     state = self.state
     if self._accumulator is None:
-      self._accumulator = MetricAccumulator(self.task.metric_names())
+      self._accumulator = MetricAccumulator(
+          self.task.metric_names() + ([SKIPPED] if self.loss_scaling else []))
     if self._train_fn is None:
       self._train_fn = self._build_train_fn()
     train_steps = self._train_fn
@@ -137,6 +157,8 @@ class Trainer:
         elapsed = time.time() - t0
         last_metrics = self._accumulator.result()
         self._accumulator.reset()
+        if self.loss_scaling:
+          last_metrics = self._count_skipped(step, n, last_metrics)
         bad = [k for k, v in last_metrics.items() if not math.isfinite(v)]
         if bad:
           raise TrainingDivergedError(
@@ -156,6 +178,26 @@ class Trainer:
     rate = (step - start_step) / total if total > 0 else 0.0
     log.info('Training complete at step %d (%.2f steps/s overall).', step, rate)
     return LoopResult(step, last_metrics, rate)
+
+  def _count_skipped(self, step, n, metrics):
+    """Logs the loop's skipped steps, stops on a persistent non-finite loss, and returns the
+    metrics averaged over the applied steps, with `skipped_steps` a count and the loss scale."""
+    skipped = int(round(metrics.pop(SKIPPED) * n))
+    scale = float(self.optimizer.dynamic_scale.numpy())
+    self._consecutive_skips = self._consecutive_skips + skipped if skipped == n else 0
+    if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+      raise TrainingDivergedError(
+          f'Non-finite loss or gradients for {self._consecutive_skips} consecutive steps at step '
+          f'{step} (loss scale now {scale:g}); stopped without saving, so the last good '
+          f'checkpoint in {self.state.manager.directory} is kept. Lower --learning_rate, check '
+          'the data, or train with --precision=mixed_bfloat16 or float32.')
+    if skipped:
+      log.warning('%d of %d steps skipped (non-finite gradients under float16 loss scaling); '
+                  'loss scale now %g.', skipped, n, scale)
+    applied = n - skipped
+    out = {k: v * n / applied for k, v in metrics.items()} if applied else {}
+    out.update({SKIPPED: float(skipped), 'loss_scale': scale})
+    return out
 
   def _log_progress(self, step, n, elapsed, start_step, start_time, metrics):
     total = self.steps.train_steps
