@@ -98,6 +98,11 @@ class Trainer:
     with tf.summary.record_if(should_record):
       tf.summary.image('image', task.image_summary(batch), step=optimizer.iterations + 1,
                        max_outputs=3)
+    return self._compiled_step(batch)
+
+  def _optimizer_step(self, batch):
+    """Loss, gradients and update on one replica's batch: the part XLA compiles."""
+    task, optimizer = self.task, self.optimizer
     variables = task.trainable_variables
     with tf.GradientTape() as tape:
       loss, logs = task.train_loss(batch)
@@ -118,8 +123,12 @@ class Trainer:
   def _build_train_fn(self):
     """The multi-step tf.function; `num_steps` is a tensor so loop lengths never retrace."""
     strategy = self.strategy
+    # XLA cannot compile the input iterator or summary writes: with --jit_compile the per-step
+    # computation is the compiled cluster, inside the multi-step loop.
+    self._compiled_step = (tf.function(self._optimizer_step, jit_compile=True)
+                           if self.jit_compile else self._optimizer_step)
 
-    @tf.function(jit_compile=self.jit_compile)
+    @tf.function
     def train_steps(iterator, num_steps):
       for _ in tf.range(num_steps):
         logs = strategy.run(self._replica_step, args=(next(iterator),))
