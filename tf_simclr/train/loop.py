@@ -86,6 +86,8 @@ class Trainer:
     self.jit_compile = jit_compile
     # Dynamic loss scaling (mixed_float16): the optimizer wraps the one doing the updates.
     self.loss_scaling = hasattr(optimizer, 'inner_optimizer')
+    self.max_consecutive_skips = MAX_CONSECUTIVE_SKIPS
+    self.skipped_steps = 0  # total over this Trainer's life
     self._consecutive_skips = 0
     self.writer = tf.summary.create_file_writer(summary_dir)
     self._accumulator: Optional[MetricAccumulator] = None
@@ -193,8 +195,9 @@ class Trainer:
     metrics averaged over the applied steps, with `skipped_steps` a count and the loss scale."""
     skipped = int(round(metrics.pop(SKIPPED) * n))
     scale = float(self.optimizer.dynamic_scale.numpy())
+    self.skipped_steps += skipped
     self._consecutive_skips = self._consecutive_skips + skipped if skipped == n else 0
-    if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+    if self._consecutive_skips >= self.max_consecutive_skips:
       raise TrainingDivergedError(
           f'Non-finite loss or gradients for {self._consecutive_skips} consecutive steps at step '
           f'{step} (loss scale now {scale:g}); stopped without saving, so the last good '
