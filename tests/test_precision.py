@@ -244,3 +244,49 @@ def test_checkpoints_and_exports_do_not_depend_on_precision(tmp_path):
   ref = f32(images, training=False)[simclr.FINAL_AVG_POOL].numpy()
   np.testing.assert_allclose(got[simclr.FINAL_AVG_POOL].numpy(), ref,
                              rtol=0.05, atol=0.05 * np.abs(ref).max())
+
+
+def test_original_weights_import_into_a_bfloat16_model(original_fixture_dir):
+  """The original's SavedModel (float32) loads into a mixed_bfloat16 model, whose float32
+  endpoints reproduce the original's outputs to bfloat16 precision."""
+  from tf_simclr import original_weights
+  import json
+  flags = json.loads((original_fixture_dir / 'flags.json').read_text())
+  expected = np.load(original_fixture_dir / 'expected_outputs.npz')
+  config = cfg.ModelConfig(
+      resnet_depth=flags['resnet_depth'], width_multiplier=flags['width_multiplier'],
+      cifar_stem=flags['image_size'] <= 32, proj_head_mode=flags['proj_head_mode'],
+      num_proj_layers=flags['num_proj_layers'], proj_out_dim=flags['proj_out_dim'],
+      supervised_head=True, supervised_head_stop_gradient=True, precision='mixed_bfloat16')
+  model = simclr.build_model(config, expected['logits_sup'].shape[-1])
+  model.build_for_size(flags['image_size'])
+  report = original_weights.load_pretrained(model, str(original_fixture_dir / 'saved_model'))
+  assert report.restored == len(model.variables) and not report.fresh
+  outputs = model(tf.constant(expected['images']), training=False)
+  for name in (simclr.FINAL_AVG_POOL, simclr.PROJ_HEAD_OUTPUT, simclr.LOGITS_SUP):
+    got, want = outputs[name].numpy(), expected[name]
+    assert got.dtype == np.float32
+    # bfloat16 keeps 8 bits of mantissa: a few percent of the endpoint's scale after 18 layers.
+    assert np.max(np.abs(got - want)) <= 0.05 * np.max(np.abs(want)), name
+
+
+def test_teacher_precision_is_independent_of_the_student(tmp_path):
+  """A bfloat16 teacher for a float32 student, from a float32 checkpoint."""
+  from tf_simclr import teacher as teacher_lib
+  import dataclasses
+  student = cfg.ModelConfig(**TINY)
+  teacher_config = teacher_lib.teacher_model_config(student, None,
+                                                    {'precision': 'mixed_bfloat16'})
+  assert teacher_config.precision == 'mixed_bfloat16' and student.precision == 'float32'
+  f32, initial = _model(_config(tmp_path))
+  ckpt = tf.train.Checkpoint(model=f32).save(str(tmp_path / 'ckpt'))
+  strategy = tf.distribute.get_strategy()
+  images = tf.constant(_batch(4, seed=5)[0][..., :3])
+  want = f32(images, training=False)[simclr.LOGITS_SUP].numpy()
+  teacher = teacher_lib.load_teacher(teacher_config, ckpt, 10, SIZE, strategy)
+  logits = teacher(images)
+  assert logits.dtype == tf.float32
+  assert {v.dtype for v in teacher.model.variables} == {'float32'}
+  assert teacher.model.encoder.dtype_policy.name == 'mixed_bfloat16'
+  np.testing.assert_allclose(logits.numpy(), want, atol=0.05 * np.abs(want).max())
+  assert keras.config.dtype_policy().name == 'float32'
