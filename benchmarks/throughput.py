@@ -34,6 +34,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+# Timed arms stay referenced until exit: freeing them (models, iterators) mid-run once hung the
+# process in a destructor (futex wait) right after the last timing.
+_KEEP_ALIVE = []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +171,22 @@ def matmul_peaks(n: int = 2048, reps: int = 10) -> dict:
   return out
 
 
+def blur_seconds(image_size: int, batch_size: int, reps: int = 3) -> float:
+  """Seconds of the train step's batched blur (both views of one batch), best of `reps`."""
+  import tensorflow as tf
+  from tf_simclr.data import augment
+  views = tf.random.uniform((batch_size, image_size, image_size, 3))
+  fn = tf.function(lambda v: [augment.batch_random_blur(x, image_size, image_size, 1.0)
+                              for x in (v, v)])
+  fn(views)
+  best = float('inf')
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    [x.numpy() for x in fn(views)]
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
 class _Variant:
   """One (precision, XLA, input) arm of a train config, warmed up and ready to time."""
 
@@ -224,22 +243,25 @@ def run_train(bench: Bench, steps: int, precisions, xla_modes, rounds: int = 2,
   median per arm is reported. `input_share` adds a float32 arm fed by the real pipeline."""
   import statistics
   arms = []
-  with tempfile.TemporaryDirectory() as tmp:
-    for precision in precisions:
-      for jit in xla_modes:
-        print(f'[{bench.name}] building and warming up {precision} xla={jit}...', flush=True)
-        arms.append(_Variant(bench, precision, jit, os.path.join(tmp, str(len(arms))),
-                             batch_size=batch_size))
-    if input_share:
-      print(f'[{bench.name}] building the real-input arm...', flush=True)
-      arms.append(_Variant(bench, precisions[0], False, os.path.join(tmp, 'input'),
-                           real_input=True, batch_size=batch_size))
-    gflops = forward_gflops(arms[0].trainer.task.model, bench.image_size)
-    for r in range(rounds):
-      for arm in arms:
-        arm.times.append(arm.time(steps))
-        print(f'[{bench.name}] round {r + 1}/{rounds} {arm.label}: '
-              f'{arm.times[-1]:.3f} s/step', flush=True)
+  # Summaries of the arms go to a temp folder left in place (small; see _KEEP_ALIVE).
+  tmp = tempfile.mkdtemp(prefix='tf_simclr_throughput_')
+  for precision in precisions:
+    for jit in xla_modes:
+      print(f'[{bench.name}] building and warming up {precision} xla={jit}...', flush=True)
+      arms.append(_Variant(bench, precision, jit, os.path.join(tmp, str(len(arms))),
+                           batch_size=batch_size))
+  if input_share:
+    print(f'[{bench.name}] building the real-input arm...', flush=True)
+    arms.append(_Variant(bench, precisions[0], False, os.path.join(tmp, 'input'),
+                         real_input=True, batch_size=batch_size))
+  gflops = forward_gflops(arms[0].trainer.task.model, bench.image_size)
+  for r in range(rounds):
+    for arm in arms:
+      arm.times.append(arm.time(steps))
+      print(f'[{bench.name}] round {r + 1}/{rounds} {arm.label}: '
+            f'{arm.times[-1]:.3f} s/step', flush=True)
+  _KEEP_ALIVE.extend(arms)
+  blur = blur_seconds(bench.image_size, arms[0].batch) if bench.use_blur else 0.0
   rows = []
   for arm in arms:
     sec = statistics.median(arm.times)
@@ -249,6 +271,7 @@ def run_train(bench: Bench, steps: int, precisions, xla_modes, rounds: int = 2,
                  'real_input': arm.real_input, 'batch_size': arm.batch,
                  'seconds_per_step': sec, 'all_seconds_per_step': arm.times,
                  'warmup_seconds': arm.warmup, 'trainable_params': arm.num_params,
+                 'blur_seconds_per_step': blur,
                  'forward_gflops_per_view': gflops, 'step_gflops': step_gflops,
                  'achieved_gflops_per_s': step_gflops / sec})
   return rows
@@ -365,6 +388,10 @@ def main(argv=None):
       share = 1 - synth[0]['seconds_per_step'] / real[0]['seconds_per_step']
       print(f'{config}: input pipeline share of the step (real tf.data vs in-memory batch, '
             f'{synth[0]["precision"]}): {100 * share:.1f}%')
+    if synth and synth[0]['blur_seconds_per_step']:
+      print(f'{config}: batched blur (always applied, both views) alone takes '
+            f'{100 * synth[0]["blur_seconds_per_step"] / synth[0]["seconds_per_step"]:.1f}% '
+            f'of the {synth[0]["precision"]} step (in it, half the batches are blurred).')
   facts['loadavg_at_end'] = list(os.getloadavg())
   print(f'\n{facts["cpu_model"]}, {facts["nproc"]} cores, TF {facts["tensorflow"]}, '
         f'load average at start {facts["loadavg_at_start"][0]:.2f}, '
@@ -376,8 +403,11 @@ def main(argv=None):
         'views_per_s': 'augmented views per second (2 per example)',
         'achieved_gflops_per_s': '3 x forward FLOPs (TF profiler) x 2 views x batch / s'},
         'results': rows}, f, indent=2)
-  print(f'Wrote {args.output}')
+  print(f'Wrote {args.output}', flush=True)
 
 
 if __name__ == '__main__':
   main()
+  # Skip interpreter teardown of the kept TF objects (see _KEEP_ALIVE).
+  sys.stdout.flush()
+  os._exit(0)
