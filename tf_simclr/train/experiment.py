@@ -136,10 +136,23 @@ def initialize_weights(config: Config, model, state: checkpoints.TrainState,
   return how
 
 
+def _warn_slow_precision(ctx: Context) -> None:
+  """On CPUs, TensorFlow's bfloat16/float16 convolution gradients without XLA are an order of
+  magnitude slower than float32 (benchmarks/README.md); XLA compiles them efficiently."""
+  config = ctx.config
+  on_cpu = (not tf.config.list_physical_devices('GPU')
+            and not isinstance(ctx.strategy, tf.distribute.TPUStrategy))
+  if on_cpu and config.model.precision != 'float32' and not config.train.jit_compile:
+    log.warning('--precision=%s on a CPU without --jit_compile: TensorFlow\'s 16-bit convolution '
+                'gradients are about 10x slower than float32 here; add --jit_compile=True (or '
+                'use --precision=float32).', config.model.precision)
+
+
 def train(ctx: Context, teacher: Optional[Callable] = None,
           init_fn: Optional[Callable] = None):
   """Trains to the last step; returns (model, final step, metrics of the last loop)."""
   config = ctx.config
+  _warn_slow_precision(ctx)
   model = build_model(ctx)
   learning_rate = make_learning_rate(ctx)
   with ctx.strategy.scope():
