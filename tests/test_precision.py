@@ -290,3 +290,25 @@ def test_teacher_precision_is_independent_of_the_student(tmp_path):
   assert teacher.model.encoder.dtype_policy.name == 'mixed_bfloat16'
   np.testing.assert_allclose(logits.numpy(), want, atol=0.05 * np.abs(want).max())
   assert keras.config.dtype_policy().name == 'float32'
+
+
+def test_flags_map_to_config():
+  import sys
+  from absl import flags as absl_flags
+  from conftest import PROJECT_ROOT
+  sys.path.insert(0, str(PROJECT_ROOT))
+  import run
+  fv = absl_flags.FLAGS
+  fv.unparse_flags()
+  fv(['run.py', '--model_dir=/tmp/x', '--precision=mixed_bfloat16', '--jit_compile',
+      '--train_mode=distill', '--teacher_checkpoint=/nonexistent', '--teacher_precision=float32'])
+  config = run.config_from_flags(fv)
+  assert config.model.precision == 'mixed_bfloat16' and config.train.jit_compile
+  assert config.distill.teacher.precision == 'float32'
+  fv.unparse_flags()
+  fv(['run.py', '--model_dir=/tmp/x'])
+  config = run.config_from_flags(fv)
+  assert config.model.precision == 'float32' and not config.train.jit_compile
+  fv.unparse_flags()
+  with pytest.raises(cfg.ConfigError, match='--precision'):
+    cfg.ModelConfig(precision='float16')
