@@ -129,6 +129,12 @@ flags.DEFINE_integer('label_fraction_seed', 0, 'Seed for --train_label_fraction.
 flags.DEFINE_float('eval_timeout', 3600,
                    '--mode=eval: seconds to wait for each new checkpoint in model_dir before '
                    'stopping (an error if none came at all); 0 waits forever.')
+flags.DEFINE_enum('precision', 'float32', ['float32', 'mixed_bfloat16', 'mixed_float16'],
+                  'Compute precision (Keras dtype policy; variables stay float32): mixed_bfloat16 '
+                  'for TPUs and CPUs with bfloat16 units, mixed_float16 (dynamic loss scaling) '
+                  'for GPUs.')
+flags.DEFINE_bool('jit_compile', False,
+                  'XLA-compile the train and eval steps (TPUs always use XLA; slower on CPU).')
 flags.DEFINE_integer('seed', None, 'Global random seed (None: nondeterministic).')
 flags.DEFINE_string('teacher_checkpoint', None,
                     'Distillation teacher: a fine-tuned checkpoint or model_dir of ours, or an '
@@ -146,6 +152,8 @@ flags.DEFINE_float('teacher_sk_ratio', None, 'Teacher SK ratio.')
 flags.DEFINE_float('teacher_se_ratio', None, 'Teacher SE ratio.')
 flags.DEFINE_enum('teacher_proj_head_mode', None, ['none', 'linear', 'nonlinear'],
                   'Teacher projection head mode.')
+flags.DEFINE_enum('teacher_precision', None, ['float32', 'mixed_bfloat16', 'mixed_float16'],
+                  'Teacher compute precision (default: --precision).')
 flags.DEFINE_integer('teacher_num_proj_layers', None, 'Teacher projection head layers.')
 flags.DEFINE_integer('teacher_proj_out_dim', None, 'Teacher projection output dimension.')
 flags.DEFINE_integer('teacher_ft_proj_selector', None,
@@ -166,7 +174,8 @@ def config_from_flags(flag_values) -> 'Config':
       num_proj_layers=f.num_proj_layers, ft_proj_selector=f.ft_proj_selector,
       supervised_head=train_mode != 'pretrain' or f.lineareval_while_pretraining,
       supervised_head_stop_gradient=train_mode == 'pretrain',
-      fine_tune_after_block=f.fine_tune_after_block if train_mode == 'finetune' else -1)
+      fine_tune_after_block=f.fine_tune_after_block if train_mode == 'finetune' else -1,
+      precision=f.precision)
   if train_mode == 'pretrain' and f.fine_tune_after_block != -1:
     raise cfg.ConfigError('--fine_tune_after_block freezes layers and only applies to '
                           '--train_mode=finetune; leave it at -1 for pretraining.')
@@ -191,7 +200,7 @@ def config_from_flags(flag_values) -> 'Config':
       temperature=f.temperature, hidden_norm=f.hidden_norm,
       lineareval_while_pretraining=f.lineareval_while_pretraining,
       zero_init_logits_layer=f.zero_init_logits_layer, eval_name=f.eval_name, seed=f.seed,
-      eval_timeout=f.eval_timeout)
+      eval_timeout=f.eval_timeout, jit_compile=f.jit_compile)
   strategy = f.distribution_strategy
   if f.use_tpu is True:
     strategy = 'tpu'
@@ -205,6 +214,8 @@ def config_from_flags(flag_values) -> 'Config':
   if train_mode == 'distill':
     overrides = {name: getattr(f, f'teacher_{name}') for name in teacher_lib.ARCHITECTURE_FIELDS
                  if getattr(f, f'teacher_{name}') is not None}
+    if f.teacher_precision is not None:
+      overrides['precision'] = f.teacher_precision
     teacher_model = teacher_lib.teacher_model_config(model, f.teacher_checkpoint, overrides)
     distill = cfg.DistillConfig(
         teacher=teacher_model, teacher_checkpoint=f.teacher_checkpoint,

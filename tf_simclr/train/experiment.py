@@ -18,6 +18,7 @@ from tf_simclr import checkpoints
 from tf_simclr import config as config_lib
 from tf_simclr import distribute
 from tf_simclr import run_dir
+from tf_simclr import precision as precision_lib
 from tf_simclr.config import Config, Steps, resolve_steps
 from tf_simclr.data import datasets, pipeline
 from tf_simclr.models import simclr
@@ -173,15 +174,29 @@ def initialize_weights(config: Config, model, state: checkpoints.TrainState,
   return how
 
 
+def _warn_slow_precision(ctx: Context) -> None:
+  """On CPUs, TensorFlow's bfloat16/float16 convolution gradients without XLA are an order of
+  magnitude slower than float32 (benchmarks/README.md); XLA compiles them efficiently."""
+  config = ctx.config
+  on_cpu = (not tf.config.list_physical_devices('GPU')
+            and not isinstance(ctx.strategy, tf.distribute.TPUStrategy))
+  if on_cpu and config.model.precision != 'float32' and not config.train.jit_compile:
+    log.warning('--precision=%s on a CPU without --jit_compile: TensorFlow\'s 16-bit convolution '
+                'gradients are about 10x slower than float32 here; add --jit_compile=True (or '
+                'use --precision=float32).', config.model.precision)
+
+
 def train(ctx: Context, teacher: Optional[Callable] = None,
           init_fn: Optional[Callable] = None):
   """Trains to the last step; returns (model, final step, metrics of the last loop)."""
   config = ctx.config
+  _warn_slow_precision(ctx)
   model = build_model(ctx)
   learning_rate = make_learning_rate(ctx)
   with ctx.strategy.scope():
     optimizer = lars.build_optimizer(config.optim, learning_rate,
                                      exclude_from_weight_decay=tasks.lars_exclusions(model))
+    optimizer = precision_lib.wrap_optimizer(optimizer, config.model.precision)
     optimizer.build(model.trainable_variables)
   model_dir = config.train.model_dir
   state = checkpoints.TrainState(model, optimizer, model_dir, config.train.keep_checkpoint_max,
@@ -201,7 +216,7 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
   trainer = loop.Trainer(task, optimizer, state, ctx.strategy, ctx.steps,
                          config.train.train_batch_size,
                          distribute.write_dir(model_dir, ctx.strategy),
-                         learning_rate_fn=learning_rate)
+                         learning_rate_fn=learning_rate, jit_compile=config.train.jit_compile)
   with _naming_bad_images(ctx, config.data.train_split):
     result = trainer.train(iter(dataset))
   return model, result
@@ -231,7 +246,8 @@ def evaluate(ctx: Context, model, global_step: int,
                                         ctx.strategy)
   evaluator = evaluate_lib.Evaluator(model, ctx.strategy,
                                      tasks.weight_decay_variables(model, config.optim.optimizer),
-                                     config.optim.weight_decay)
+                                     config.optim.weight_decay,
+                                     jit_compile=config.train.jit_compile)
   with _naming_bad_images(ctx, config.data.eval_split):
     result = evaluator.evaluate(dataset, ctx.steps.eval_steps)
   if not distribute.is_chief(ctx.strategy):
