@@ -129,6 +129,12 @@ flags.DEFINE_integer('label_fraction_seed', 0, 'Seed for --train_label_fraction.
 flags.DEFINE_float('eval_timeout', 3600,
                    '--mode=eval: seconds to wait for each new checkpoint in model_dir before '
                    'stopping (an error if none came at all); 0 waits forever.')
+flags.DEFINE_enum('precision', 'float32', ['float32', 'mixed_bfloat16', 'mixed_float16'],
+                  'Compute precision (Keras dtype policy; variables stay float32): mixed_bfloat16 '
+                  'for TPUs and CPUs with bfloat16 units, mixed_float16 (dynamic loss scaling) '
+                  'for GPUs.')
+flags.DEFINE_bool('jit_compile', False,
+                  'XLA-compile the train and eval steps (TPUs always use XLA; slower on CPU).')
 flags.DEFINE_integer('seed', None, 'Global random seed (None: nondeterministic).')
 flags.DEFINE_string('teacher_checkpoint', None,
                     'Distillation teacher: a fine-tuned checkpoint or model_dir of ours, or an '
@@ -146,6 +152,8 @@ flags.DEFINE_float('teacher_sk_ratio', None, 'Teacher SK ratio.')
 flags.DEFINE_float('teacher_se_ratio', None, 'Teacher SE ratio.')
 flags.DEFINE_enum('teacher_proj_head_mode', None, ['none', 'linear', 'nonlinear'],
                   'Teacher projection head mode.')
+flags.DEFINE_enum('teacher_precision', None, ['float32', 'mixed_bfloat16', 'mixed_float16'],
+                  'Teacher compute precision (default: --precision).')
 flags.DEFINE_integer('teacher_num_proj_layers', None, 'Teacher projection head layers.')
 flags.DEFINE_integer('teacher_proj_out_dim', None, 'Teacher projection output dimension.')
 flags.DEFINE_integer('teacher_ft_proj_selector', None,
@@ -165,7 +173,8 @@ def config_from_flags(flag_values) -> 'Config':
       sk_ratio=f.sk_ratio, se_ratio=f.se_ratio,
       batch_norm_decay=f.batch_norm_decay, global_bn=f.global_bn,
       proj_head_mode=f.proj_head_mode, proj_out_dim=f.proj_out_dim,
-      num_proj_layers=f.num_proj_layers, ft_proj_selector=f.ft_proj_selector)
+      num_proj_layers=f.num_proj_layers, ft_proj_selector=f.ft_proj_selector,
+      precision=f.precision)
   data = cfg.DataConfig(
       dataset=f.dataset, data_dir=f.data_dir, train_split=f.train_split,
       eval_split=f.eval_split, image_size=f.image_size,
@@ -187,7 +196,7 @@ def config_from_flags(flag_values) -> 'Config':
       temperature=f.temperature, hidden_norm=f.hidden_norm,
       lineareval_while_pretraining=f.lineareval_while_pretraining,
       zero_init_logits_layer=f.zero_init_logits_layer, eval_name=f.eval_name, seed=f.seed,
-      eval_timeout=f.eval_timeout)
+      eval_timeout=f.eval_timeout, jit_compile=f.jit_compile)
   strategy = 'tpu' if f.use_tpu is True else f.distribution_strategy
   distribute = cfg.DistributeConfig(
       strategy=strategy, tpu_name=f.tpu_name, tpu_zone=f.tpu_zone, gcp_project=f.gcp_project,
@@ -197,6 +206,8 @@ def config_from_flags(flag_values) -> 'Config':
   if train_mode == 'distill':
     overrides = {name: getattr(f, f'teacher_{name}') for name in teacher_lib.ARCHITECTURE_FIELDS
                  if getattr(f, f'teacher_{name}') is not None}
+    if f.teacher_precision is not None:
+      overrides['precision'] = f.teacher_precision
     teacher_model = teacher_lib.teacher_model_config(model, f.teacher_checkpoint, overrides)
     distill = cfg.DistillConfig(
         teacher=teacher_model, teacher_checkpoint=f.teacher_checkpoint,

@@ -21,6 +21,7 @@ OPTIMIZERS = ('momentum', 'adam', 'lars')
 LR_SCALINGS = ('linear', 'sqrt')
 COLOR_JITTER_IMPLS = ('simclrv1', 'simclrv2')
 STRATEGIES = ('auto', 'tpu', 'mirrored', 'multi_worker', 'default')
+PRECISIONS = ('float32', 'mixed_bfloat16', 'mixed_float16')
 
 
 def _check(condition: bool, message: str) -> None:
@@ -76,6 +77,8 @@ class ModelConfig:
   supervised_head_stop_gradient: bool = False
   # -1 trains everything; k in 0..4 freezes the stem and block groups 1..k (4 = linear eval).
   fine_tune_after_block: int = -1
+  # Keras dtype policy of the layers (variables stay float32); see tf_simclr/precision.py.
+  precision: str = 'float32'
 
   def __post_init__(self):
     _check(self.resnet_depth in RESNET_DEPTHS,
@@ -99,6 +102,7 @@ class ModelConfig:
            f'[{-n}, {n - 1}] (0 = encoder output, -1 = last head layer).')
     _check(-1 <= self.fine_tune_after_block <= 4,
            f'--fine_tune_after_block={self.fine_tune_after_block} must be in -1..4.')
+    _check_choice('precision', self.precision, PRECISIONS)
 
   @property
   def num_head_layers(self) -> int:
@@ -255,6 +259,8 @@ class TrainConfig:
   seed: Optional[int] = None
   # --mode=eval: seconds to wait for each new checkpoint (0: forever).
   eval_timeout: float = 3600
+  # XLA-compile the train and eval steps (slower on CPU; see README).
+  jit_compile: bool = False
 
   def __post_init__(self):
     _check(bool(self.model_dir), '--model_dir is required: the folder for checkpoints, '

@@ -71,8 +71,9 @@ def load_teacher(teacher_config: ModelConfig, checkpoint: str, num_classes: int,
       f'--teacher_checkpoint={checkpoint} does not match the teacher built from the --teacher_* '
       'flags (else its flags.json, else the student\'s)'))
   model.trainable = False
-  log.info('Teacher: ResNet-%d %gx (sk %.4g) from %s', teacher_config.resnet_depth,
-           teacher_config.width_multiplier, teacher_config.sk_ratio, checkpoint)
+  log.info('Teacher: ResNet-%d %gx (sk %.4g, %s) from %s', teacher_config.resnet_depth,
+           teacher_config.width_multiplier, teacher_config.sk_ratio, teacher_config.precision,
+           checkpoint)
 
   def teacher_fn(images):
     return model(images, training=False)[simclr.LOGITS_SUP]

@@ -31,7 +31,7 @@ class LinearLayer(keras.layers.Layer):
     self.dense = None
     self.bn = (keras.layers.BatchNormalization(
         momentum=batch_norm_decay, epsilon=BATCH_NORM_EPSILON, center=use_bias, scale=True,
-        synchronized=global_bn, name='bn') if use_bn else None)
+        synchronized=global_bn, dtype=self.dtype_policy, name='bn') if use_bn else None)
 
   def build(self, input_shape):
     if len(input_shape) != 2 or input_shape[-1] is None:
@@ -40,7 +40,8 @@ class LinearLayer(keras.layers.Layer):
     units = self.units if self.units is not None else int(input_shape[-1])
     self.dense = keras.layers.Dense(
         units, use_bias=self.use_bias and not self.use_bn,
-        kernel_initializer=keras.initializers.RandomNormal(stddev=0.01), name='dense')
+        kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
+        dtype=self.dtype_policy, name='dense')  # Built late: pass the policy explicitly.
     self.dense.build(input_shape)
     if self.bn is not None:
       self.bn.build((input_shape[0], units))
@@ -111,16 +112,17 @@ class ProjectionHead(keras.layers.Layer):
 
 
 class SupervisedHead(keras.layers.Layer):
-  """Logits layer: Dense with bias, no BN."""
+  """Logits layer: Dense with bias, no BN; float32 under any mixed-precision policy (its logits
+  feed softmaxes, and the linear readout of bfloat16 features loses accuracy)."""
 
-  def __init__(self, num_classes, name='head_supervised', **kwargs):
-    super().__init__(name=name, **kwargs)
+  def __init__(self, num_classes, name='head_supervised', dtype='float32', **kwargs):
+    super().__init__(name=name, dtype=dtype, **kwargs)
     if num_classes < 1:
       raise ValueError(f'SupervisedHead: num_classes={num_classes} must be >= 1 (check the '
                        'dataset\'s label count).')
     self.num_classes = num_classes
     self.linear_layer = LinearLayer(num_classes, use_bias=True, use_bn=False,
-                                    name='linear_layer')
+                                    dtype=self.dtype_policy, name='linear_layer')
 
   def call(self, inputs, training=False):
     return self.linear_layer(inputs, training=training)

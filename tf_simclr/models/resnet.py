@@ -298,7 +298,8 @@ class ResNet(keras.layers.Layer):
       if frozen:
         x = tf.stop_gradient(x)
       endpoints[group.name] = x
-    endpoints['final_avg_pool'] = tf.reduce_mean(x, [1, 2])
+    # Averaged in float32 under mixed precision: the representation that probes and heads read.
+    endpoints['final_avg_pool'] = tf.reduce_mean(tf.cast(x, tf.float32), [1, 2])
     return endpoints if return_endpoints else endpoints['final_avg_pool']
 
 

@@ -13,6 +13,7 @@ from typing import List, Optional
 import keras
 import tensorflow as tf
 
+from tf_simclr import precision as precision_lib
 from tf_simclr.config import ModelConfig
 from tf_simclr.models import heads
 from tf_simclr.models import resnet as resnet_lib
@@ -60,10 +61,13 @@ class SimCLRModel(keras.Model):
       raise ValueError(f'SimCLRModel expects images of shape (batch, height, width, 3); got '
                        f'{tuple(images.shape)}. Split stacked views onto the batch axis first.')
     outputs = dict(self.encoder(images, training=training, return_endpoints=True))
-    features = outputs[FINAL_AVG_POOL]
+    # The representation and the projections are float32 under any precision policy (probes,
+    # kNN and NT-Xent read them); the block-group endpoints keep the compute dtype.
+    features = tf.cast(outputs[FINAL_AVG_POOL], tf.float32)
+    outputs[FINAL_AVG_POOL] = features
     proj_output, hiddens = self.projection_head(features, training=training)
     outputs[PROJ_HEAD_INPUT] = features
-    outputs[PROJ_HEAD_OUTPUT] = proj_output
+    outputs[PROJ_HEAD_OUTPUT] = tf.cast(proj_output, tf.float32)
     if self.supervised_head is not None:
       sup_input = self.projection_head.select(hiddens)
       if self.supervised_head_stop_gradient:
@@ -99,7 +103,14 @@ def build_model(model_config: ModelConfig, num_classes: int,
   """Maps a ModelConfig onto an (unbuilt) SimCLRModel; call `build_for_size` before restoring.
 
   `name` prefixes every variable path (e.g. 'teacher' keeps a distillation teacher's paths apart).
+  Every layer takes the dtype policy `model_config.precision` (float32 variables whatever it is);
+  the global Keras policy is left as it was.
   """
+  with precision_lib.policy_scope(model_config.precision):
+    return _build_model(model_config, num_classes, name)
+
+
+def _build_model(model_config: ModelConfig, num_classes: int, name: str) -> SimCLRModel:
   c = model_config
   encoder = resnet_lib.resnet(
       c.resnet_depth, width_multiplier=c.width_multiplier, cifar_stem=c.cifar_stem,

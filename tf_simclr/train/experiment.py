@@ -17,6 +17,7 @@ import tensorflow as tf
 from tf_simclr import config as config_lib
 from tf_simclr import distribute
 from tf_simclr import run_dir
+from tf_simclr import precision as precision_lib
 from tf_simclr.config import Config, Steps, resolve_steps
 from tf_simclr.errors import CheckpointNotFoundError, UserError
 from tf_simclr.data import datasets, pipeline
@@ -163,6 +164,7 @@ def assemble_trainer(config: Config, strategy, steps: Steps, num_classes: int,
   with strategy.scope():
     optimizer = lars.build_optimizer(optim, learning_rate,
                                      exclude_from_weight_decay=tasks.lars_exclusions(model))
+    optimizer = precision_lib.wrap_optimizer(optimizer, config.model.precision)
     optimizer.build(model.trainable_variables)
   model_dir = train_config.model_dir
   save_dir = distribute.write_dir(model_dir, strategy)
@@ -170,7 +172,8 @@ def assemble_trainer(config: Config, strategy, steps: Steps, num_classes: int,
                                    save_dir=save_dir)
   task = tasks.make_task(config, model, strategy, teacher=teacher)
   trainer = loop.Trainer(task, optimizer, state, strategy, steps, train_config.train_batch_size,
-                         save_dir, learning_rate_fn=learning_rate)
+                         save_dir, learning_rate_fn=learning_rate,
+                         jit_compile=train_config.jit_compile)
   return Assembly(model=model, optimizer=optimizer, state=state, task=task, trainer=trainer)
 
 
@@ -203,10 +206,23 @@ def initialize_weights(config: Config, model, state: weights_state.TrainState,
   return how
 
 
+def _warn_slow_precision(ctx: Context) -> None:
+  """On CPUs, TensorFlow's bfloat16/float16 convolution gradients without XLA are an order of
+  magnitude slower than float32 (benchmarks/README.md); XLA compiles them efficiently."""
+  config = ctx.config
+  on_cpu = (not tf.config.list_physical_devices('GPU')
+            and not isinstance(ctx.strategy, tf.distribute.TPUStrategy))
+  if on_cpu and config.model.precision != 'float32' and not config.train.jit_compile:
+    log.warning('--precision=%s on a CPU without --jit_compile: TensorFlow\'s 16-bit convolution '
+                'gradients are about 10x slower than float32 here; add --jit_compile=True (or '
+                'use --precision=float32).', config.model.precision)
+
+
 def train(ctx: Context, teacher: Optional[Callable] = None,
           init_fn: Optional[Callable] = None):
   """Trains to the last step; returns (model, final step, metrics of the last loop)."""
   config = ctx.config
+  _warn_slow_precision(ctx)
   built = assemble_trainer(config, ctx.strategy, ctx.steps, ctx.num_classes, teacher=teacher)
   model, task = built.model, built.task
   initialize_weights(config, model, built.state, init_fn=init_fn)
@@ -249,7 +265,8 @@ def evaluate(ctx: Context, model, global_step: int,
                                         ctx.strategy)
   evaluator = evaluate_lib.Evaluator(model, ctx.strategy,
                                      tasks.weight_decay_variables(model, config.optim.optimizer),
-                                     config.optim.weight_decay)
+                                     config.optim.weight_decay,
+                                     jit_compile=config.train.jit_compile)
   with _naming_bad_images(ctx, config.data.eval_split):
     result = evaluator.evaluate(dataset, ctx.steps.eval_steps)
   if not distribute.is_chief(ctx.strategy):

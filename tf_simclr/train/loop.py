@@ -81,6 +81,13 @@ _ON_DEVICE = dict(trainable=False, synchronization=tf.VariableSynchronization.ON
                   aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
 
+# Under float16 loss scaling, a step with non-finite gradients is skipped and the scale halved.
+# Gradient overflow alone cannot survive this many halvings (2**15 -> 2**-35), so this many
+# consecutive skips mean the loss itself stays non-finite: training stops.
+MAX_CONSECUTIVE_SKIPS = 50
+SKIPPED = 'skipped_steps'
+
+
 class MetricAccumulator:
   """Running means of named scalars, summed on the device and read by the host once per loop.
 
@@ -137,6 +144,11 @@ class Trainer:
     self.steps = steps
     self.global_batch_size = global_batch_size
     self.learning_rate_fn = learning_rate_fn
+    # Dynamic loss scaling (mixed_float16): the optimizer wraps the one doing the updates.
+    self.loss_scaling = hasattr(optimizer, 'inner_optimizer')
+    self.max_consecutive_skips = MAX_CONSECUTIVE_SKIPS
+    self.skipped_steps = 0  # total over this Trainer's life
+    self._consecutive_skips = 0
     self.writer = tf.summary.create_file_writer(summary_dir)
     # XLA-compile the replica step (TPUStrategy compiles it whatever this says).
     self.jit_compile = jit_compile
@@ -152,8 +164,16 @@ class Trainer:
     with tf.GradientTape() as tape:
       loss, logs = task.train_loss(batch)
       # apply_gradients sums over replicas: divide so N replicas apply the mean gradient.
-      scaled_loss = loss / self.strategy.num_replicas_in_sync
+      # scale_loss multiplies by the dynamic loss scale under float16 (identity otherwise);
+      # the optimizer divides the gradients by it again.
+      scaled_loss = optimizer.scale_loss(loss / self.strategy.num_replicas_in_sync)
     grads = tape.gradient(scaled_loss, variables)
+    if self.loss_scaling:
+      # The optimizer skips this step if any replica's gradients are non-finite (same verdict
+      # everywhere); its metrics are zeroed so the host averages over the applied steps only.
+      finite = optimizer.check_finite(grads)
+      logs = {k: tf.where(finite, tf.cast(v, tf.float32), 0.0) for k, v in logs.items()}
+      logs[SKIPPED] = 1.0 - tf.cast(finite, tf.float32)
     optimizer.apply_gradients(zip(grads, variables))
     # One batched all-reduce in replica context; the sums stay on the device.
     context = tf.distribute.get_replica_context()
@@ -165,7 +185,8 @@ class Trainer:
   def _build_state(self):
     """Device-side metric sums and the image buffer (the pipelines' image_size squares)."""
     with self.strategy.scope():
-      self._accumulator = MetricAccumulator(self.task.metric_names())
+      self._accumulator = MetricAccumulator(
+          self.task.metric_names() + ([SKIPPED] if self.loss_scaling else []))
       local_batch = self.global_batch_size // self.strategy.num_replicas_in_sync
       size = self.task.config.data.image_size
       shape = [min(MAX_SUMMARY_IMAGES, local_batch), size, size, 3]
@@ -214,6 +235,8 @@ class Trainer:
         elapsed = time.time() - t0
         last_metrics = self._accumulator.result()
         self._accumulator.reset()
+        if self.loss_scaling:
+          last_metrics = self._count_skipped(step, n, last_metrics)
         self._check_divergence(step, last_metrics)
         self._log_progress(step, n, elapsed, start_step, start_time, last_metrics)
         self._write_scalars(step, last_metrics)
@@ -255,6 +278,27 @@ class Trainer:
           f'NaN/inf, counts as divergence). Stopped without saving or exporting, so the last '
           f'good checkpoint in {self.state.manager.directory} is kept. Lower --learning_rate, '
           'check the data, or raise --temperature.')
+
+  def _count_skipped(self, step, n, metrics):
+    """Logs the loop's skipped steps, stops on a persistent non-finite loss, and returns the
+    metrics averaged over the applied steps, with `skipped_steps` a count and the loss scale."""
+    skipped = int(round(metrics.pop(SKIPPED) * n))
+    scale = float(self.optimizer.dynamic_scale.numpy())
+    self.skipped_steps += skipped
+    self._consecutive_skips = self._consecutive_skips + skipped if skipped == n else 0
+    if self._consecutive_skips >= self.max_consecutive_skips:
+      raise TrainingDivergedError(
+          f'Non-finite loss or gradients for {self._consecutive_skips} consecutive steps at step '
+          f'{step} (loss scale now {scale:g}); stopped without saving, so the last good '
+          f'checkpoint in {self.state.manager.directory} is kept. Lower --learning_rate, check '
+          'the data, or train with --precision=mixed_bfloat16 or float32.')
+    if skipped:
+      log.warning('%d of %d steps skipped (non-finite gradients under float16 loss scaling); '
+                  'loss scale now %g.', skipped, n, scale)
+    applied = n - skipped
+    out = {k: v * n / applied for k, v in metrics.items()} if applied else {}
+    out.update({SKIPPED: float(skipped), 'loss_scale': scale})
+    return out
 
   def _log_progress(self, step, n, elapsed, start_step, start_time, metrics):
     total = self.steps.train_steps

@@ -81,8 +81,13 @@ class TrainState:
     self.model_dir = model_dir
     self.save_dir = save_dir or model_dir
     self.max_to_keep = max_to_keep
-    self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
-                                          global_step=optimizer.iterations)
+    # The wrapped optimizer under loss scaling, so the optimizer slots sit at the same paths
+    # whatever the precision; the loss scale is an extra, optional entry (see precision.py).
+    inner = getattr(optimizer, 'inner_optimizer', optimizer)
+    self._objects = dict(model=model, optimizer=inner, global_step=optimizer.iterations)
+    self._loss_scale = optimizer.dynamic_scale if inner is not optimizer else None
+    extra = {'loss_scale': self._loss_scale} if self._loss_scale is not None else {}
+    self.checkpoint = tf.train.Checkpoint(**self._objects, **extra)
     self.manager = self._make_manager()
 
   def _make_manager(self) -> tf.train.CheckpointManager:
@@ -136,8 +141,13 @@ class TrainState:
           self.model, found,
           lead=f'--model_dir={self.model_dir} holds a run of another architecture ({path})',
           advice='Resume it with its own flags (its flags.json), or use a new --model_dir.')
+      checkpoint = self.checkpoint
+      if self._loss_scale is not None and not source_lib.variable_paths(found.reader,
+                                                                         'loss_scale'):
+        # A float32/bfloat16 run resumed in float16: the loss scale starts at its initial value.
+        checkpoint = tf.train.Checkpoint(**self._objects)
       try:
-        self.checkpoint.restore(path).assert_existing_objects_matched()
+        checkpoint.restore(path).assert_existing_objects_matched()
       except _RESTORE_ERRORS as e:
         damaged.append((path, e))
         continue
