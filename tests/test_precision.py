@@ -18,8 +18,6 @@ from tf_simclr.models import simclr
 from tf_simclr.optim import lars
 from tf_simclr.train import loop, tasks
 
-pytestmark = pytest.mark.usefixtures('no_export')
-
 SIZE = 8
 TINY = dict(resnet_depth=18, width_multiplier=0.125, cifar_stem=True, proj_out_dim=16,
             num_proj_layers=2, supervised_head=True, supervised_head_stop_gradient=True)
