@@ -246,14 +246,14 @@ def resolve_steps(train: TrainConfig, optim: OptimConfig, num_train_examples: in
   """Turns epochs into steps for one dataset size (the only place this is done).
 
   Unlike the original, training runs exactly `train_steps` steps: the epochs' steps are
-  ceil(examples * epochs / batch), and the cosine schedule ends on that step.
+  ceil(examples * epochs / batch), and the cosine schedule ends on that step. As the original,
+  warmup is not shortened to fit: a run shorter than its warmup ends still warming up.
   """
   _check(num_train_examples > 0, 'The train split is empty: check --dataset and --train_split.')
   batch = train.train_batch_size
   train_steps = train.train_steps or math.ceil(num_train_examples * train.train_epochs / batch)
   epoch_steps = max(1, int(round(num_train_examples / batch)))
   warmup_steps = int(math.floor(optim.warmup_epochs * num_train_examples / batch))
-  warmup_steps = min(warmup_steps, train_steps)
   checkpoint_steps = train.checkpoint_steps or max(1, train.checkpoint_epochs * epoch_steps)
   steps_per_loop = min(train.steps_per_loop or checkpoint_steps, train_steps)
   eval_steps = train.eval_steps or max(1, math.ceil(num_eval_examples / train.eval_batch_size))
