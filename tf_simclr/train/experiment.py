@@ -21,7 +21,7 @@ from tf_simclr.data import datasets, pipeline
 from tf_simclr.models import simclr
 from tf_simclr.optim import lars, schedule
 from tf_simclr.train import evaluate as evaluate_lib
-from tf_simclr.train import loop, tasks
+from tf_simclr.train import loop, probe, tasks
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,9 @@ class Context:
   steps: Steps
   num_classes: int
   label_subset: Optional[object] = None
+  # Readouts on frozen features (train/probe.py), made on first use; the random-init baseline.
+  readout: Optional[probe.Readout] = None
+  baseline: Dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _write_json(path: str, payload) -> None:
@@ -135,11 +138,72 @@ def initialize_weights(config: Config, model, state: checkpoints.TrainState,
   return how
 
 
+def knn_enabled(ctx: Context) -> bool:
+  """--knn_monitor, unset: on when pretraining on a labelled dataset."""
+  knn = ctx.config.probe.knn
+  if knn is None:
+    return ctx.config.train.train_mode == 'pretrain' and ctx.num_classes > 1
+  return knn
+
+
+def linear_probe_enabled(ctx: Context) -> bool:
+  """--linear_probe, unset: at the end of pretraining with train_then_eval, and in --mode=probe."""
+  linear = ctx.config.probe.linear_probe
+  if linear is None:
+    train = ctx.config.train
+    return train.mode == 'probe' or (train.mode == 'train_then_eval' and
+                                     train.train_mode == 'pretrain')
+  return linear
+
+
+def readouts(ctx: Context, model, knn: bool, linear: bool) -> Dict[str, float]:
+  """kNN and/or linear-probe metrics of the model's encoder (train/probe.py)."""
+  if not (knn or linear):
+    return {}
+  if ctx.readout is None:
+    p = ctx.config.probe
+    ctx.readout = probe.Readout(
+        ctx.source, ctx.config.data, ctx.strategy, ctx.config.train.eval_batch_size,
+        ctx.num_classes, k=p.knn_k, temperature=p.knn_temperature,
+        max_train_examples=p.knn_max_bank_size, seed=p.seed)
+  return ctx.readout.run(model.encoder, knn=knn, linear=linear)
+
+
+def random_init_baseline(ctx: Context, model) -> None:
+  """--random_init_baseline: readouts of the freshly built (seeded, untrained) encoder."""
+  if not ctx.config.probe.random_init_baseline:
+    return
+  log.info('Random-init baseline: readouts of the encoder at its initialisation.')
+  result = readouts(ctx, model, knn=knn_enabled(ctx) or ctx.config.train.mode == 'probe',
+                    linear=linear_probe_enabled(ctx))
+  ctx.baseline = {probe.random_init_key(k): v for k, v in result.items()}
+
+
+def _knn_hook(ctx: Context, model):
+  """(every_steps, fn) for the Trainer: kNN every --knn_every_epochs, to TensorBoard."""
+  every = ctx.config.probe.knn_every_epochs * ctx.steps.epoch_steps
+  if not knn_enabled(ctx) or every <= 0:
+    return []
+  writer = tf.summary.create_file_writer(
+      distribute.write_dir(ctx.config.train.model_dir, ctx.strategy))
+
+  def hook(step):
+    if step >= ctx.steps.train_steps and ctx.config.train.mode == 'train_then_eval':
+      return  # The final eval runs it.
+    result = readouts(ctx, model, knn=True, linear=False)
+    with writer.as_default():
+      tf.summary.scalar(probe.KNN_TOP1, result[probe.KNN_TOP1], step=step)
+      tf.summary.scalar(probe.KNN_TOP5, result[probe.KNN_TOP5], step=step)
+      writer.flush()
+  return [(every, hook)]
+
+
 def train(ctx: Context, teacher: Optional[Callable] = None,
           init_fn: Optional[Callable] = None):
   """Trains to the last step; returns (model, final step, metrics of the last loop)."""
   config = ctx.config
   model = build_model(ctx)
+  random_init_baseline(ctx, model)  # Before any restore: the seeded initialisation.
   learning_rate = make_learning_rate(ctx)
   with ctx.strategy.scope():
     optimizer = lars.build_optimizer(config.optim, learning_rate,
@@ -160,25 +224,29 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
   trainer = loop.Trainer(task, optimizer, state, ctx.strategy, ctx.steps,
                          config.train.train_batch_size,
                          distribute.write_dir(model_dir, ctx.strategy),
-                         learning_rate_fn=learning_rate)
+                         learning_rate_fn=learning_rate, hooks=_knn_hook(ctx, model))
   result = trainer.train(iter(dataset))
   return model, result
 
 
-def evaluate(ctx: Context, model, global_step: int,
-             export_fn: Optional[Callable] = None) -> Optional[Dict[str, float]]:
-  """Evaluates the supervised head on --eval_split and writes the result files."""
+def evaluate(ctx: Context, model, global_step: int, export_fn: Optional[Callable] = None,
+             linear_probe: bool = False) -> Optional[Dict[str, float]]:
+  """Evaluates the supervised head and the readouts on --eval_split; writes the result files."""
   config = ctx.config
-  if model.supervised_head is None:
+  result = {}
+  if model.supervised_head is not None:
+    dataset = pipeline.build_eval_dataset(ctx.source, config.data, config.train.eval_batch_size,
+                                          ctx.strategy)
+    evaluator = evaluate_lib.Evaluator(model, ctx.strategy,
+                                       tasks.weight_decay_variables(model, config.optim.optimizer),
+                                       config.optim.weight_decay)
+    result = evaluator.evaluate(dataset, ctx.steps.eval_steps)
+  result.update(readouts(ctx, model, knn=knn_enabled(ctx), linear=linear_probe))
+  if not result:
     log.info('Skipping eval: pretraining without --lineareval_while_pretraining has no '
-             'supervised head.')
+             'supervised head, and the kNN monitor is off.')
     return None
-  dataset = pipeline.build_eval_dataset(ctx.source, config.data, config.train.eval_batch_size,
-                                        ctx.strategy)
-  evaluator = evaluate_lib.Evaluator(model, ctx.strategy,
-                                     tasks.weight_decay_variables(model, config.optim.optimizer),
-                                     config.optim.weight_decay)
-  result = evaluator.evaluate(dataset, ctx.steps.eval_steps)
+  result.update(ctx.baseline)
   if not distribute.is_chief(ctx.strategy):
     return result
   summary_dir = config.train.model_dir
@@ -206,6 +274,49 @@ def follow_and_evaluate(ctx: Context, export_fn: Optional[Callable] = None,
   return result
 
 
+def probe_checkpoint(ctx: Context) -> Dict[str, float]:
+  """--mode=probe: kNN and linear probe of --checkpoint, else of model_dir's newest checkpoint,
+  else of the random-init encoder; merged into result.json / result_<step>.json."""
+  config = ctx.config
+  model_dir = config.train.model_dir
+  model = build_model(ctx)
+  random_init_baseline(ctx, model)
+  # The readouts need the encoder only: heads of another shape (or none) may stay as built.
+  heads = ('supervised_head', 'projection_head')
+  latest = tf.train.latest_checkpoint(model_dir)
+  step = 0
+  if config.train.checkpoint:
+    from tf_simclr import original_weights
+    original_weights.load_pretrained(model, config.train.checkpoint, fresh_ok=heads)
+    log.info('Probing --checkpoint=%s.', config.train.checkpoint)
+    try:
+      step = checkpoints.read_global_step(
+          checkpoints.resolve_checkpoint_path(config.train.checkpoint))
+    except (ValueError, KeyError, tf.errors.OpError):
+      step = 0
+  elif latest:
+    checkpoints.restore_model_variables(model, latest, fresh_ok=heads)
+    step = checkpoints.read_global_step(latest)
+    log.info('Probing %s (step %d).', latest, step)
+  else:
+    log.warning('--mode=probe: no --checkpoint and no checkpoint in --model_dir=%s; probing the '
+                'random-init encoder.', model_dir)
+  knn = config.probe.knn is not False and ctx.num_classes > 1
+  result = readouts(ctx, model, knn=knn, linear=config.probe.linear_probe is not False)
+  result.update(ctx.baseline)
+  if not distribute.is_chief(ctx.strategy):
+    return result
+  previous = os.path.join(model_dir, f'result_{step}.json')
+  merged = {}
+  if tf.io.gfile.exists(previous):  # Keep the head's metrics of the same step.
+    with tf.io.gfile.GFile(previous) as f:
+      merged = {k: v for k, v in json.load(f).items() if k != 'global_step'}
+  merged.update(result)
+  stored = evaluate_lib.write_results(model_dir, merged, step, model_dir)
+  log.info('%s', probe.format_table(stored))
+  return stored
+
+
 USER_ERRORS = (ValueError, FileNotFoundError, loop.TrainingDivergedError)
 
 
@@ -227,9 +338,12 @@ def _teacher(ctx: Context) -> Callable:
 
 def run(config: Config, flags_dict: Optional[Dict] = None) -> Optional[Dict[str, float]]:
   """Runs `config.train.mode`; returns the last eval result when there is one."""
-  ctx = prepare(config, flags_dict)
-  export_fn = _export_fn(config)
   mode = config.train.mode
+  # Only training writes flags.json (DESIGN rule 6): a probe is not a training run.
+  ctx = prepare(config, flags_dict if mode != 'probe' else None)
+  export_fn = _export_fn(config)
+  if mode == 'probe':
+    return probe_checkpoint(ctx)
   if mode == 'eval':
     return follow_and_evaluate(ctx, export_fn)
   if mode == 'export':
@@ -244,7 +358,11 @@ def run(config: Config, flags_dict: Optional[Dict] = None) -> Optional[Dict[str,
   teacher = _teacher(ctx) if config.train.train_mode == 'distill' else None
   model, result = train(ctx, teacher=teacher)
   if mode == 'train_then_eval':
-    return evaluate(ctx, model, result.final_step, export_fn=export_fn)
+    stored = evaluate(ctx, model, result.final_step, export_fn=export_fn,
+                      linear_probe=linear_probe_enabled(ctx))
+    if stored and probe.has_readouts(stored):
+      log.info('%s', probe.format_table(stored))
+    return stored
   if distribute.is_chief(ctx.strategy):
     export_fn(model, result.final_step)
   return None

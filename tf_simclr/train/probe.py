@@ -391,3 +391,26 @@ class Readout:
              ', '.join(f'{k.split("/")[-1]} {v:.4f}' for k, v in out.items()), t1 - t0, t2 - t1,
              t3 - t2)
     return out
+
+
+ONLINE_HEAD_TOP1 = 'eval/label_top_1_accuracy'  # evaluate.TOP1, the head trained while pretraining.
+
+
+def has_readouts(result: Dict[str, float]) -> bool:
+  return any(k in result for k in (KNN_TOP1, PROBE_TOP1, random_init_key(KNN_TOP1),
+                                   random_init_key(PROBE_TOP1)))
+
+
+def format_table(result: Dict[str, float]) -> str:
+  """Top-1 of the online head, kNN and linear probe; a random-init row when it was measured."""
+  def cell(key):
+    return f'{result[key]:.4f}' if key in result else '-'
+  columns = (ONLINE_HEAD_TOP1, KNN_TOP1, PROBE_TOP1)
+  rows = [('pretrained', columns)]
+  if any(random_init_key(k) in result for k in columns):
+    rows.append(('random init', tuple(random_init_key(k) for k in columns)))
+  lines = ['Top-1 accuracy on the eval split (step %d):' % int(result.get('global_step', 0)),
+           f'  {"encoder":<12} {"online head":>11} {"kNN":>8} {"linear probe":>12}']
+  for name, keys in rows:
+    lines.append(f'  {name:<12} {cell(keys[0]):>11} {cell(keys[1]):>8} {cell(keys[2]):>12}')
+  return '\n'.join(lines)
