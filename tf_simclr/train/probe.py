@@ -32,7 +32,7 @@ PROBE_TOP5 = 'eval/linear_probe_top_5_accuracy'
 PROBE_L2 = 'eval/linear_probe_l2'
 RANDOM_INIT = 'eval/random_init/'
 
-DEFAULT_L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+DEFAULT_L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 
 
 def random_init_key(key: str) -> str:
@@ -308,7 +308,7 @@ def linear_probe(train_features, train_labels, eval_features, eval_labels, num_c
   eval_x = (np.asarray(eval_features, np.float64) - mean) / std
   train_y = np.asarray(train_labels).reshape([-1])
   l2_grid = sorted(l2_grid, reverse=True)  # Strong to weak: each fit warm-starts the next.
-  chosen = l2_grid[0]
+  chosen, chosen_fit = l2_grid[0], None
   if len(l2_grid) > 1:
     fit_idx, held_idx = holdout_split(train_y, holdout_fraction, seed)
     best, previous = -1.0, None
@@ -320,9 +320,12 @@ def linear_probe(train_features, train_labels, eval_features, eval_labels, num_c
       log.info('Linear probe: l2 %.0e, held-out top-1 %.4f (%d iterations).', l2, acc,
                fit.iterations)
       if acc > best:
-        best, chosen = acc, l2
+        best, chosen, chosen_fit = acc, l2, fit
+      elif acc < best - 0.02:
+        break  # Past the best: weaker penalties only overfit more.
+  # Refit on all of train, from the held-out fit of the chosen strength (close to the optimum).
   fit = fit_logistic_regression(train_x, train_y, num_classes, chosen,
-                                max_iterations=max_iterations)
+                                max_iterations=max_iterations, init=chosen_fit)
   if not fit.converged:
     log.warning('Linear probe: L-BFGS stopped after %d iterations before converging.',
                 fit.iterations)
