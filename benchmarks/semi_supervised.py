@@ -48,8 +48,7 @@ ARCHITECTURE = {'dataset': 'shapes10', 'image_size': 16, 'resnet_depth': 18,
 COMMON = ['--dataset=shapes10', '--train_split=train', '--eval_split=test', '--image_size=16',
           '--resnet_depth=18', '--width_multiplier=0.25', '--sk_ratio=0',
           '--proj_head_mode=nonlinear', '--num_proj_layers=3', '--proj_out_dim=128',
-          '--mode=train_then_eval', '--eval_batch_size=500', '--color_jitter_strength=1.0',
-          '--use_blur=False', '--seed=0',
+          '--mode=train_then_eval', '--eval_batch_size=500', '--use_blur=False', '--seed=0',
           # Readouts of each arm's encoder at its final eval (not during training).
           '--knn_monitor=True', '--linear_probe=True', '--knn_every_epochs=0']
 KNN_TOP1 = 'eval/knn_top_1_accuracy'
