@@ -188,8 +188,9 @@ def _knn_hook(ctx: Context, model):
       distribute.write_dir(ctx.config.train.model_dir, ctx.strategy))
 
   def hook(step):
-    if step >= ctx.steps.train_steps and ctx.config.train.mode == 'train_then_eval':
-      return  # The final eval runs it.
+    if (ctx.config.train.mode == 'train_then_eval' and
+        ctx.steps.train_steps - step < ctx.steps.epoch_steps):
+      return  # The final eval, less than an epoch away, runs it.
     result = readouts(ctx, model, knn=True, linear=False)
     with writer.as_default():
       tf.summary.scalar(probe.KNN_TOP1, result[probe.KNN_TOP1], step=step)
