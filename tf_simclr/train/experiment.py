@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 from typing import Callable, Dict, Optional
@@ -24,7 +25,7 @@ from tf_simclr.data import datasets, pipeline
 from tf_simclr.models import simclr
 from tf_simclr.optim import lars, schedule
 from tf_simclr.train import evaluate as evaluate_lib
-from tf_simclr.train import loop, tasks
+from tf_simclr.train import loop, probe, tasks
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ class Context:
   label_subset: Optional[object] = None
   lock: Optional[run_dir.RunLock] = None  # held by a training run's chief
   flags_dict: Optional[Dict] = None  # written to flags.json once training has its weights
+  # Readouts on frozen features (train/probe.py), made on first use; the random-init baseline.
+  readout: Optional[probe.Readout] = None
+  baseline: Dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 TRAINING_MODES = ('train', 'train_then_eval')
@@ -61,7 +65,8 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
     config_lib.check_tpu_paths(config)
   chief = distribute.is_chief(strategy)
   needs_train = train.mode in TRAINING_MODES
-  run_dir.check_usable(train.model_dir, create=needs_train)
+  # Training and probe write into model_dir (probe: result files only); eval/export only read.
+  run_dir.check_usable(train.model_dir, create=needs_train or train.mode == 'probe')
   stored = run_dir.read_flags(train.model_dir)
   if stored is not None and checkpoints.find_checkpoints(train.model_dir):
     config_lib.check_same_architecture(config.model, stored, train.model_dir)
@@ -186,12 +191,74 @@ def _warn_slow_precision(ctx: Context) -> None:
                 'use --precision=float32).', config.model.precision)
 
 
+def knn_enabled(ctx: Context) -> bool:
+  """--knn_monitor, unset: on when pretraining on a labelled dataset."""
+  knn = ctx.config.probe.knn
+  if knn is None:
+    return ctx.config.train.train_mode == 'pretrain' and ctx.num_classes > 1
+  return knn
+
+
+def linear_probe_enabled(ctx: Context) -> bool:
+  """--linear_probe, unset: at the end of pretraining with train_then_eval, and in --mode=probe."""
+  linear = ctx.config.probe.linear_probe
+  if linear is None:
+    train = ctx.config.train
+    return train.mode == 'probe' or (train.mode == 'train_then_eval' and
+                                     train.train_mode == 'pretrain')
+  return linear
+
+
+def readouts(ctx: Context, model, knn: bool, linear: bool) -> Dict[str, float]:
+  """kNN and/or linear-probe metrics of the model's encoder (train/probe.py)."""
+  if not (knn or linear):
+    return {}
+  if ctx.readout is None:
+    p = ctx.config.probe
+    ctx.readout = probe.Readout(
+        ctx.source, ctx.config.data, ctx.strategy, ctx.config.train.eval_batch_size,
+        ctx.num_classes, k=p.knn_k, temperature=p.knn_temperature,
+        max_train_examples=p.knn_max_bank_size, seed=p.seed)
+  return ctx.readout.run(model.encoder, knn=knn, linear=linear)
+
+
+def random_init_baseline(ctx: Context, model) -> None:
+  """--random_init_baseline: readouts of the freshly built (seeded, untrained) encoder."""
+  if not ctx.config.probe.random_init_baseline:
+    return
+  log.info('Random-init baseline: readouts of the encoder at its initialisation.')
+  result = readouts(ctx, model, knn=knn_enabled(ctx) or ctx.config.train.mode == 'probe',
+                    linear=linear_probe_enabled(ctx))
+  ctx.baseline = {probe.random_init_key(k): v for k, v in result.items()}
+
+
+def _knn_hook(ctx: Context, model):
+  """(every_steps, fn) for the Trainer: kNN every --knn_every_epochs, to TensorBoard."""
+  every = ctx.config.probe.knn_every_epochs * ctx.steps.epoch_steps
+  if not knn_enabled(ctx) or every <= 0:
+    return []
+  writer = tf.summary.create_file_writer(
+      distribute.write_dir(ctx.config.train.model_dir, ctx.strategy))
+
+  def hook(step):
+    if (ctx.config.train.mode == 'train_then_eval' and
+        ctx.steps.train_steps - step < ctx.steps.epoch_steps):
+      return  # The final eval, less than an epoch away, runs it.
+    result = readouts(ctx, model, knn=True, linear=False)
+    with writer.as_default():
+      tf.summary.scalar(probe.KNN_TOP1, result[probe.KNN_TOP1], step=step)
+      tf.summary.scalar(probe.KNN_TOP5, result[probe.KNN_TOP5], step=step)
+      writer.flush()
+  return [(every, hook)]
+
+
 def train(ctx: Context, teacher: Optional[Callable] = None,
           init_fn: Optional[Callable] = None):
   """Trains to the last step; returns (model, final step, metrics of the last loop)."""
   config = ctx.config
   _warn_slow_precision(ctx)
   model = build_model(ctx)
+  random_init_baseline(ctx, model)  # Before any restore: the seeded initialisation.
   learning_rate = make_learning_rate(ctx)
   with ctx.strategy.scope():
     optimizer = lars.build_optimizer(config.optim, learning_rate,
@@ -216,7 +283,8 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
   trainer = loop.Trainer(task, optimizer, state, ctx.strategy, ctx.steps,
                          config.train.train_batch_size,
                          distribute.write_dir(model_dir, ctx.strategy),
-                         learning_rate_fn=learning_rate, jit_compile=config.train.jit_compile)
+                         learning_rate_fn=learning_rate, jit_compile=config.train.jit_compile,
+                         hooks=_knn_hook(ctx, model))
   with _naming_bad_images(ctx, config.data.train_split):
     result = trainer.train(iter(dataset))
   return model, result
@@ -234,22 +302,27 @@ def _naming_bad_images(ctx: Context, split: str):
     raise error from e
 
 
-def evaluate(ctx: Context, model, global_step: int,
-             export_fn: Optional[Callable] = None) -> Optional[Dict[str, float]]:
-  """Evaluates the supervised head on --eval_split and writes the result files."""
+def evaluate(ctx: Context, model, global_step: int, export_fn: Optional[Callable] = None,
+             linear_probe: bool = False) -> Optional[Dict[str, float]]:
+  """Evaluates the supervised head and the readouts on --eval_split; writes the result files."""
   config = ctx.config
-  if model.supervised_head is None:
-    log.info('Skipping eval: pretraining without --lineareval_while_pretraining has no '
-             'supervised head.')
-    return None
-  dataset = pipeline.build_eval_dataset(ctx.source, config.data, config.train.eval_batch_size,
-                                        ctx.strategy)
-  evaluator = evaluate_lib.Evaluator(model, ctx.strategy,
-                                     tasks.weight_decay_variables(model, config.optim.optimizer),
-                                     config.optim.weight_decay,
-                                     jit_compile=config.train.jit_compile)
+  result = {}
+  if model.supervised_head is not None:
+    dataset = pipeline.build_eval_dataset(ctx.source, config.data, config.train.eval_batch_size,
+                                          ctx.strategy)
+    evaluator = evaluate_lib.Evaluator(model, ctx.strategy,
+                                       tasks.weight_decay_variables(model, config.optim.optimizer),
+                                       config.optim.weight_decay,
+                                       jit_compile=config.train.jit_compile)
+    with _naming_bad_images(ctx, config.data.eval_split):
+      result = evaluator.evaluate(dataset, ctx.steps.eval_steps)
   with _naming_bad_images(ctx, config.data.eval_split):
-    result = evaluator.evaluate(dataset, ctx.steps.eval_steps)
+    result.update(readouts(ctx, model, knn=knn_enabled(ctx), linear=linear_probe))
+  if not result:
+    log.info('Skipping eval: pretraining without --lineareval_while_pretraining has no '
+             'supervised head, and the kNN monitor is off.')
+    return None
+  result.update(ctx.baseline)
   if not distribute.is_chief(ctx.strategy):
     return result
   summary_dir = config.train.model_dir
@@ -291,6 +364,51 @@ def follow_and_evaluate(ctx: Context, export_fn: Optional[Callable] = None,
   return result
 
 
+def probe_checkpoint(ctx: Context) -> Dict[str, float]:
+  """--mode=probe: kNN and linear probe of --checkpoint, else of model_dir's newest checkpoint,
+  else of the random-init encoder; merged into result.json / result_<step>.json."""
+  config = ctx.config
+  model_dir = config.train.model_dir
+  model = build_model(ctx)
+  random_init_baseline(ctx, model)
+  # The readouts need the encoder only: heads of another shape (or none) may stay as built.
+  heads = ('supervised_head', 'projection_head')
+  found = checkpoints.find_checkpoints(model_dir)
+  latest = found[0] if found else None
+  step = 0
+  if config.train.checkpoint:
+    from tf_simclr import original_weights
+    original_weights.load_pretrained(model, config.train.checkpoint, fresh_ok=heads)
+    log.info('Probing --checkpoint=%s.', config.train.checkpoint)
+    try:
+      step = checkpoints.read_global_step(
+          checkpoints.resolve_checkpoint_path(config.train.checkpoint))
+    except (ValueError, KeyError, tf.errors.OpError):
+      step = 0
+  elif latest:
+    checkpoints.restore_model_variables(model, latest, fresh_ok=heads)
+    step = checkpoints.read_global_step(latest)
+    log.info('Probing %s (step %d).', latest, step)
+  else:
+    log.warning('--mode=probe: no --checkpoint and no checkpoint in --model_dir=%s; probing the '
+                'random-init encoder.', model_dir)
+  knn = config.probe.knn is not False and ctx.num_classes > 1
+  result = readouts(ctx, model, knn=knn, linear=config.probe.linear_probe is not False)
+  result.update(ctx.baseline)
+  if not distribute.is_chief(ctx.strategy):
+    return result
+  previous = os.path.join(model_dir, f'result_{step}.json')
+  merged = {}
+  if tf.io.gfile.exists(previous):  # Keep the head's metrics of the same step.
+    with tf.io.gfile.GFile(previous) as f:
+      merged = {k: v for k, v in json.load(f).items() if k != 'global_step'}
+  merged.update(result)
+  stored = evaluate_lib.write_results(model_dir, merged, step, model_dir)
+  log.info('%s', probe.format_table(stored))
+  return stored
+
+
+
 PREEMPTED = loop.TrainingPreemptedError
 USER_ERRORS = (ValueError, FileNotFoundError, loop.TrainingDivergedError,
                checkpoints.NoIntactCheckpointError, checkpoints.CheckpointSaveError)
@@ -326,6 +444,8 @@ def _run_mode(ctx: Context) -> Optional[Dict[str, float]]:
   config = ctx.config
   export_fn = _export_fn(config)
   mode = config.train.mode
+  if mode == 'probe':
+    return probe_checkpoint(ctx)
   if mode == 'eval':
     return follow_and_evaluate(ctx, export_fn, timeout=config.train.eval_timeout)
   if mode == 'export':
@@ -340,7 +460,11 @@ def _run_mode(ctx: Context) -> Optional[Dict[str, float]]:
   teacher = _teacher(ctx) if config.train.train_mode == 'distill' else None
   model, result = train(ctx, teacher=teacher)
   if mode == 'train_then_eval':
-    return evaluate(ctx, model, result.final_step, export_fn=export_fn)
+    stored = evaluate(ctx, model, result.final_step, export_fn=export_fn,
+                      linear_probe=linear_probe_enabled(ctx))
+    if stored and probe.has_readouts(stored):
+      log.info('%s', probe.format_table(stored))
+    return stored
   if distribute.is_chief(ctx.strategy):
     export_fn(model, result.final_step)
   return None
