@@ -46,9 +46,11 @@ flags.DEFINE_string('dataset', 'imagenet2012',
                     'PATH/<split>/<class>/*.{jpg,png}, or the built-in shapes10 (no download).')
 flags.DEFINE_bool('cache_dataset', False,
                   'Whether to cache the entire dataset in memory (good for small datasets).')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'train_then_eval', 'export'],
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'train_then_eval', 'export', 'probe'],
                   'train, eval (follows new checkpoints in model_dir until the last step), '
-                  'train_then_eval, or export (SavedModel of the latest checkpoint).')
+                  'train_then_eval, export (SavedModel of the latest checkpoint), or probe (kNN '
+                  'and linear probe on frozen features of --checkpoint, else of the newest '
+                  'checkpoint in model_dir, else of the random-init encoder).')
 flags.DEFINE_enum('train_mode', 'pretrain', ['pretrain', 'finetune', 'distill'],
                   'The objective and trainable components: pretrain (contrastive), finetune '
                   '(supervised), distill (student learns a teacher).')
@@ -158,6 +160,25 @@ flags.DEFINE_integer('teacher_num_proj_layers', None, 'Teacher projection head l
 flags.DEFINE_integer('teacher_proj_out_dim', None, 'Teacher projection output dimension.')
 flags.DEFINE_integer('teacher_ft_proj_selector', None,
                      'Teacher projection head layer that feeds its supervised head.')
+flags.DEFINE_bool('knn_monitor', None,
+                  'Weighted kNN accuracy (k nearest train examples by cosine similarity of '
+                  'final_avg_pool features) at each eval and every --knn_every_epochs. Unset: on '
+                  'when pretraining on a labelled dataset.')
+flags.DEFINE_integer('knn_k', 200, 'Neighbours of the kNN monitor (Wu et al. 2018: 200).')
+flags.DEFINE_float('knn_temperature', 0.1,
+                   'kNN vote weight exp(similarity / T) (Wu et al. 2018: 0.1).')
+flags.DEFINE_integer('knn_every_epochs', 10,
+                     'Run the kNN monitor every this many training epochs (0: only at evals).')
+flags.DEFINE_integer('knn_max_bank_size', 50000,
+                     'Train examples read for the kNN bank and the linear probe: a '
+                     'class-balanced, seeded subset of at most this many (0: the whole split).')
+flags.DEFINE_bool('linear_probe', None,
+                  'Logistic-regression probe on frozen final_avg_pool features (L2 strength '
+                  'chosen on held-out train examples). Unset: at the end of pretraining with '
+                  '--mode=train_then_eval, and in --mode=probe.')
+flags.DEFINE_bool('random_init_baseline', False,
+                  'Also run the kNN / linear probe on the encoder at its initialisation (same '
+                  'seed, no training): the like-for-like baseline (eval/random_init/... keys).')
 
 
 def config_from_flags(flag_values) -> 'Config':
@@ -212,8 +233,13 @@ def config_from_flags(flag_values) -> 'Config':
     distill = cfg.DistillConfig(
         teacher=teacher_model, teacher_checkpoint=f.teacher_checkpoint,
         temperature=f.distill_temperature, label_weight=f.distill_label_weight)
+  probe = cfg.ProbeConfig(
+      knn=f.knn_monitor, knn_k=f.knn_k, knn_temperature=f.knn_temperature,
+      knn_every_epochs=f.knn_every_epochs, knn_max_bank_size=f.knn_max_bank_size,
+      linear_probe=f.linear_probe, random_init_baseline=f.random_init_baseline,
+      seed=f.seed or 0)
   return cfg.Config(model=model, data=data, optim=optim, train=train, distribute=distribute,
-                    distill=distill)
+                    distill=distill, probe=probe)
 
 
 def serializable_flags(flag_values) -> dict:

@@ -1,5 +1,9 @@
 """Does the quickstart's pretraining help? Linear eval of the pretrained vs a random encoder.
 
+Every arm also reports the readouts on frozen features that run.py writes to result.json (kNN
+monitor and linear probe, tf_simclr/train/probe.py); the pretrained arm's run includes the
+random-init encoder's readouts when the flagfile sets --random_init_baseline (the quickstart does).
+
   python benchmarks/quickstart_gain.py                                  # runs all three arms
   python benchmarks/quickstart_gain.py --reuse_pretrained=/tmp/tf_simclr_quickstart
   python benchmarks/quickstart_gain.py --extra_flags=--train_steps=4    # smoke run
@@ -43,6 +47,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, 'benchmarks', 'results')
 TOP1 = 'eval/label_top_1_accuracy'
 TOP5 = 'eval/label_top_5_accuracy'
+# Readouts on frozen features (train/probe.py): result.json key -> column name.
+READOUTS = {'eval/knn_top_1_accuracy': 'knn_top1',
+            'eval/linear_probe_top_1_accuracy': 'probe_top1',
+            'eval/linear_probe_top_5_accuracy': 'probe_top5',
+            'eval/random_init/knn_top_1_accuracy': 'random_init_knn_top1',
+            'eval/random_init/linear_probe_top_1_accuracy': 'random_init_probe_top1'}
 RANDOM_INIT_FLAGS = ('--train_mode=finetune', '--fine_tune_after_block=4',
                      '--zero_init_logits_layer=True')
 # Flags that define the budget; a reused pretrained run must match the flagfile on these.
@@ -123,7 +133,23 @@ def reused_arm(model_dir: str) -> dict:
 def _metrics(result: dict) -> dict:
   return {'top1': result[TOP1], 'top5': result[TOP5],
           'global_step': int(result.get('global_step', 0)),
-          'num_examples': int(result.get('num_examples', 0))}
+          'num_examples': int(result.get('num_examples', 0)),
+          **{name: result.get(key) for key, name in READOUTS.items()}}
+
+
+def _cell(value) -> str:
+  return f'{value:.4f}' if value is not None else '-'
+
+
+def print_readouts(rows: list) -> None:
+  """kNN / probe top-1 of each arm's encoder, and of the random-init encoder where measured."""
+  print(f'\n{"encoder":<34} {"kNN top-1":>9} {"probe top-1":>11} {"probe top-5":>11}')
+  for r in rows:
+    print(f'{r["arm"]:<34} {_cell(r["knn_top1"]):>9} {_cell(r["probe_top1"]):>11} '
+          f'{_cell(r["probe_top5"]):>11}')
+    if r['random_init_knn_top1'] is not None or r['random_init_probe_top1'] is not None:
+      print(f'{"  random init (same seed, same run)":<34} {_cell(r["random_init_knn_top1"]):>9} '
+            f'{_cell(r["random_init_probe_top1"]):>11} {"-":>11}')
 
 
 def main(argv=None):
@@ -181,6 +207,13 @@ def main(argv=None):
   linear_gain = rows[2]['top1'] - rows[1]['top1']
   print(f'\nTop-1 gain over a random-init encoder: {100 * gain:+.2f} points (head trained while '
         f'pretraining), {100 * linear_gain:+.2f} points (same linear eval on both encoders)')
+  print_readouts(rows)
+  pre = rows[0]
+  readout_gains = {}
+  for name in ('knn_top1', 'probe_top1'):
+    if pre[name] is not None and pre['random_init_' + name] is not None:
+      readout_gains[name] = pre[name] - pre['random_init_' + name]
+      print(f'{name}: {100 * readout_gains[name]:+.2f} points over the random-init encoder')
   if rows[0]['reused']:
     print('* reused run: wall time = result.json mtime - flags.json mtime (includes eval).')
   payload = {
@@ -188,7 +221,7 @@ def main(argv=None):
       'nproc': os.cpu_count(), 'loadavg_at_end': list(os.getloadavg()),
       'flagfile': os.path.relpath(flagfile, ROOT), 'extra_flags': extra,
       'random_init_flags': list(RANDOM_INIT_FLAGS), 'top1_gain': gain,
-      'top1_gain_same_linear_eval': linear_gain, 'arms': rows,
+      'top1_gain_same_linear_eval': linear_gain, 'readout_gains': readout_gains, 'arms': rows,
       'notes': notes}
   os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
   with open(args.output, 'w') as f:

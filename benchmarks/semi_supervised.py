@@ -19,8 +19,10 @@ Arms, each a `run.py` subprocess with its own --model_dir under --work_dir:
                   `pretrained`; the table says which.
   supervised      the fine-tune arm without --checkpoint: the same labels, steps, optimizer and
                   schedule from random initialisation (the supervised baseline).
-Every arm evaluates top-1/top-5 on the 2000-image test split. Prints a table and writes
-benchmarks/results/semi_supervised.json.
+Every arm evaluates top-1/top-5 on the 2000-image test split, and the readouts of its encoder's
+frozen features (tf_simclr/train/probe.py): the kNN monitor and the linear probe, which use the
+labels of the whole train split (they measure the representation, not the 10%-label protocol).
+Prints a table and writes benchmarks/results/semi_supervised.json.
 """
 
 from __future__ import annotations
@@ -46,8 +48,11 @@ ARCHITECTURE = {'dataset': 'shapes10', 'image_size': 16, 'resnet_depth': 18,
 COMMON = ['--dataset=shapes10', '--train_split=train', '--eval_split=test', '--image_size=16',
           '--resnet_depth=18', '--width_multiplier=0.25', '--sk_ratio=0',
           '--proj_head_mode=nonlinear', '--num_proj_layers=3', '--proj_out_dim=128',
-          '--mode=train_then_eval', '--eval_batch_size=500', '--color_jitter_strength=1.0',
-          '--use_blur=False', '--seed=0']
+          '--mode=train_then_eval', '--eval_batch_size=500', '--use_blur=False', '--seed=0',
+          # Readouts of each arm's encoder at its final eval (not during training).
+          '--knn_monitor=True', '--linear_probe=True', '--knn_every_epochs=0']
+KNN_TOP1 = 'eval/knn_top_1_accuracy'
+PROBE_TOP1 = 'eval/linear_probe_top_1_accuracy'
 
 
 def _run(name: str, argv: list, model_dir: str) -> float:
@@ -154,19 +159,28 @@ def main() -> None:
           ('supervised only (10% labels, random init)', 'supervised')]
   results = {}
   print(f'\nshapes10, ResNet-18 16 px, {args.label_fraction:.0%} labels; top-1/top-5 on test')
-  print(f'{"arm":58s} {"top-1":>7s} {"top-5":>7s} {"steps":>6s} {"minutes":>8s}')
+  print(f'{"arm":58s} {"top-1":>7s} {"top-5":>7s} {"kNN":>7s} {"probe":>7s} {"steps":>6s} '
+        f'{"minutes":>8s}')
+
+  def cell(value):
+    return f'{value:7.4f}' if value is not None else f'{"-":>7s}'
   for title, key in rows:
     result = read_result(dirs[key])
     results[key] = {'top1': result[TOP1], 'top5': result[TOP5],
+                    'knn_top1': result.get(KNN_TOP1), 'probe_top1': result.get(PROBE_TOP1),
                     'global_step': int(result.get('global_step', 0)), 'model_dir': dirs[key],
                     'seconds': round(seconds.get(key, 0.0), 1)}
-    print(f'{title:58s} {result[TOP1]:7.4f} {result[TOP5]:7.4f} '
-          f'{int(result.get("global_step", 0)):6d} {seconds.get(key, 0) / 60:8.1f}')
+    print(f'{title:58s} {result[TOP1]:7.4f} {result[TOP5]:7.4f} {cell(result.get(KNN_TOP1))} '
+          f'{cell(result.get(PROBE_TOP1))} {int(result.get("global_step", 0)):6d} '
+          f'{seconds.get(key, 0) / 60:8.1f}')
   pretrain = read_result(dirs['pretrain'])
   results['pretrain_linear_eval'] = {'top1': pretrain.get(TOP1), 'top5': pretrain.get(TOP5),
+                                     'knn_top1': pretrain.get(KNN_TOP1),
+                                     'probe_top1': pretrain.get(PROBE_TOP1),
                                      'model_dir': dirs['pretrain'], 'reused': bool(reuse),
                                      'seconds': round(seconds.get('pretrain', 0.0), 1)}
-  print(f'(pretrain linear eval while pretraining, 100% labels: top-1 {pretrain.get(TOP1)})')
+  print(f'(pretrain, 100% labels: head trained while pretraining top-1 {pretrain.get(TOP1)}, '
+        f'kNN {pretrain.get(KNN_TOP1)}, linear probe {pretrain.get(PROBE_TOP1)})')
   payload = {'benchmark': 'semi_supervised', 'date': datetime.datetime.now().isoformat(),
              'smoke': args.smoke, 'settings': vars(args), 'results': results,
              'total_minutes': round(sum(seconds.values()) / 60, 1)}

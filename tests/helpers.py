@@ -13,8 +13,8 @@ TINY_MODEL = dict(resnet_depth=18, width_multiplier=1, cifar_stem=True, proj_out
 
 
 def tiny_config(model_dir, **overrides):
-  """A Config for 16 px shapes10 runs of a few steps."""
-  sections = {'model': {}, 'data': {}, 'optim': {}, 'train': {}}
+  """A Config for 16 px shapes10 runs of a few steps (readouts off: tests/test_probe.py)."""
+  sections = {'model': {}, 'data': {}, 'optim': {}, 'train': {}, 'probe': {}}
   for key, value in overrides.items():
     section, name = key.split('__')
     sections[section][name] = value
@@ -33,7 +33,8 @@ def tiny_config(model_dir, **overrides):
                              'train_steps': 3, 'checkpoint_steps': 2, 'eval_batch_size': 50,
                              'eval_steps': 2, 'temperature': 0.5, 'seed': 1,
                              **sections['train']})
-  return cfg.Config(model=model, data=data, optim=optim, train=train)
+  probe = cfg.ProbeConfig(**{'knn': False, 'linear_probe': False, **sections['probe']})
+  return cfg.Config(model=model, data=data, optim=optim, train=train, probe=probe)
 
 
 def build_state(config, model_dir):

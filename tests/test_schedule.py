@@ -65,3 +65,22 @@ def test_get_config_round_trip_and_validation():
     assert float(clone(step)) == float(schedule(step))
   with pytest.raises(ValueError, match='warmup_steps'):
     WarmupCosineSchedule(0.2, 128, 'linear', -1, 9)
+
+
+def test_run_shorter_than_its_warmup_never_leaves_warmup():
+  """Issue 7: --train_steps=44 with 10 warmup epochs of 112 steps stays in warmup, as the original.
+
+  Hand computation: warmup = floor(10 * 1440 / 128) = 112 steps; peak = 1.0 * 128 / 256 = 0.5;
+  the optimizer's update k (0-based) uses lr = k / 112 * 0.5, so the rate at step 44 is 0.19643
+  (a warmup clamped to 44 steps would give 0.5 at step 44 and 0.489 at step 43).
+  """
+  from tf_simclr import config as cfg
+  train = cfg.TrainConfig(model_dir='/tmp/x', train_batch_size=128, train_steps=44)
+  optim = cfg.OptimConfig(learning_rate=1.0, warmup_epochs=10)
+  steps = cfg.resolve_steps(train, optim, num_train_examples=1440, num_eval_examples=100)
+  assert (steps.train_steps, steps.warmup_steps) == (44, 112)
+  schedule = WarmupCosineSchedule(1.0, 128, 'linear', steps.warmup_steps, steps.train_steps)
+  assert float(schedule(44)) == pytest.approx(44 / 112 * 0.5, rel=1e-6)  # 0.19643
+  assert float(schedule(43)) == pytest.approx(43 / 112 * 0.5, rel=1e-6)
+  rates = [float(schedule(s)) for s in range(45)]
+  assert all(b > a for a, b in zip(rates, rates[1:]))  # still rising at the last step

@@ -16,7 +16,7 @@ from tf_simclr.errors import ConfigError, DatasetError
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 PROJ_HEAD_MODES = ('none', 'linear', 'nonlinear')
 TRAIN_MODES = ('pretrain', 'finetune', 'distill')
-MODES = ('train', 'eval', 'train_then_eval', 'export')
+MODES = ('train', 'eval', 'train_then_eval', 'export', 'probe')
 OPTIMIZERS = ('momentum', 'adam', 'lars')
 LR_SCALINGS = ('linear', 'sqrt')
 COLOR_JITTER_IMPLS = ('simclrv1', 'simclrv2')
@@ -285,6 +285,35 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+  """Readouts on frozen features (train/probe.py): kNN monitor, linear probe, random-init baseline.
+
+  `knn` and `linear_probe` None mean automatic: the kNN runs when pretraining on a labelled dataset;
+  the linear probe at the end of pretraining with --mode=train_then_eval (and always in
+  --mode=probe). The experiment resolves them once it knows the dataset.
+  """
+  knn: Optional[bool] = None
+  knn_k: int = 200
+  knn_temperature: float = 0.1
+  # kNN every this many epochs while training (0: only at evaluations).
+  knn_every_epochs: int = 10
+  # Class-balanced, seeded cap on the train examples read for the kNN bank and the probe (0: all).
+  knn_max_bank_size: int = 50000
+  linear_probe: Optional[bool] = None
+  random_init_baseline: bool = False
+  seed: int = 0
+
+  def __post_init__(self):
+    _check(self.knn_k >= 1, f'--knn_k={self.knn_k} must be >= 1 (200 as Wu et al. 2018).')
+    _check(self.knn_temperature > 0,
+           f'--knn_temperature={self.knn_temperature} must be > 0 (0.1 as Wu et al. 2018).')
+    _check(self.knn_every_epochs >= 0,
+           f'--knn_every_epochs={self.knn_every_epochs} must be >= 0 (0: only at evaluations).')
+    _check(self.knn_max_bank_size >= 0,
+           f'--knn_max_bank_size={self.knn_max_bank_size} must be >= 0 (0: the whole split).')
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   """Everything one run needs."""
   model: ModelConfig
@@ -293,6 +322,7 @@ class Config:
   train: TrainConfig
   distribute: DistributeConfig = dataclasses.field(default_factory=DistributeConfig)
   distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+  probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
 
   def __post_init__(self):
     mode = self.train.train_mode
@@ -354,10 +384,11 @@ def check_same_architecture(model: ModelConfig, stored_flags: dict, where: str) 
            for name, value in pairs
            if stored(name) is not None and not _same(stored(name), value)]
   size = stored('image_size')
-  if isinstance(size, int) and (size <= 32) != model.cifar_stem:
+  if isinstance(size, int) and small_images(size) != model.cifar_stem:
     wrong.append(f'the {"CIFAR" if model.cifar_stem else "ImageNet"} stem here (--image_size '
                  f'{"<=" if model.cifar_stem else ">"} 32) but the '
-                 f'{"CIFAR" if size <= 32 else "ImageNet"} stem in the run (--image_size={size})')
+                 f'{"CIFAR" if small_images(size) else "ImageNet"} stem in the run '
+                 f'(--image_size={size})')
   _check(not wrong, f'--model_dir={where} holds a run of another architecture (its flags.json): '
          + '; '.join(wrong) + '. Use the run\'s architecture flags, or a new --model_dir.')
 
@@ -384,14 +415,14 @@ def resolve_steps(train: TrainConfig, optim: OptimConfig, num_train_examples: in
   """Turns epochs into steps for one dataset size (the only place this is done).
 
   Unlike the original, training runs exactly `train_steps` steps: the epochs' steps are
-  ceil(examples * epochs / batch), and the cosine schedule ends on that step.
+  ceil(examples * epochs / batch), and the cosine schedule ends on that step. As the original,
+  warmup is not shortened to fit: a run shorter than its warmup ends still warming up.
   """
   _check(num_train_examples > 0, 'The train split is empty: check --dataset and --train_split.')
   batch = train.train_batch_size
   train_steps = train.train_steps or math.ceil(num_train_examples * train.train_epochs / batch)
   epoch_steps = max(1, int(round(num_train_examples / batch)))
   warmup_steps = int(math.floor(optim.warmup_epochs * num_train_examples / batch))
-  warmup_steps = min(warmup_steps, train_steps)
   checkpoint_steps = train.checkpoint_steps or max(1, train.checkpoint_epochs * epoch_steps)
   steps_per_loop = min(train.steps_per_loop or checkpoint_steps, train_steps)
   eval_steps = train.eval_steps or max(1, math.ceil(num_eval_examples / train.eval_batch_size))

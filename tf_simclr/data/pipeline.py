@@ -192,3 +192,37 @@ def build_eval_dataset(source: DatasetSource, data_config, global_batch_size: in
                              input_context.get_per_replica_batch_size(global_batch_size),
                              input_context=input_context)
   return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def make_feature_dataset(source: DatasetSource, data_config, split: str, batch_size: int,
+                         indices=None, input_context=None) -> tf.data.Dataset:
+  """One ordered pass over `split` (or its `indices`) with eval preprocessing, for readouts.
+
+  Elements are (example index in the split, image, integer label); the index lets features
+  gathered from any number of replicas be put back in split order.
+  """
+  if indices is None:
+    ds = source.as_dataset(split, shuffle_files=False).enumerate()
+  else:
+    member = tf.constant(_membership(source, split, indices))
+    ds = source.as_dataset(split, shuffle_files=False).enumerate()
+    ds = ds.filter(lambda index, example: tf.gather(member, index))
+  if input_context is not None and input_context.num_input_pipelines > 1:
+    ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+  preprocess = _preprocess_fn(data_config, is_training=False, color_jitter_strength=0.0)
+  ds = ds.map(lambda index, example: (index, preprocess(to_rgb(example[0])), example[1]),
+              num_parallel_calls=AUTOTUNE)
+  return ds.batch(batch_size, drop_remainder=False).prefetch(AUTOTUNE)
+
+
+def build_feature_dataset(source: DatasetSource, data_config, split: str, global_batch_size: int,
+                          strategy, indices=None):
+  """Distributed `make_feature_dataset` (one pass, last batches may be partial or empty)."""
+  config_lib.check_global_batch('eval_batch_size', global_batch_size,
+                                strategy.num_replicas_in_sync)
+
+  def dataset_fn(input_context):
+    return make_feature_dataset(source, data_config, split,
+                                input_context.get_per_replica_batch_size(global_batch_size),
+                                indices=indices, input_context=input_context)
+  return strategy.distribute_datasets_from_function(dataset_fn)

@@ -80,9 +80,11 @@ def write_results(model_dir: str, result: Dict[str, float], global_step: int,
       json.dump(stored, f, indent=2, sort_keys=True)
   writer = tf.summary.create_file_writer(summary_dir or model_dir)
   with writer.as_default():
-    for key in (TOP1, TOP5, REGULARIZATION):
-      tf.summary.scalar(key, stored[key], step=global_step)
+    for key, value in stored.items():
+      if key.startswith('eval/'):  # The head's metrics and the readouts (train/probe.py).
+        tf.summary.scalar(key, value, step=global_step)
     writer.flush()
-  log.info('Eval at step %d: top-1 %.4f, top-5 %.4f on %d examples', global_step, stored[TOP1],
-           stored[TOP5], int(stored.get('num_examples', 0)))
+  if TOP1 in stored:
+    log.info('Eval at step %d: top-1 %.4f, top-5 %.4f on %d examples', global_step, stored[TOP1],
+             stored[TOP5], int(stored.get('num_examples', 0)))
   return stored

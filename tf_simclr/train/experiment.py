@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 from typing import Callable, Dict, Optional
@@ -24,7 +25,7 @@ from tf_simclr.data import datasets, pipeline
 from tf_simclr.models import simclr
 from tf_simclr.optim import lars, schedule
 from tf_simclr.train import evaluate as evaluate_lib
-from tf_simclr.train import loop, tasks
+from tf_simclr.train import loop, probe, tasks
 from tf_simclr.weights import match as weights_match
 from tf_simclr.weights import source as weights_source
 from tf_simclr.weights import state as weights_state
@@ -45,6 +46,9 @@ class Context:
   label_subset: Optional[object] = None
   lock: Optional[run_dir.RunLock] = None  # held by a training run's chief
   flags_dict: Optional[Dict] = None  # written to flags.json once training has its weights
+  # Readouts on frozen features (train/probe.py), made on first use; the random-init baseline.
+  readout: Optional[probe.Readout] = None
+  baseline: Dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 TRAINING_MODES = ('train', 'train_then_eval')
@@ -64,7 +68,8 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
     config_lib.check_tpu_paths(config)
   chief = distribute.is_chief(strategy)
   needs_train = train.mode in TRAINING_MODES
-  run_dir.check_usable(train.model_dir, create=needs_train)
+  # Training and probe write into model_dir (probe: result files only); eval/export only read.
+  run_dir.check_usable(train.model_dir, create=needs_train or train.mode == 'probe')
   stored = run_dir.read_flags(train.model_dir)
   if stored is not None and weights_source.find_checkpoints(train.model_dir):
     config_lib.check_same_architecture(config.model, stored, train.model_dir)
@@ -151,11 +156,16 @@ class Assembly:
   trainer: loop.Trainer
 
 
-def assemble_trainer(config: Config, strategy, steps: Steps, num_classes: int,
-                     teacher: Optional[Callable] = None) -> Assembly:
+def assemble_trainer(config: Config, strategy, steps: Steps, num_classes: int, model=None,
+                     teacher: Optional[Callable] = None, hooks=()) -> Assembly:
   """Model, learning-rate schedule, optimizer (built), TrainState, task and Trainer: the one
-  assembly of a training run (`train` and benchmarks/throughput.py). Restores nothing."""
-  model = _build_model(config, strategy, num_classes)
+  assembly of a training run (`train` and benchmarks/throughput.py). Restores nothing.
+
+  `model`: an already built model to train (else one is built); `hooks`: the Trainer's
+  (every_steps, fn(step)) pairs.
+  """
+  if model is None:
+    model = _build_model(config, strategy, num_classes)
   optim, train_config = config.optim, config.train
   learning_rate = schedule.WarmupCosineSchedule(
       base_learning_rate=optim.learning_rate, batch_size=train_config.train_batch_size,
@@ -173,7 +183,7 @@ def assemble_trainer(config: Config, strategy, steps: Steps, num_classes: int,
   task = tasks.make_task(config, model, strategy, teacher=teacher)
   trainer = loop.Trainer(task, optimizer, state, strategy, steps, train_config.train_batch_size,
                          save_dir, learning_rate_fn=learning_rate,
-                         jit_compile=train_config.jit_compile)
+                         jit_compile=train_config.jit_compile, hooks=hooks)
   return Assembly(model=model, optimizer=optimizer, state=state, task=task, trainer=trainer)
 
 
@@ -218,13 +228,77 @@ def _warn_slow_precision(ctx: Context) -> None:
                 'use --precision=float32).', config.model.precision)
 
 
+def knn_enabled(ctx: Context) -> bool:
+  """--knn_monitor, unset: on when pretraining on a labelled dataset."""
+  knn = ctx.config.probe.knn
+  if knn is None:
+    return ctx.config.train.train_mode == 'pretrain' and ctx.num_classes > 1
+  return knn
+
+
+def linear_probe_enabled(ctx: Context) -> bool:
+  """--linear_probe, unset: at the end of pretraining with train_then_eval, and in --mode=probe."""
+  linear = ctx.config.probe.linear_probe
+  if linear is None:
+    train = ctx.config.train
+    return train.mode == 'probe' or (train.mode == 'train_then_eval' and
+                                     train.train_mode == 'pretrain')
+  return linear
+
+
+def readouts(ctx: Context, model, knn: bool, linear: bool) -> Dict[str, float]:
+  """kNN and/or linear-probe metrics of the model's encoder (train/probe.py)."""
+  if not (knn or linear):
+    return {}
+  if ctx.readout is None:
+    p = ctx.config.probe
+    ctx.readout = probe.Readout(
+        ctx.source, ctx.config.data, ctx.strategy, ctx.config.train.eval_batch_size,
+        ctx.num_classes, k=p.knn_k, temperature=p.knn_temperature,
+        max_train_examples=p.knn_max_bank_size, seed=p.seed)
+  return ctx.readout.run(model.encoder, knn=knn, linear=linear)
+
+
+def random_init_baseline(ctx: Context, model) -> None:
+  """--random_init_baseline: readouts of the freshly built (seeded, untrained) encoder."""
+  if not ctx.config.probe.random_init_baseline:
+    return
+  log.info('Random-init baseline: readouts of the encoder at its initialisation.')
+  result = readouts(ctx, model, knn=knn_enabled(ctx) or ctx.config.train.mode == 'probe',
+                    linear=linear_probe_enabled(ctx))
+  ctx.baseline = {probe.random_init_key(k): v for k, v in result.items()}
+
+
+def _knn_hook(ctx: Context, model):
+  """(every_steps, fn) for the Trainer: kNN every --knn_every_epochs, to TensorBoard."""
+  every = ctx.config.probe.knn_every_epochs * ctx.steps.epoch_steps
+  if not knn_enabled(ctx) or every <= 0:
+    return []
+  writer = tf.summary.create_file_writer(
+      distribute.write_dir(ctx.config.train.model_dir, ctx.strategy))
+
+  def hook(step):
+    if (ctx.config.train.mode == 'train_then_eval' and
+        ctx.steps.train_steps - step < ctx.steps.epoch_steps):
+      return  # The final eval, less than an epoch away, runs it.
+    result = readouts(ctx, model, knn=True, linear=False)
+    with writer.as_default():
+      tf.summary.scalar(probe.KNN_TOP1, result[probe.KNN_TOP1], step=step)
+      tf.summary.scalar(probe.KNN_TOP5, result[probe.KNN_TOP5], step=step)
+      writer.flush()
+  return [(every, hook)]
+
+
 def train(ctx: Context, teacher: Optional[Callable] = None,
           init_fn: Optional[Callable] = None):
   """Trains to the last step; returns (model, final step, metrics of the last loop)."""
   config = ctx.config
   _warn_slow_precision(ctx)
-  built = assemble_trainer(config, ctx.strategy, ctx.steps, ctx.num_classes, teacher=teacher)
-  model, task = built.model, built.task
+  model = build_model(ctx)
+  random_init_baseline(ctx, model)  # Before any restore: the seeded initialisation.
+  built = assemble_trainer(config, ctx.strategy, ctx.steps, ctx.num_classes, model=model,
+                           teacher=teacher, hooks=_knn_hook(ctx, model))
+  task = built.task
   initialize_weights(config, model, built.state, init_fn=init_fn)
   if ctx.flags_dict is not None and distribute.is_chief(ctx.strategy):
     # Only now: the flags, the data, the lock and the restore (architecture) have all passed.
@@ -253,22 +327,27 @@ def _naming_bad_images(ctx: Context, split: str):
     raise error from e
 
 
-def evaluate(ctx: Context, model, global_step: int,
-             export_fn: Optional[Callable] = None) -> Optional[Dict[str, float]]:
-  """Evaluates the supervised head on --eval_split and writes the result files."""
+def evaluate(ctx: Context, model, global_step: int, export_fn: Optional[Callable] = None,
+             linear_probe: bool = False) -> Optional[Dict[str, float]]:
+  """Evaluates the supervised head and the readouts on --eval_split; writes the result files."""
   config = ctx.config
-  if model.supervised_head is None:
-    log.info('Skipping eval: pretraining without --lineareval_while_pretraining has no '
-             'supervised head.')
-    return None
-  dataset = pipeline.build_eval_dataset(ctx.source, config.data, config.train.eval_batch_size,
-                                        ctx.strategy)
-  evaluator = evaluate_lib.Evaluator(model, ctx.strategy,
-                                     tasks.weight_decay_variables(model, config.optim.optimizer),
-                                     config.optim.weight_decay,
-                                     jit_compile=config.train.jit_compile)
+  result = {}
+  if model.supervised_head is not None:
+    dataset = pipeline.build_eval_dataset(ctx.source, config.data, config.train.eval_batch_size,
+                                          ctx.strategy)
+    evaluator = evaluate_lib.Evaluator(model, ctx.strategy,
+                                       tasks.weight_decay_variables(model, config.optim.optimizer),
+                                       config.optim.weight_decay,
+                                       jit_compile=config.train.jit_compile)
+    with _naming_bad_images(ctx, config.data.eval_split):
+      result = evaluator.evaluate(dataset, ctx.steps.eval_steps)
   with _naming_bad_images(ctx, config.data.eval_split):
-    result = evaluator.evaluate(dataset, ctx.steps.eval_steps)
+    result.update(readouts(ctx, model, knn=knn_enabled(ctx), linear=linear_probe))
+  if not result:
+    log.info('Skipping eval: pretraining without --lineareval_while_pretraining has no '
+             'supervised head, and the kNN monitor is off.')
+    return None
+  result.update(ctx.baseline)
   if not distribute.is_chief(ctx.strategy):
     return result
   summary_dir = config.train.model_dir
@@ -312,6 +391,51 @@ def follow_and_evaluate(ctx: Context, export_fn: Optional[Callable] = None,
   log.warning('No new checkpoint in %s within --eval_timeout=%g s after step %d (training ends at '
               '%d); stopping.', model_dir, timeout, step, ctx.steps.train_steps)
   return result
+
+
+def probe_checkpoint(ctx: Context) -> Dict[str, float]:
+  """--mode=probe: kNN and linear probe of --checkpoint, else of model_dir's newest checkpoint,
+  else of the random-init encoder; merged into result.json / result_<step>.json."""
+  config = ctx.config
+  model_dir = config.train.model_dir
+  model = build_model(ctx)
+  random_init_baseline(ctx, model)
+  # The readouts need the encoder only: heads of another shape (or none) may stay as built.
+  heads = ('supervised_head', 'projection_head')
+  found = weights_source.find_checkpoints(model_dir)
+  latest = found[0] if found else None
+  step = 0
+  if config.train.checkpoint:
+    source = weights_source.resolve(config.train.checkpoint)
+    weights_match.load(model, source, fresh_ok=heads)
+    log.info('Probing --checkpoint=%s.', config.train.checkpoint)
+    try:
+      step = weights_source.read_global_step(source)
+    except (ValueError, KeyError, tf.errors.OpError):
+      step = 0
+  elif latest:
+    source = weights_source.resolve(latest)
+    weights_match.load(model, source, fresh_ok=heads, lead=_MODEL_DIR_LEAD.format(latest))
+    step = weights_source.read_global_step(source)
+    log.info('Probing %s (step %d).', latest, step)
+  else:
+    log.warning('--mode=probe: no --checkpoint and no checkpoint in --model_dir=%s; probing the '
+                'random-init encoder.', model_dir)
+  knn = config.probe.knn is not False and ctx.num_classes > 1
+  result = readouts(ctx, model, knn=knn, linear=config.probe.linear_probe is not False)
+  result.update(ctx.baseline)
+  if not distribute.is_chief(ctx.strategy):
+    return result
+  previous = os.path.join(model_dir, f'result_{step}.json')
+  merged = {}
+  if tf.io.gfile.exists(previous):  # Keep the head's metrics of the same step.
+    with tf.io.gfile.GFile(previous) as f:
+      merged = {k: v for k, v in json.load(f).items() if k != 'global_step'}
+  merged.update(result)
+  stored = evaluate_lib.write_results(model_dir, merged, step, model_dir)
+  log.info('%s', probe.format_table(stored))
+  return stored
+
 
 
 PREEMPTED = loop.TrainingPreemptedError
@@ -360,6 +484,8 @@ def run(config: Config, flags_dict: Optional[Dict] = None,
 def _run_mode(ctx: Context, export_fn: Callable) -> Optional[Dict[str, float]]:
   config = ctx.config
   mode = config.train.mode
+  if mode == 'probe':
+    return probe_checkpoint(ctx)
   if mode == 'eval':
     return follow_and_evaluate(ctx, export_fn, timeout=config.train.eval_timeout)
   if mode == 'export':
@@ -375,7 +501,11 @@ def _run_mode(ctx: Context, export_fn: Callable) -> Optional[Dict[str, float]]:
   teacher = load_teacher(ctx) if config.train.train_mode == 'distill' else None
   model, result = train(ctx, teacher=teacher)
   if mode == 'train_then_eval':
-    return evaluate(ctx, model, result.final_step, export_fn=export_fn)
+    stored = evaluate(ctx, model, result.final_step, export_fn=export_fn,
+                      linear_probe=linear_probe_enabled(ctx))
+    if stored and probe.has_readouts(stored):
+      log.info('%s', probe.format_table(stored))
+    return stored
   if distribute.is_chief(ctx.strategy):
     export_fn(model, result.final_step)
   return None

@@ -136,8 +136,10 @@ class Trainer:
 
   def __init__(self, task, optimizer, state: TrainState, strategy: tf.distribute.Strategy,
                steps: Steps, global_batch_size: int, summary_dir: str,
-               learning_rate_fn=None, jit_compile: bool = False):
+               learning_rate_fn=None, jit_compile: bool = False, hooks=()):
     self.task = task
+    # (every_steps, fn(step)) pairs: fn runs between loops when a multiple of every_steps passes.
+    self.hooks = tuple(hooks)
     self.optimizer = optimizer
     self.state = state
     self.strategy = strategy
@@ -244,6 +246,9 @@ class Trainer:
         if step % steps.checkpoint_steps == 0 or step >= steps.train_steps:
           path = state.save()
           log.info('Saved checkpoint %s', path)
+        for every, hook in self.hooks:
+          if step // every > (step - n) // every:
+            hook(step)
         if step < steps.train_steps and stop.requested():
           path = path or state.save()
           raise TrainingPreemptedError(
