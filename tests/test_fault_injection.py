@@ -161,7 +161,7 @@ def test_divergence_stops_without_saving_or_exporting(tmp_path):
   model_dir = tmp_path / 'diverged'
   p = start(model_dir, tmp_path / 'p.log', '--train_steps=6', '--checkpoint_steps=2',
             '--steps_per_loop=2', '--optimizer=momentum', '--learning_rate=1e6',
-            '--warmup_epochs=0')  # Since warmup is not clamped to the run: no 6-step warmup.
+            '--warmup_epochs=0')  # no warm-up: the original's schedule would ramp lr slowly
   rc, out = finish(p, tmp_path / 'p.log')
   assert rc == 2, out[-3000:]
   m = re.search(r'Training diverged at step (\d+): ', out)
