@@ -187,19 +187,15 @@ def config_from_flags(flag_values) -> 'Config':
   from tf_simclr import teacher as teacher_lib
   f = flag_values
   train_mode = f.train_mode
-  model = cfg.ModelConfig(
+  model = cfg.model_config(
+      train_mode, f.image_size, lineareval_while_pretraining=f.lineareval_while_pretraining,
+      fine_tune_after_block=f.fine_tune_after_block,
       resnet_depth=f.resnet_depth, width_multiplier=f.width_multiplier,
-      cifar_stem=f.image_size <= 32, sk_ratio=f.sk_ratio, se_ratio=f.se_ratio,
+      sk_ratio=f.sk_ratio, se_ratio=f.se_ratio,
       batch_norm_decay=f.batch_norm_decay, global_bn=f.global_bn,
       proj_head_mode=f.proj_head_mode, proj_out_dim=f.proj_out_dim,
       num_proj_layers=f.num_proj_layers, ft_proj_selector=f.ft_proj_selector,
-      supervised_head=train_mode != 'pretrain' or f.lineareval_while_pretraining,
-      supervised_head_stop_gradient=train_mode == 'pretrain',
-      fine_tune_after_block=f.fine_tune_after_block if train_mode == 'finetune' else -1,
       precision=f.precision)
-  if train_mode == 'pretrain' and f.fine_tune_after_block != -1:
-    raise cfg.ConfigError('--fine_tune_after_block freezes layers and only applies to '
-                          '--train_mode=finetune; leave it at -1 for pretraining.')
   data = cfg.DataConfig(
       dataset=f.dataset, data_dir=f.data_dir, train_split=f.train_split,
       eval_split=f.eval_split, image_size=f.image_size,
@@ -222,11 +218,7 @@ def config_from_flags(flag_values) -> 'Config':
       lineareval_while_pretraining=f.lineareval_while_pretraining,
       zero_init_logits_layer=f.zero_init_logits_layer, eval_name=f.eval_name, seed=f.seed,
       eval_timeout=f.eval_timeout, jit_compile=f.jit_compile)
-  strategy = f.distribution_strategy
-  if f.use_tpu is True:
-    strategy = 'tpu'
-  elif f.use_tpu is False and strategy == 'tpu':
-    raise cfg.ConfigError('--use_tpu=False contradicts --distribution_strategy=tpu.')
+  strategy = 'tpu' if f.use_tpu is True else f.distribution_strategy
   distribute = cfg.DistributeConfig(
       strategy=strategy, tpu_name=f.tpu_name, tpu_zone=f.tpu_zone, gcp_project=f.gcp_project,
       master=f.master, allow_tpu=f.use_tpu is not False,
@@ -265,14 +257,14 @@ def serializable_flags(flag_values) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]} (flags take the form --name=value).')
-  from tf_simclr.config import ConfigError
+  from tf_simclr.errors import UserError
   for ignored in ('train_summary_steps', 'variable_schema'):
     if FLAGS[ignored].present:
       logging.warning('--%s is accepted for compatibility with original command lines and has '
                       'no effect.', ignored)
   try:
     config = config_from_flags(FLAGS)
-  except (ConfigError, FileNotFoundError) as e:
+  except UserError as e:
     logging.error('%s', e)
     sys.exit(2)
   from tf_simclr.train import experiment

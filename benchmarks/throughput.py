@@ -90,19 +90,14 @@ def machine_facts() -> dict:
 
 def _train_objects(bench: Bench, model_dir: str, precision: str = 'float32',
                    jit_compile: bool = False, batch_size: int = 0):
-  """Model, LARS, PretrainTask and Trainer built as experiment.train builds them."""
+  """Model, LARS, PretrainTask and Trainer from experiment.assemble_trainer (as training)."""
   import tensorflow as tf
-  from tf_simclr import checkpoints
   from tf_simclr import config as cfg
-  from tf_simclr import precision as precision_lib
-  from tf_simclr.models import simclr
-  from tf_simclr.optim import lars, schedule
-  from tf_simclr.train import loop, tasks
+  from tf_simclr.train import experiment
 
   size, batch = bench.image_size, batch_size or bench.batch_size
-  model_config = cfg.ModelConfig(
-      resnet_depth=bench.resnet_depth, cifar_stem=size <= 32, supervised_head=True,
-      supervised_head_stop_gradient=True, precision=precision)
+  model_config = cfg.model_config('pretrain', size, lineareval_while_pretraining=True,
+                                  resnet_depth=bench.resnet_depth, precision=precision)
   optim = cfg.OptimConfig(optimizer='lars', learning_rate=0.3, warmup_epochs=0,
                           weight_decay=1e-6)
   config = cfg.Config(
@@ -117,20 +112,8 @@ def _train_objects(bench: Bench, model_dir: str, precision: str = 'float32',
   total = 10_000
   steps = cfg.Steps(train_steps=total, epoch_steps=total, warmup_steps=0,
                     checkpoint_steps=total, steps_per_loop=bench.steps, eval_steps=1)
-  with strategy.scope():
-    model = simclr.build_model(model_config, 10)
-    model.build_for_size(size)
-    lr = schedule.WarmupCosineSchedule(base_learning_rate=optim.learning_rate, batch_size=batch,
-                                       scaling='linear', warmup_steps=0, total_steps=total)
-    optimizer = lars.build_optimizer(optim, lr,
-                                     exclude_from_weight_decay=tasks.lars_exclusions(model))
-    optimizer = precision_lib.wrap_optimizer(optimizer, precision)
-    optimizer.build(model.trainable_variables)
-  task = tasks.PretrainTask(config, model, strategy)
-  state = checkpoints.TrainState(model, optimizer, model_dir, 1)
-  trainer = loop.Trainer(task, optimizer, state, strategy, steps, batch, model_dir,
-                         jit_compile=jit_compile)
-  return model, trainer, config
+  built = experiment.assemble_trainer(config, strategy, steps, num_classes=10)
+  return built.model, built.trainer, config
 
 
 def forward_gflops(model, image_size: int) -> float:

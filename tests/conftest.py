@@ -48,20 +48,3 @@ def original_fixture_dir():
     pytest.skip('shared/fixtures/original_tf2 is not beside this clone (it is in CI); '
                 'these tests check import of weights written by google-research/simclr.')
   return path
-
-
-def checkpoint_values(path):
-  """{structural path below model/: value} of a checkpoint, read without any model object."""
-  from tf_simclr import checkpoints
-  reader = tf.train.load_checkpoint(path)
-  keys = checkpoints.checkpoint_variable_paths(reader, root_child='model')
-  return {p: reader.get_tensor(k) for p, k in keys.items()}
-
-
-@pytest.fixture(scope='module')
-def no_export():
-  """Training tests that need no SavedModel export (tests/test_export.py covers it) skip it."""
-  from tf_simclr.train import experiment
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(experiment, '_export_fn', lambda config: lambda model, step: None)
-    yield

@@ -8,21 +8,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_simclr import checkpoints
+from tf_simclr import weights
 from tf_simclr import config as cfg
 from tf_simclr import teacher as teacher_lib
 from tf_simclr.data import pipeline
 from tf_simclr.models import simclr
 from tf_simclr.train import experiment
 
-from conftest import checkpoint_values
-from test_train import TINY_MODEL, tiny_config
+from helpers import TINY_MODEL, checkpoint_values, tiny_config
 
 STUDENT = dict(num_proj_layers=1, proj_out_dim=8)  # Another head than the teacher's.
 
-
-# Training runs here need no SavedModel export (tests/test_export.py covers it).
-pytestmark = pytest.mark.usefixtures('no_export')
+# Training runs here need no SavedModel export (tests/test_export.py covers it): no_export.
 
 
 @pytest.fixture(scope='module')
@@ -30,7 +27,8 @@ def teacher_checkpoint(tmp_path_factory):
   """A tiny fine-tuned (from scratch, 1 step) teacher whose flags.json holds its architecture."""
   model_dir = tmp_path_factory.mktemp('teacher')
   config = tiny_config(model_dir, train__train_mode='finetune', train__train_steps=1)
-  experiment.run(config, flags_dict=dict(TINY_MODEL, train_mode='finetune'))
+  experiment.run(config, flags_dict=dict(TINY_MODEL, train_mode='finetune'),
+                 export_fn=experiment.no_export)
   return tf.train.latest_checkpoint(str(model_dir))
 
 
@@ -58,13 +56,13 @@ def test_distill_trains_student_only_and_evaluates_the_student(tmp_path, teacher
                            train__train_steps=2, train__checkpoint_steps=1, train__eval_steps=1)
   ctx = experiment.prepare(config)
   assert ctx.steps.train_steps == 2 and len(ctx.label_subset) == 1000
-  teacher = experiment._teacher(ctx)
+  teacher = experiment.load_teacher(ctx)
   model, result = experiment.train(ctx, teacher=teacher)
   assert result.final_step == 2
   # Teacher: inference mode, no gradients -> every variable, BN moving statistics included, is
   # exactly as in its checkpoint after the student's steps.
   saved = checkpoint_values(teacher_checkpoint)
-  teacher_vars = checkpoints.variables_by_path(teacher.model)
+  teacher_vars = weights.match.object_variable_paths(teacher.model)
   assert set(teacher_vars) == set(saved) and not teacher.model.trainable_variables
   assert any(p.endswith('moving_mean') for p in saved)
   for path, var in teacher_vars.items():
@@ -83,7 +81,7 @@ def test_distill_trains_student_only_and_evaluates_the_student(tmp_path, teacher
                                                          ctx.strategy)))
   student = simclr.build_model(config.model, 10)
   student.build_for_size(16)
-  checkpoints.restore_model_variables(student, str(tmp_path / 'ckpt-2'))
+  weights.match.load(student, str(tmp_path / 'ckpt-2'))
   logits = student(images, training=False)[simclr.LOGITS_SUP].numpy()
   truth = labels.numpy().argmax(1)
   top1 = np.mean(logits.argmax(1) == truth)

@@ -13,9 +13,8 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from tf_simclr import checkpoints
+from tf_simclr import weights
 from tf_simclr import export
-from tf_simclr import original_weights
 from tf_simclr.config import ModelConfig
 from tf_simclr.models import simclr
 
@@ -113,7 +112,7 @@ def exported(tmp_path_factory):
   (root / str(STEP) / 'stale.txt').write_text('from an earlier run')
   export_dir = export.export_step(model, str(model_dir), STEP, keep_hub_module_max=2)
   ckpt = tf.train.Checkpoint(model=model).save(str(model_dir / 'ckpt'))
-  snapshot = {p: v.numpy() for p, v in checkpoints.object_variable_paths(model, 'model').items()}
+  snapshot = {p: v.numpy() for p, v in weights.match.object_variable_paths(model, 'model').items()}
 
   ref = {'labels': np.arange(6) % NUM_CLASSES}
   for size, n in ((16, 6), (24, 3)):
@@ -231,15 +230,15 @@ def test_load_pretrained_restores_own_export_and_checkpoint_exactly(exported):
   for path in (exported['export_dir'], root, exported['ckpt'], str(exported['model_dir'])):
     for v in model.variables:
       v.assign(tf.zeros_like(v))
-    report = original_weights.load_pretrained(model, path)
+    report = weights.match.load(model, path)
     assert report.restored == len(exported['snapshot']) == len(model.variables)
     assert not report.fresh and not report.ignored
-    got = checkpoints.object_variable_paths(model, 'model')
+    got = weights.match.object_variable_paths(model, 'model')
     assert set(got) == set(exported['snapshot'])
     for p, value in exported['snapshot'].items():
       np.testing.assert_array_equal(got[p].numpy(), value, err_msg=f'{path}: {p}')
-  source = original_weights.open_source(root)
-  assert source.origin == original_weights.OURS and source.saved_model
-  assert original_weights.describe(source) == dict(
+  source = weights.source.resolve(root)
+  assert source.origin == weights.source.OURS and source.saved_model
+  assert weights.original.describe(source) == dict(
       resnet_depth=18, width_multiplier=1, cifar_stem=True, sk_ratio=0.0, se_ratio=0.0,
       proj_head_mode='nonlinear', num_proj_layers=2, proj_out_dim=16, num_classes=NUM_CLASSES)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_simclr import checkpoints
+from tf_simclr import weights
 from tf_simclr import config as cfg
 from tf_simclr import run_dir
 from tf_simclr.data import datasets
@@ -50,7 +50,8 @@ def finish(proc, log_path, timeout=300):
 
 
 def steps_saved(model_dir):
-  return [checkpoints.checkpoint_step(p) for p in checkpoints.find_checkpoints(str(model_dir))]
+  found = weights.source.find_checkpoints(str(model_dir))
+  return [weights.source.checkpoint_step(p) for p in found]
 
 
 def wait_for(condition, proc, what, timeout=240):
@@ -79,7 +80,7 @@ def test_run_survives_sigterm_kill_damage_and_concurrency(tmp_path):
   stopped = int(m.group(1))
   assert m.group(2) == str(model_dir / f'ckpt-{stopped}')
   assert max(steps_saved(model_dir)) == stopped
-  assert checkpoints.read_global_step(str(model_dir / f'ckpt-{stopped}')) == stopped
+  assert weights.source.read_global_step(str(model_dir / f'ckpt-{stopped}')) == stopped
   assert not (model_dir / 'LOCK').exists()
 
   # 2. The same command resumes from that step; a second run meanwhile is refused at once.
@@ -134,7 +135,7 @@ def test_run_survives_sigterm_kill_damage_and_concurrency(tmp_path):
     if step and int(step.group(1)) < newest:
       assert after[name] == digest, name
   assert max(steps_saved(model_dir)) == final
-  assert checkpoints.read_global_step(str(model_dir)) == final
+  assert weights.source.read_global_step(str(model_dir)) == final
   assert (model_dir / 'saved_model' / str(final) / 'saved_model.pb').exists()
 
   # 5. A mistaken export with another width: an error naming both values before any work;
@@ -233,13 +234,13 @@ def test_failed_save_names_model_dir(tmp_path):
   model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
   optimizer = tf.keras.optimizers.SGD()
   optimizer.build(model.trainable_variables)
-  state = checkpoints.TrainState(model, optimizer, str(tmp_path), max_to_keep=2)
+  state = weights.state.TrainState(model, optimizer, str(tmp_path), max_to_keep=2)
 
   def full(**kwargs):
     raise tf.errors.ResourceExhaustedError(None, None, 'No space left on device')
 
   state.manager.save = full
-  with pytest.raises(checkpoints.CheckpointSaveError) as e:
+  with pytest.raises(weights.state.CheckpointSaveError) as e:
     state.save()
   assert str(tmp_path) in str(e.value) and 'No space left on device' in str(e.value)
   assert 'disk full' in str(e.value)

@@ -11,19 +11,17 @@ import pytest
 import tensorflow as tf
 from absl import flags as absl_flags
 
-from tf_simclr import checkpoints
+from tf_simclr import weights
+from tf_simclr.errors import CheckpointMismatchError
 from tf_simclr import config as cfg
 from tf_simclr.data import datasets
 from tf_simclr.data import synthetic
 from tf_simclr.models import simclr
 from tf_simclr.train import experiment
 
-from conftest import checkpoint_values
-from test_train import TINY_MODEL, _build_state, tiny_config
+from helpers import TINY_MODEL, build_state, checkpoint_values, tiny_config
 
-
-# Training runs here need no SavedModel export (tests/test_export.py covers it).
-pytestmark = pytest.mark.usefixtures('no_export')
+# Training runs here need no SavedModel export (tests/test_export.py covers it): no_export.
 
 
 @pytest.fixture(scope='module')
@@ -31,7 +29,7 @@ def pretrained(tmp_path_factory):
   """A 2-step pretrain run of the tiny model (linear-eval head on); returns its ckpt prefix."""
   model_dir = tmp_path_factory.mktemp('pretrain')
   experiment.run(tiny_config(model_dir, train__train_steps=2),
-                 flags_dict=dict(TINY_MODEL))
+                 flags_dict=dict(TINY_MODEL), export_fn=experiment.no_export)
   return tf.train.latest_checkpoint(str(model_dir))
 
 
@@ -53,7 +51,7 @@ def _part(path):
 def test_fine_tune_after_block_freezes_weights_and_bn_statistics(tmp_path, pretrained,
                                                                  after_block):
   config = _finetune_config(tmp_path, pretrained, model__fine_tune_after_block=after_block)
-  experiment.run(config)
+  experiment.run(config, export_fn=experiment.no_export)
   before = checkpoint_values(pretrained)
   after = checkpoint_values(tf.train.latest_checkpoint(str(tmp_path)))
   assert set(before) == set(after)
@@ -84,9 +82,9 @@ def test_zero_init_logits_layer_zeroes_the_restored_head(tmp_path, pretrained):
   for zero in (False, True):
     config = _finetune_config(tmp_path / str(zero), pretrained,
                               train__zero_init_logits_layer=zero)
-    model, _, state = _build_state(config, tmp_path / str(zero))
+    model, _, state = build_state(config, tmp_path / str(zero))
     assert experiment.initialize_weights(config, model, state) == 'initialized'
-    ours = checkpoints.variables_by_path(model)
+    ours = weights.match.object_variable_paths(model)
     for path, value in head_before.items():
       expected = np.zeros_like(value) if zero else value
       np.testing.assert_array_equal(ours[path].numpy(), expected, err_msg=path)
@@ -97,13 +95,13 @@ def test_zero_init_logits_layer_zeroes_the_restored_head(tmp_path, pretrained):
 
 
 def test_resume_from_model_dir_wins_over_checkpoint(tmp_path, pretrained, caplog):
-  experiment.run(_finetune_config(tmp_path, pretrained))
+  experiment.run(_finetune_config(tmp_path, pretrained), export_fn=experiment.no_export)
   first = checkpoint_values(str(tmp_path / 'ckpt-1'))
   caplog.set_level(logging.INFO)
   # A --checkpoint that does not exist: resuming must not even look at it.
   experiment.run(_finetune_config(tmp_path, str(tmp_path / 'missing' / 'ckpt-9'),
-                                  train__train_steps=2))
-  assert checkpoints.read_global_step(str(tmp_path)) == 2
+                                  train__train_steps=2), export_fn=experiment.no_export)
+  assert weights.source.read_global_step(str(tmp_path)) == 2
   assert any('Resuming from' in r.getMessage() and 'ckpt-1' in r.getMessage()
              for r in caplog.records)
   assert not any('Initialising the model from --checkpoint' in r.getMessage()
@@ -151,7 +149,7 @@ def test_finetune_without_checkpoint_on_label_fraction_from_run_flags(tmp_path, 
   caplog.set_level(logging.INFO)
   short = tiny_config(tmp_path / 'scratch', train__train_mode='finetune',
                       data__train_label_fraction=0.1, train__train_steps=1)
-  experiment.run(short)
+  experiment.run(short, export_fn=experiment.no_export)
   warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
   assert any('without --checkpoint' in r.getMessage() and 'random initialisation'
              in r.getMessage() for r in warnings)
@@ -170,8 +168,8 @@ def test_restore_of_another_architecture_is_an_error(pretrained):
                           'linear_layers/1/dense/_kernel: checkpoint [512, 16] vs model [512, 8]')):
     model = simclr.build_model(cfg.ModelConfig(**{**TINY_MODEL, **change}), 10)
     model.build_for_size(16)
-    with pytest.raises(checkpoints.CheckpointMismatchError) as error:
-      checkpoints.restore_model_variables(model, pretrained, fresh_ok=('supervised_head',))
+    with pytest.raises(CheckpointMismatchError) as error:
+      weights.match.load(model, pretrained, fresh_ok=('supervised_head',))
     message = str(error.value)
     assert needle in message and '--num_proj_layers' in message and '--width_multiplier' in message
     assert pretrained in message
@@ -180,13 +178,13 @@ def test_restore_of_another_architecture_is_an_error(pretrained):
 def test_new_supervised_head_with_another_class_count_may_be_fresh(pretrained):
   model = simclr.build_model(cfg.ModelConfig(**TINY_MODEL), 7)
   model.build_for_size(16)
-  with pytest.raises(checkpoints.CheckpointMismatchError, match='supervised_head'):
-    checkpoints.restore_model_variables(model, pretrained)
-  report = checkpoints.restore_model_variables(model, pretrained, fresh_ok=('supervised_head',))
+  with pytest.raises(CheckpointMismatchError, match='supervised_head'):
+    weights.match.load(model, pretrained)
+  report = weights.match.load(model, pretrained, fresh_ok=('supervised_head',))
   assert report.fresh == ['model/supervised_head/linear_layer/dense/_kernel',
                           'model/supervised_head/linear_layer/dense/bias']
   values = checkpoint_values(pretrained)
-  ours = checkpoints.variables_by_path(model)
+  ours = weights.match.object_variable_paths(model)
   assert report.restored == len(ours) - 2
   for path, var in ours.items():
     if 'supervised_head' not in path:

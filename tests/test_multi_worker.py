@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from tf_simclr import checkpoints
+from tf_simclr import weights
 
 ROOT = __import__('conftest').PROJECT_ROOT
 
@@ -49,15 +49,15 @@ def test_two_workers_train_in_lockstep_and_end_with_identical_weights(tmp_path):
   chief = tf.train.latest_checkpoint(str(model_dir))
   other = tf.train.latest_checkpoint(str(model_dir / '.workers' / 'worker_1'))
   assert chief.endswith('ckpt-2') and other.endswith('ckpt-2')
-  weights = []
+  values = []
   for path in (chief, other):
     reader = tf.train.load_checkpoint(path)
-    paths = checkpoints.checkpoint_variable_paths(reader, root_child='model')
-    weights.append({p: reader.get_tensor(k) for p, k in paths.items()})
-  assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 50
+    paths = weights.source.variable_paths(reader, root_child='model')
+    values.append({p: reader.get_tensor(k) for p, k in paths.items()})
+  assert values[0].keys() == values[1].keys() and len(values[0]) > 50
   initial_kernel_changed = False
-  for path, value in weights[0].items():
-    np.testing.assert_array_equal(weights[1][path], value, err_msg=path)
+  for path, value in values[0].items():
+    np.testing.assert_array_equal(values[1][path], value, err_msg=path)
     initial_kernel_changed |= path.endswith('moving_mean') and np.any(value != 0)
   assert initial_kernel_changed  # they trained (BN statistics moved), identically
   # Only the chief writes the shared outputs.

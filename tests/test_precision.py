@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_simclr import checkpoints
+from tf_simclr import weights
 from tf_simclr import config as cfg
 from tf_simclr import export
 from tf_simclr import losses
@@ -17,8 +17,6 @@ from tf_simclr import precision as precision_lib
 from tf_simclr.models import simclr
 from tf_simclr.optim import lars
 from tf_simclr.train import loop, tasks
-
-pytestmark = pytest.mark.usefixtures('no_export')
 
 SIZE = 8
 TINY = dict(resnet_depth=18, width_multiplier=0.125, cifar_stem=True, proj_out_dim=16,
@@ -46,7 +44,7 @@ def _model(config, strategy=None, initial=None):
   strategy = strategy or tf.distribute.get_strategy()
   with strategy.scope():
     model = simclr.build_model(config.model, 10).build_for_size(SIZE)
-  variables = checkpoints.object_variable_paths(model, 'model')
+  variables = weights.match.object_variable_paths(model, 'model')
   if initial is not None:
     for path, v in variables.items():
       v.assign(initial[path])
@@ -97,12 +95,12 @@ def _one_step(config, strategy, initial, images, labels, tmp_path):
   task = tasks.PretrainTask(config, model, strategy)
   steps = cfg.Steps(train_steps=1, epoch_steps=1, warmup_steps=0, checkpoint_steps=1,
                     steps_per_loop=1, eval_steps=1)
-  state = checkpoints.TrainState(model, optimizer, str(tmp_path / type(strategy).__name__), 1)
+  state = weights.state.TrainState(model, optimizer, str(tmp_path / type(strategy).__name__), 1)
   trainer = loop.Trainer(task, optimizer, state, strategy, steps, 8, str(tmp_path / 'summaries'))
   dataset = strategy.experimental_distribute_dataset(
       tf.data.Dataset.from_tensors((images, labels)).repeat())
   metrics = trainer.train(iter(dataset)).metrics
-  return {p: v.numpy() for p, v in checkpoints.object_variable_paths(model, 'model').items()}, \
+  return {p: v.numpy() for p, v in weights.match.object_variable_paths(model, 'model').items()}, \
       metrics
 
 
@@ -145,7 +143,7 @@ def _float16_trainer(tmp_path, task_cls, train_steps):
   task = task_cls(config, model, tf.distribute.get_strategy())
   steps = cfg.Steps(train_steps=train_steps, epoch_steps=1, warmup_steps=0,
                     checkpoint_steps=100, steps_per_loop=1, eval_steps=1)
-  state = checkpoints.TrainState(model, optimizer, str(tmp_path), 1)
+  state = weights.state.TrainState(model, optimizer, str(tmp_path), 1)
   trainer = loop.Trainer(task, optimizer, state, tf.distribute.get_strategy(), steps, 8,
                          str(tmp_path / 'summaries'))
   images, labels = _batch(8)
@@ -167,7 +165,7 @@ def test_float16_overflow_skips_steps_and_lowers_the_loss_scale(tmp_path):
   train_fn(data, tf.constant(1))
   assert float(optimizer.dynamic_scale.numpy()) == 2.0 ** 14
   assert int(optimizer.iterations.numpy()) == 0  # the step was not applied ...
-  for path, v in checkpoints.object_variable_paths(model, 'model').items():
+  for path, v in weights.match.object_variable_paths(model, 'model').items():
     if 'moving' not in path:  # (BN statistics move in the forward pass, as in Keras)
       np.testing.assert_array_equal(v.numpy(), initial[path], err_msg=path)
   # ... and the loop goes on halving the scale until a step fits, counting every skip, with
@@ -206,7 +204,7 @@ def test_checkpoints_and_exports_do_not_depend_on_precision(tmp_path):
     optimizer = precision_lib.wrap_optimizer(
         lars.LARS(0.1, exclude_from_weight_decay=tasks.lars_exclusions(model)), precision)
     optimizer.build(model.trainable_variables)
-    state = checkpoints.TrainState(model, optimizer, str(tmp_path / 'run'), 3)
+    state = weights.state.TrainState(model, optimizer, str(tmp_path / 'run'), 3)
     inner = precision_lib.inner_optimizer(optimizer)
     if i == 0:
       assert state.restore_or_initialize(None) == 'scratch'
@@ -215,15 +213,15 @@ def test_checkpoints_and_exports_do_not_depend_on_precision(tmp_path):
         v.assign(tf.random.uniform(v.shape, seed=1) + 1 if floating else v + 7)
     else:
       assert state.restore_or_initialize(None) == 'resumed'
-      got = {**checkpoints.object_variable_paths(model, 'model'),
-             **checkpoints.object_variable_paths(inner, 'optimizer')}
+      got = {**weights.match.object_variable_paths(model, 'model'),
+             **weights.match.object_variable_paths(inner, 'optimizer')}
       assert got.keys() == values.keys()
       for path, v in got.items():
         np.testing.assert_array_equal(v.numpy(), values[path], err_msg=path)
     inner.iterations.assign_add(1)
     state.save()
-    values = {p: v.numpy() for p, v in {**checkpoints.object_variable_paths(model, 'model'),
-                                         **checkpoints.object_variable_paths(inner,
+    values = {p: v.numpy() for p, v in {**weights.match.object_variable_paths(model, 'model'),
+                                         **weights.match.object_variable_paths(inner,
                                                                              'optimizer')}.items()}
 
   # The bfloat16 model's export takes and returns float32; its values are the model's.
@@ -249,7 +247,6 @@ def test_checkpoints_and_exports_do_not_depend_on_precision(tmp_path):
 def test_original_weights_import_into_a_bfloat16_model(original_fixture_dir):
   """The original's SavedModel (float32) loads into a mixed_bfloat16 model, whose float32
   endpoints reproduce the original's outputs to bfloat16 precision."""
-  from tf_simclr import original_weights
   import json
   flags = json.loads((original_fixture_dir / 'flags.json').read_text())
   expected = np.load(original_fixture_dir / 'expected_outputs.npz')
@@ -260,7 +257,7 @@ def test_original_weights_import_into_a_bfloat16_model(original_fixture_dir):
       supervised_head=True, supervised_head_stop_gradient=True, precision='mixed_bfloat16')
   model = simclr.build_model(config, expected['logits_sup'].shape[-1])
   model.build_for_size(flags['image_size'])
-  report = original_weights.load_pretrained(model, str(original_fixture_dir / 'saved_model'))
+  report = weights.match.load(model, str(original_fixture_dir / 'saved_model'))
   assert report.restored == len(model.variables) and not report.fresh
   outputs = model(tf.constant(expected['images']), training=False)
   for name in (simclr.FINAL_AVG_POOL, simclr.PROJ_HEAD_OUTPUT, simclr.LOGITS_SUP):

@@ -5,14 +5,14 @@ import json
 import os
 
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from tf_simclr import config as cfg
 from tf_simclr.data import datasets
 from tf_simclr.models import resnet
 from tf_simclr.train import probe
-from test_train import tiny_config
+
+from helpers import tiny_config
 
 
 def numpy_knn_predictions(bank, bank_labels, queries, num_classes, k, temperature):
@@ -152,7 +152,6 @@ def test_two_replicas_equal_one_device(two_replica_strategy):
   assert abs(r1[probe.PROBE_TOP1] - r2[probe.PROBE_TOP1]) <= 1 / 29
 
 
-@pytest.mark.usefixtures('no_export')
 def test_pretrain_then_eval_and_probe_mode_write_the_readouts(tmp_path):
   from tf_simclr.train import experiment
   config = tiny_config(
@@ -160,7 +159,8 @@ def test_pretrain_then_eval_and_probe_mode_write_the_readouts(tmp_path):
       model__width_multiplier=0.125, data__train_split='train[:48]', data__eval_split='test[:24]',
       probe__knn=None, probe__linear_probe=None, probe__random_init_baseline=True,
       probe__knn_k=10)
-  stored = experiment.run(config, flags_dict={'resnet_depth': 18})
+  stored = experiment.run(config, flags_dict={'resnet_depth': 18},
+                          export_fn=experiment.no_export)
   for key in ('eval/knn_top_1_accuracy', 'eval/linear_probe_top_1_accuracy',
               'eval/linear_probe_top_5_accuracy', 'eval/random_init/knn_top_1_accuracy',
               'eval/random_init/linear_probe_top_1_accuracy', 'eval/label_top_1_accuracy'):
@@ -170,7 +170,8 @@ def test_pretrain_then_eval_and_probe_mode_write_the_readouts(tmp_path):
   os.remove(tmp_path / 'flags.json')
   probed = experiment.run(dataclasses.replace(
       config, train=dataclasses.replace(config.train, mode='probe'),
-      probe=dataclasses.replace(config.probe, random_init_baseline=False)))
+      probe=dataclasses.replace(config.probe, random_init_baseline=False)),
+      export_fn=experiment.no_export)
   assert probed['eval/knn_top_1_accuracy'] == stored['eval/knn_top_1_accuracy']
   assert probed['eval/label_top_1_accuracy'] == stored['eval/label_top_1_accuracy']  # kept
   assert not (tmp_path / 'flags.json').exists()

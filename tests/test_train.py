@@ -9,37 +9,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_simclr import checkpoints
+from tf_simclr import weights
+from tf_simclr.errors import CheckpointMismatchError
 from tf_simclr import config as cfg
 from tf_simclr.models import simclr
 from tf_simclr.optim import lars
 from tf_simclr.train import experiment, loop, tasks
 
-TINY_MODEL = dict(resnet_depth=18, width_multiplier=1, cifar_stem=True, proj_out_dim=16,
-                  num_proj_layers=2)
-
-
-def tiny_config(model_dir, **overrides):
-  """A Config for 16 px shapes10 runs of a few steps (readouts off: tests/test_probe.py)."""
-  sections = {'model': {}, 'data': {}, 'optim': {}, 'train': {}, 'probe': {}}
-  for key, value in overrides.items():
-    section, name = key.split('__')
-    sections[section][name] = value
-  train_mode = sections['train'].get('train_mode', 'pretrain')
-  model = cfg.ModelConfig(**{**TINY_MODEL, 'supervised_head': True,
-                             'supervised_head_stop_gradient': train_mode == 'pretrain',
-                             **sections['model']})
-  data = cfg.DataConfig(**{'dataset': 'shapes10', 'eval_split': 'test', 'image_size': 16,
-                           'use_blur': True, 'color_jitter_strength': 0.5, **sections['data']})
-  optim = cfg.OptimConfig(**{'learning_rate': 0.1, 'weight_decay': 1e-4, 'warmup_epochs': 0,
-                             **sections['optim']})
-  train = cfg.TrainConfig(**{'model_dir': str(model_dir), 'train_batch_size': 8,
-                             'train_steps': 3, 'checkpoint_steps': 2, 'eval_batch_size': 50,
-                             'eval_steps': 2, 'temperature': 0.5, 'seed': 1,
-                             **sections['train']})
-  probe = cfg.ProbeConfig(**{'knn': False, 'linear_probe': False, **sections['probe']})
-  return cfg.Config(model=model, data=data, optim=optim, train=train, probe=probe)
-
+from helpers import build_state, tiny_config
 
 def test_pretrain_then_eval_runs_exact_steps_and_writes_results(tmp_path):
   config = tiny_config(tmp_path, train__mode='train_then_eval', train__train_steps=5,
@@ -49,7 +26,7 @@ def test_pretrain_then_eval_runs_exact_steps_and_writes_results(tmp_path):
   assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-5')
   assert sorted(f for f in os.listdir(tmp_path) if f.endswith('.index')) == [
       'ckpt-2.index', 'ckpt-4.index', 'ckpt-5.index']
-  assert checkpoints.read_global_step(str(tmp_path)) == 5
+  assert weights.source.read_global_step(str(tmp_path)) == 5
   stored = json.load(open(tmp_path / 'result.json'))
   assert stored == json.load(open(tmp_path / 'result_5.json'))
   for key in ('eval/label_top_1_accuracy', 'eval/label_top_5_accuracy',
@@ -75,26 +52,18 @@ def test_pretrain_then_eval_runs_exact_steps_and_writes_results(tmp_path):
   assert (tmp_path / 'saved_model' / '5' / 'saved_model.pb').exists()
 
 
-def _build_state(config, model_dir):
-  ctx = experiment.prepare(config)
-  model = experiment.build_model(ctx)
-  lr = experiment.make_learning_rate(ctx)
-  optimizer = lars.build_optimizer(config.optim, lr, tasks.lars_exclusions(model))
-  optimizer.build(model.trainable_variables)
-  return model, optimizer, checkpoints.TrainState(model, optimizer, str(model_dir), 5)
-
-
 def test_resume_restores_step_weights_slots_and_bn_statistics(tmp_path):
   config = tiny_config(tmp_path, train__train_steps=2)
   experiment.run(config)
-  model, optimizer, state = _build_state(config, tmp_path)
+  model, optimizer, state = build_state(config, tmp_path)
   assert state.restore_or_initialize(None) == 'resumed'
   assert state.step == 2
   reader = tf.train.load_checkpoint(str(tmp_path / 'ckpt-2'))
-  keys = {**checkpoints.checkpoint_variable_paths(reader, root_child='model'),
-          **checkpoints.checkpoint_variable_paths(reader, root_child='optimizer')}
-  ours = {**checkpoints.object_variable_paths(model, 'model'),
-          **checkpoints.object_variable_paths(optimizer, 'optimizer')}
+  keys = {**weights.source.variable_paths(reader, root_child='model'),
+          **weights.source.variable_paths(reader, root_child='optimizer',
+                                            skip_aliases=False)}
+  ours = {**weights.match.object_variable_paths(model, 'model'),
+          **weights.match.object_variable_paths(optimizer, 'optimizer')}
   moving = [p for p in ours if p.endswith('moving_mean') or p.endswith('moving_variance')]
   slots = [p for p in ours if p.startswith('optimizer/') and 'momentum' in p.lower()]
   assert moving and slots, 'BN statistics and momentum slots must be tracked'
@@ -105,7 +74,7 @@ def test_resume_restores_step_weights_slots_and_bn_statistics(tmp_path):
   assert any(np.any(ours[p].numpy() != 0) for p in slots)
   # Continuing the run trains only the remaining steps.
   experiment.run(tiny_config(tmp_path, train__train_steps=4))
-  assert checkpoints.read_global_step(str(tmp_path)) == 4
+  assert weights.source.read_global_step(str(tmp_path)) == 4
 
 
 class _NaNAfter(tasks.FinetuneTask):
@@ -126,7 +95,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = tiny_config(tmp_path, train__train_mode='finetune', train__train_steps=6,
                        train__checkpoint_steps=2, model__supervised_head_stop_gradient=False)
   ctx = experiment.prepare(config)
-  model, optimizer, state = _build_state(config, tmp_path)
+  model, optimizer, state = build_state(config, tmp_path)
   task = _NaNAfter(config, model, ctx.strategy, nan_from_step=3)
   task.model_step = lambda: optimizer.iterations
   from tf_simclr.data import pipeline
@@ -159,7 +128,7 @@ def test_two_replicas_take_exactly_the_single_device_step(tmp_path, two_replica_
     with strategy.scope():
       model = simclr.build_model(config.model, 10)
       model.build_for_size(16)
-    variables = checkpoints.object_variable_paths(model, 'model')
+    variables = weights.match.object_variable_paths(model, 'model')
     if initial is None:
       initial = {p: v.numpy() for p, v in variables.items()}
     else:
@@ -172,14 +141,14 @@ def test_two_replicas_take_exactly_the_single_device_step(tmp_path, two_replica_
     task = tasks.PretrainTask(config, model, strategy)
     steps = cfg.Steps(train_steps=1, epoch_steps=1, warmup_steps=0, checkpoint_steps=1,
                       steps_per_loop=1, eval_steps=1)
-    state = checkpoints.TrainState(model, optimizer, str(tmp_path / type(strategy).__name__), 2)
+    state = weights.state.TrainState(model, optimizer, str(tmp_path / type(strategy).__name__), 2)
     trainer = loop.Trainer(task, optimizer, state, strategy, steps, 8,
                            str(tmp_path / 'summaries'))
     dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
     dist = strategy.experimental_distribute_dataset(dataset)
     result = trainer.train(iter(dist))
     results.append(({p: v.numpy() for p, v in
-                     checkpoints.object_variable_paths(model, 'model').items()},
+                     weights.match.object_variable_paths(model, 'model').items()},
                     result.metrics))
   (single, single_metrics), (double, double_metrics) = results
   assert single.keys() == double.keys()
@@ -192,6 +161,6 @@ def test_two_replicas_take_exactly_the_single_device_step(tmp_path, two_replica_
 def test_resuming_a_model_dir_of_another_architecture_names_the_variables(tmp_path):
   experiment.run(tiny_config(tmp_path, train__train_steps=1))
   other = tiny_config(tmp_path, train__train_steps=2, model__proj_out_dim=8)
-  with pytest.raises(checkpoints.CheckpointMismatchError,
+  with pytest.raises(CheckpointMismatchError,
                      match=r'another architecture.*projection_head.*\[512, 16\] vs model \[512, 8\]'):
     experiment.run(other)

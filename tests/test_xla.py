@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_simclr import checkpoints
+from tf_simclr import weights
 from tf_simclr import config as cfg
 from tf_simclr.data import augment
 from tf_simclr.models import simclr
@@ -54,7 +54,7 @@ def _build(config, strategy, name='model', initial=None):
   with strategy.scope():
     model = simclr.build_model(config.model, CLASSES, name=name)
     model.build_for_size(SIZE)
-  variables = checkpoints.object_variable_paths(model, name)
+  variables = weights.match.object_variable_paths(model, name)
   if initial is not None:
     for path, v in variables.items():
       v.assign(initial[path])
@@ -91,19 +91,19 @@ def _train(train_mode, strategy, jit_compile, tmp_path, initial=None, task_cls=N
   steps = cfg.Steps(train_steps=2, epoch_steps=2, warmup_steps=0, checkpoint_steps=2,
                     steps_per_loop=2, eval_steps=1)
   run_dir = tmp_path / f'{train_mode}_{strategy.num_replicas_in_sync}_{jit_compile}'
-  state = checkpoints.TrainState(model, optimizer, str(run_dir), 1)
+  state = weights.state.TrainState(model, optimizer, str(run_dir), 1)
   trainer = loop.Trainer(task, optimizer, state, strategy, steps, BATCH, str(run_dir),
                          jit_compile=jit_compile)
   batches = _batches(train_mode)
   dataset = tf.data.Dataset.from_tensor_slices(
       tuple(np.stack(parts) for parts in zip(*batches))).repeat()
   result = trainer.train(iter(strategy.experimental_distribute_dataset(dataset)))
-  weights = {p: v.numpy() for p, v in checkpoints.object_variable_paths(model, 'model').items()}
+  trained = {p: v.numpy() for p, v in weights.match.object_variable_paths(model, 'model').items()}
   if task_cls is None:  # The host wrote the last step's augmented images after the loop.
     images = _summary_images(run_dir)  # Replica 0's first example of the second batch.
     assert list(images) == [2]
     np.testing.assert_allclose(images[2], batches[1][0][0, ..., :3] * 255, atol=1)
-  return result.metrics, weights, init
+  return result.metrics, trained, init
 
 
 def _summary_images(log_dir):

@@ -11,6 +11,8 @@ import dataclasses
 import math
 from typing import Optional
 
+from tf_simclr.errors import ConfigError, DatasetError
+
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 PROJ_HEAD_MODES = ('none', 'linear', 'nonlinear')
 TRAIN_MODES = ('pretrain', 'finetune', 'distill')
@@ -22,10 +24,6 @@ STRATEGIES = ('auto', 'tpu', 'mirrored', 'multi_worker', 'default')
 PRECISIONS = ('float32', 'mixed_bfloat16', 'mixed_float16')
 
 
-class ConfigError(ValueError):
-  """A user-fixable configuration problem; the message names the flag and the fix."""
-
-
 def _check(condition: bool, message: str) -> None:
   if not condition:
     raise ConfigError(message)
@@ -33,6 +31,29 @@ def _check(condition: bool, message: str) -> None:
 
 def _check_choice(flag: str, value, choices) -> None:
   _check(value in choices, f'--{flag}={value!r} is not one of {list(choices)}.')
+
+
+SMALL_IMAGE_SIZE = 32
+
+
+def small_images(image_size: int) -> bool:
+  """The one "<= 32 px" rule: CIFAR-sized images get the CIFAR stem (3x3 conv, no max pool), no
+  eval centre crop and a larger shuffle buffer, as in the original."""
+  return image_size <= SMALL_IMAGE_SIZE
+
+
+def check_label_fraction(fraction: float) -> None:
+  """--train_label_fraction must be in (0, 1] (DataConfig and the label-subset selector)."""
+  if not 0.0 < fraction <= 1.0:
+    raise DatasetError(f'--train_label_fraction={fraction} must be in (0, 1].')
+
+
+def check_global_batch(flag: str, global_batch_size: int, replicas: int) -> None:
+  """A global batch must split evenly over the replicas (checked before the run and by the
+  pipelines, which libraries may call directly)."""
+  if global_batch_size < 1 or global_batch_size % replicas:
+    raise DatasetError(f'--{flag}={global_batch_size} must be a positive multiple of the number '
+                       f'of replicas ({replicas}) so every replica gets the same batch.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +115,33 @@ class ModelConfig:
     return self.num_head_layers + 1
 
 
+def model_config(train_mode: str, image_size: int, lineareval_while_pretraining: bool = False,
+                 fine_tune_after_block: int = -1, **architecture) -> ModelConfig:
+  """The ModelConfig of a run: the one place for the mode-to-model and "<= 32 px" rules.
+
+  `architecture`: the other ModelConfig fields (resnet_depth, width_multiplier, ...). Pretraining
+  builds a supervised head only with linear eval, and that head sees stop_gradient(features);
+  fine-tuning and distillation train a supervised head end to end; only fine-tuning freezes.
+  """
+  _check_choice('train_mode', train_mode, TRAIN_MODES)
+  if train_mode == 'pretrain' and fine_tune_after_block != -1:
+    raise ConfigError('--fine_tune_after_block freezes layers and only applies to '
+                      '--train_mode=finetune; leave it at -1 for pretraining.')
+  return ModelConfig(
+      cifar_stem=small_images(image_size),
+      supervised_head=train_mode != 'pretrain' or lineareval_while_pretraining,
+      supervised_head_stop_gradient=train_mode == 'pretrain',
+      fine_tune_after_block=fine_tune_after_block if train_mode == 'finetune' else -1,
+      **architecture)
+
+
+def teacher_model_config(student: ModelConfig, **architecture) -> ModelConfig:
+  """A distillation teacher: the student's settings with `architecture` (its own fields) and a
+  supervised head trained end to end, nothing frozen (a fine-tuned classifier)."""
+  return dataclasses.replace(student, supervised_head=True, supervised_head_stop_gradient=False,
+                             fine_tune_after_block=-1, **architecture)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Which data, and how it is augmented (see data/)."""
@@ -119,8 +167,12 @@ class DataConfig:
     _check(self.color_jitter_strength >= 0,
            f'--color_jitter_strength={self.color_jitter_strength} must be >= 0.')
     _check_choice('color_jitter_impl', self.color_jitter_impl, COLOR_JITTER_IMPLS)
-    _check(0.0 < self.train_label_fraction <= 1.0,
-           f'--train_label_fraction={self.train_label_fraction} must be in (0, 1].')
+    check_label_fraction(self.train_label_fraction)
+
+  @property
+  def test_crop(self) -> bool:
+    """Eval images are centre-cropped (0.875) unless they are small (`small_images`)."""
+    return not small_images(self.image_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +230,8 @@ class DistributeConfig:
 
   def __post_init__(self):
     _check_choice('distribution_strategy', self.strategy, STRATEGIES)
+    _check(self.allow_tpu or self.strategy != 'tpu',
+           '--use_tpu=False contradicts --distribution_strategy=tpu; drop one.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,10 +384,11 @@ def check_same_architecture(model: ModelConfig, stored_flags: dict, where: str) 
            for name, value in pairs
            if stored(name) is not None and not _same(stored(name), value)]
   size = stored('image_size')
-  if isinstance(size, int) and (size <= 32) != model.cifar_stem:
+  if isinstance(size, int) and small_images(size) != model.cifar_stem:
     wrong.append(f'the {"CIFAR" if model.cifar_stem else "ImageNet"} stem here (--image_size '
                  f'{"<=" if model.cifar_stem else ">"} 32) but the '
-                 f'{"CIFAR" if size <= 32 else "ImageNet"} stem in the run (--image_size={size})')
+                 f'{"CIFAR" if small_images(size) else "ImageNet"} stem in the run '
+                 f'(--image_size={size})')
   _check(not wrong, f'--model_dir={where} holds a run of another architecture (its flags.json): '
          + '; '.join(wrong) + '. Use the run\'s architecture flags, or a new --model_dir.')
 

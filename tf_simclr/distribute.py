@@ -101,9 +101,7 @@ def make_strategy(config: DistributeConfig,
       strategy = tf.distribute.MirroredStrategy()
     else:
       strategy = tf.distribute.get_strategy()
-  elif choice == 'tpu':
-    if not config.allow_tpu:
-      raise ConfigError('--distribution_strategy=tpu contradicts --use_tpu=false; drop one.')
+  elif choice == 'tpu':  # DistributeConfig refuses strategy=tpu with allow_tpu=False.
     target = _tpu_target(config, env)
     if target is None:
       raise ConfigError(f'--distribution_strategy=tpu but no TPU was found: {_NO_TPU_HELP}')
@@ -117,9 +115,8 @@ def make_strategy(config: DistributeConfig,
     strategy = tf.distribute.MirroredStrategy()
   elif choice == 'default':
     strategy = tf.distribute.get_strategy()
-  else:
-    raise ConfigError(f'--distribution_strategy={choice!r} is not one of '
-                      'auto, tpu, mirrored, multi_worker, default.')
+  else:  # DistributeConfig checks the choice.
+    raise ValueError(f'unknown strategy {choice!r}')
   logging.info('Distribution strategy: %s', describe(strategy))
   return strategy
 

@@ -25,9 +25,10 @@ from typing import Dict, Iterator, List
 import keras
 import tensorflow as tf
 
+from tf_simclr.weights.source import EXPORT_SUBDIR, exported_steps, resolve_export_path
+
 log = logging.getLogger(__name__)
 
-EXPORT_SUBDIR = 'saved_model'
 SERVING_SIGNATURE = 'serving_default'
 IMAGES_SPEC = tf.TensorSpec(shape=[None, None, None, 3], dtype=tf.float32, name='images')
 
@@ -92,14 +93,6 @@ def save(model, export_dir: str) -> str:
   return export_dir
 
 
-def exported_steps(export_root: str) -> List[int]:
-  """Steps of the exports under `model_dir/saved_model`, oldest first (other names skipped)."""
-  if not tf.io.gfile.isdir(export_root):
-    return []
-  names = (name.rstrip('/') for name in tf.io.gfile.listdir(export_root))
-  return sorted(int(name) for name in names if name.isdigit())
-
-
 def prune_exports(export_root: str, keep: int) -> List[int]:
   """Deletes all but the newest `keep` numbered exports (keep <= 0 keeps all); returns deleted."""
   if keep <= 0:
@@ -125,26 +118,8 @@ def export_step(model, model_dir: str, step: int, keep_hub_module_max: int) -> s
   return export_dir
 
 
-def is_saved_model(path: str) -> bool:
-  return tf.io.gfile.exists(os.path.join(path, 'saved_model.pb'))
-
-
-def resolve_export_path(path: str) -> str:
-  """A SavedModel folder from itself, `model_dir/saved_model` or `model_dir` (newest export)."""
-  if is_saved_model(path):
-    return path
-  for root in (path, os.path.join(path, EXPORT_SUBDIR)):
-    steps = exported_steps(root)
-    if steps and is_saved_model(os.path.join(root, str(steps[-1]))):
-      return os.path.join(root, str(steps[-1]))
-  raise FileNotFoundError(
-      f'{path} is not a SavedModel (no saved_model.pb) and holds no exports under '
-      f'{EXPORT_SUBDIR}/<step>: point it at model_dir/{EXPORT_SUBDIR}/<step>, or export one with '
-      '--mode=export --model_dir=...')
-
-
 def load(path: str):
-  """Loads an exported hub module (also the original's exports; see `resolve_export_path`).
+  """Loads an exported hub module (also the original's; see `source.resolve_export_path`).
 
   The result is callable as `module(images, trainable=False)` with float32 images
   (batch, height, width, 3) in [0, 1], and returns the endpoint dict (`final_avg_pool`,

@@ -1,6 +1,6 @@
 """Guards of a model_dir: one training run at a time (a lock file), its flags.json, its checks.
 
-A model_dir belongs to one training run (DESIGN rule 6). Training takes `model_dir/LOCK` before
+A model_dir belongs to one training run. Training takes `model_dir/LOCK` before
 it writes anything; the file names the holder (host, pid, start time). A second run on the same
 folder fails at once naming that holder; a lock whose process is dead on this host is taken over
 with a warning. On a local disk the lock is created atomically (a hard link that fails if the name

@@ -6,7 +6,6 @@ written next to the teacher's checkpoint by its own training run, and the studen
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -14,6 +13,7 @@ from typing import Callable, Dict, Optional
 
 import tensorflow as tf
 
+from tf_simclr import config
 from tf_simclr.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -49,22 +49,17 @@ def teacher_model_config(student: ModelConfig, teacher_checkpoint: Optional[str]
     values.update({k: saved[k] for k in ARCHITECTURE_FIELDS if k in saved})
     log.info('Teacher architecture read from %s', flags_path)
   values.update(overrides)
-  return dataclasses.replace(student, supervised_head=True, supervised_head_stop_gradient=False,
-                             fine_tune_after_block=-1, **values)
-
-
-def is_saved_model(path: str) -> bool:
-  return tf.io.gfile.exists(os.path.join(path, 'saved_model.pb'))
+  return config.teacher_model_config(student, **values)
 
 
 def load_teacher(teacher_config: ModelConfig, checkpoint: str, num_classes: int,
                  image_size: int, strategy: tf.distribute.Strategy
                  ) -> Callable[[tf.Tensor], tf.Tensor]:
   """A callable images -> teacher logits, in inference mode, with no trainable variables."""
-  from tf_simclr import original_weights
+  from tf_simclr import export
   from tf_simclr.models import simclr
-  if is_saved_model(checkpoint):
-    from tf_simclr import export
+  from tf_simclr.weights import match, source
+  if source.is_saved_model(checkpoint):
     with strategy.scope():
       module = export.load(checkpoint)
     log.info('Teacher: exported SavedModel %s', checkpoint)
@@ -72,7 +67,9 @@ def load_teacher(teacher_config: ModelConfig, checkpoint: str, num_classes: int,
   with strategy.scope():
     model = simclr.build_model(teacher_config, num_classes)
     model.build_for_size(image_size)
-  original_weights.load_pretrained(model, checkpoint)
+  match.load(model, checkpoint, lead=(
+      f'--teacher_checkpoint={checkpoint} does not match the teacher built from the --teacher_* '
+      'flags (else its flags.json, else the student\'s)'))
   model.trainable = False
   log.info('Teacher: ResNet-%d %gx (sk %.4g, %s) from %s', teacher_config.resnet_depth,
            teacher_config.width_multiplier, teacher_config.sk_ratio, teacher_config.precision,

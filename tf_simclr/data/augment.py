@@ -34,7 +34,7 @@ def random_brightness(image, max_delta, impl='simclrv2'):
     return image * factor
   if impl == 'simclrv1':
     return tf.image.random_brightness(image, max_delta=max_delta)
-  raise ValueError(f'--color_jitter_impl={impl!r} is not one of {list(COLOR_JITTER_IMPLS)}.')
+  raise ValueError(f'color_jitter_impl={impl!r} is not one of {list(COLOR_JITTER_IMPLS)}.')
 
 
 def to_grayscale(image, keep_channels=True):
@@ -71,7 +71,7 @@ def color_jitter(image, strength, random_order=True, impl='simclrv2'):
   [0, 1] after each one (as the original).
   """
   if impl not in COLOR_JITTER_IMPLS:
-    raise ValueError(f'--color_jitter_impl={impl!r} is not one of {list(COLOR_JITTER_IMPLS)}.')
+    raise ValueError(f'color_jitter_impl={impl!r} is not one of {list(COLOR_JITTER_IMPLS)}.')
   ops = _jitter_ops(0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength, impl)
   with tf.name_scope('distort_color'):
     if random_order:

@@ -27,8 +27,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from tf_simclr.config import ConfigError
+from tf_simclr import config as config_lib
 from tf_simclr.data import synthetic
+from tf_simclr.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,6 @@ _FORMS = ('a TFDS image-classification name (e.g. cifar10, imagenet2012; catalog
 
 
 log = logging.getLogger(__name__)
-
-
-class DatasetError(ConfigError):
-  """A user-fixable data problem; the message names the flag or path and the fix."""
 
 
 def _read_config(input_context=None) -> tfds.ReadConfig:
@@ -405,8 +402,7 @@ def select_label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.nd
 
   Deterministic for a given (labels, fraction, seed); round half up. fraction 1 keeps all.
   """
-  if not 0.0 < fraction <= 1.0:
-    raise DatasetError(f'--train_label_fraction={fraction} must be in (0, 1].')
+  config_lib.check_label_fraction(fraction)
   labels = np.asarray(labels)
   rng = np.random.Generator(np.random.PCG64(seed))
   chosen = []

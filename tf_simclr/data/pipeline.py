@@ -1,4 +1,4 @@
-"""tf.data input pipelines for training and evaluation (after the original's data.py).
+"""tf.data input pipelines for training and evaluation (after google-research/simclr `tf2/data.py`).
 
 `make_train_dataset` / `make_eval_dataset` build one plain `tf.data.Dataset` (usable in tests and
 benchmarks); `build_train_dataset` / `build_eval_dataset` wrap them with
@@ -20,6 +20,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
+from tf_simclr import config as config_lib
 from tf_simclr.data import augment
 from tf_simclr.data.datasets import DatasetError, DatasetSource, host_range
 
@@ -44,18 +45,11 @@ def to_rgb(image: tf.Tensor) -> tf.Tensor:
 
 
 def _preprocess_fn(data_config, is_training: bool, color_jitter_strength: float):
-  """Per-image preprocessing; the eval centre crop is skipped for images <= 32 px (CIFAR)."""
+  """Per-image preprocessing; `DataConfig.test_crop` says whether eval images are centre-cropped."""
   return functools.partial(
       augment.preprocess_image, height=data_config.image_size, width=data_config.image_size,
       is_training=is_training, color_jitter_strength=color_jitter_strength,
-      test_crop=data_config.image_size > 32, impl=data_config.color_jitter_impl)
-
-
-def _check_batch(global_batch_size: int, strategy, flag: str) -> None:
-  replicas = strategy.num_replicas_in_sync
-  if global_batch_size < 1 or global_batch_size % replicas:
-    raise DatasetError(f'{flag}={global_batch_size} must be a positive multiple of the number of '
-                       f'replicas ({replicas}) so every replica gets the same batch.')
+      test_crop=data_config.test_crop, impl=data_config.color_jitter_impl)
 
 
 def _membership(source: DatasetSource, split: str, label_subset) -> np.ndarray:
@@ -145,7 +139,7 @@ def make_train_dataset(source: DatasetSource, data_config, batch_size: int, num_
   options.deterministic = ordered or seed is not None
   options.experimental_slack = True
   ds = ds.with_options(options)
-  buffer_multiplier = 50 if data_config.image_size <= 32 else 10
+  buffer_multiplier = 50 if config_lib.small_images(data_config.image_size) else 10
   ds = ds.shuffle(batch_size * buffer_multiplier, seed=seed).repeat(-1)
 
   def map_fn(image, label, *mask):
@@ -175,7 +169,8 @@ def build_train_dataset(source: DatasetSource, data_config, global_batch_size: i
                         num_views: int, label_subset=None, with_label_mask: bool = False,
                         seed: Optional[int] = None):
   """Distributed training dataset; each replica gets global_batch_size / replicas examples."""
-  _check_batch(global_batch_size, strategy, '--train_batch_size')
+  config_lib.check_global_batch('train_batch_size', global_batch_size,
+                                strategy.num_replicas_in_sync)
   if label_subset is not None:
     _membership(source, data_config.train_split, label_subset)  # Fail early, outside tf.data.
 
@@ -189,7 +184,8 @@ def build_train_dataset(source: DatasetSource, data_config, global_batch_size: i
 
 def build_eval_dataset(source: DatasetSource, data_config, global_batch_size: int, strategy):
   """Distributed eval dataset (one pass, last batch may be partial)."""
-  _check_batch(global_batch_size, strategy, '--eval_batch_size')
+  config_lib.check_global_batch('eval_batch_size', global_batch_size,
+                                strategy.num_replicas_in_sync)
 
   def dataset_fn(input_context):
     return make_eval_dataset(source, data_config,
@@ -222,7 +218,8 @@ def make_feature_dataset(source: DatasetSource, data_config, split: str, batch_s
 def build_feature_dataset(source: DatasetSource, data_config, split: str, global_batch_size: int,
                           strategy, indices=None):
   """Distributed `make_feature_dataset` (one pass, last batches may be partial or empty)."""
-  _check_batch(global_batch_size, strategy, '--eval_batch_size')
+  config_lib.check_global_batch('eval_batch_size', global_batch_size,
+                                strategy.num_replicas_in_sync)
 
   def dataset_fn(input_context):
     return make_feature_dataset(source, data_config, split,

@@ -68,7 +68,7 @@ class ProjectionHead(keras.layers.Layer):
                batch_norm_decay=0.9, global_bn=True, name='projection_head', **kwargs):
     super().__init__(name=name, **kwargs)
     if mode not in PROJ_HEAD_MODES:
-      raise ValueError(f'--proj_head_mode={mode!r} is not one of {list(PROJ_HEAD_MODES)}.')
+      raise ValueError(f'ProjectionHead: mode={mode!r} is not one of {list(PROJ_HEAD_MODES)}.')
     common = dict(batch_norm_decay=batch_norm_decay, global_bn=global_bn)
     if mode == 'none':
       layers = ()
@@ -76,8 +76,8 @@ class ProjectionHead(keras.layers.Layer):
       layers = (LinearLayer(out_dim, use_bias=False, use_bn=True, name='l_0', **common),)
     else:
       if num_layers < 1:
-        raise ValueError(f'--num_proj_layers={num_layers} must be >= 1 with '
-                         '--proj_head_mode=nonlinear (use --proj_head_mode=none for no head).')
+        raise ValueError(f'ProjectionHead: num_layers={num_layers} must be >= 1 in nonlinear '
+                         'mode (mode none has no layers).')
       layers = tuple(
           LinearLayer(None, use_bias=True, use_bn=True, name=f'nl_{j}', **common)
           if j < num_layers - 1 else
@@ -85,8 +85,9 @@ class ProjectionHead(keras.layers.Layer):
           for j in range(num_layers))
     n = len(layers) + 1
     if not -n <= ft_proj_selector < n:
-      raise ValueError(f'--ft_proj_selector={ft_proj_selector} is out of range for a {mode} '
-                       f'projection head with {n - 1} layer(s): use a value in [{-n}, {n - 1}].')
+      raise ValueError(f'ProjectionHead: ft_proj_selector={ft_proj_selector} is out of range for '
+                       f'a {mode} projection head with {n - 1} layer(s): use a value in '
+                       f'[{-n}, {n - 1}].')
     self.mode = mode
     self.ft_proj_selector = ft_proj_selector
     self.linear_layers = layers

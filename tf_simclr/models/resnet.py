@@ -10,7 +10,8 @@ Differences from the original, on purpose:
 - Frozen parts (`fine_tune_after_block`) run in inference mode, so their BN moving statistics stay
   fixed; the original let them move.
 - Sub-layers live in tuples or attributes, never lists, so `tf.train.Checkpoint` tracks every
-  variable including BN moving statistics (see DESIGN.md, Keras 3 traps).
+  variable including BN moving statistics (Keras 3 does not checkpoint layers held in a list or
+  dict).
 """
 
 from __future__ import annotations
@@ -258,12 +259,11 @@ class ResNet(keras.layers.Layer):
                **kwargs):
     super().__init__(name=name, **kwargs)
     if depth not in _DEPTHS:
-      raise ValueError(f'--resnet_depth={depth} is not supported; use one of {sorted(_DEPTHS)}.')
+      raise ValueError(f'ResNet: resnet_depth={depth} is not one of {sorted(_DEPTHS)}.')
     if not isinstance(width_multiplier, (int, float)) or width_multiplier <= 0:
-      raise ValueError(f'--width_multiplier={width_multiplier} must be positive (1, 2, 3, 4 as in '
-                       'the papers; fractions such as 0.25 give small models for CPUs).')
+      raise ValueError(f'ResNet: width_multiplier={width_multiplier} must be a positive number.')
     if not -1 <= fine_tune_after_block <= 4:
-      raise ValueError(f'--fine_tune_after_block={fine_tune_after_block} must be in -1..4.')
+      raise ValueError(f'ResNet: fine_tune_after_block={fine_tune_after_block} must be in -1..4.')
     bottleneck, group_sizes = _DEPTHS[depth]
     self.depth = depth
     self.width_multiplier = width_multiplier

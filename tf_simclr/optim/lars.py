@@ -147,4 +147,4 @@ def build_optimizer(optim_config: OptimConfig, learning_rate, exclude_from_weigh
                                 nesterov=True)
   if name == 'adam':
     return keras.optimizers.Adam(learning_rate)
-  raise ValueError(f'--optimizer={name!r} is not one of lars, momentum, adam.')
+  raise ValueError(f'build_optimizer: optimizer={name!r} is not one of lars, momentum, adam.')

@@ -20,7 +20,7 @@ def scaled_learning_rate(base_learning_rate: float, batch_size: int, scaling: st
     return base_learning_rate * batch_size / 256.0
   if scaling == 'sqrt':
     return base_learning_rate * math.sqrt(batch_size)
-  raise ValueError(f'--learning_rate_scaling={scaling!r} is not one of {list(SCALINGS)}.')
+  raise ValueError(f'learning_rate_scaling={scaling!r} is not one of {list(SCALINGS)}.')
 
 
 class WarmupCosineSchedule(keras.optimizers.schedules.LearningRateSchedule):

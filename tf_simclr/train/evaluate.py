@@ -61,7 +61,8 @@ class Evaluator:
       if done % 50 == 0:
         log.info('Eval: %d / %d steps', done, eval_steps)
     if totals['count'] == 0:
-      raise ValueError('The eval split produced no examples: check --eval_split.')
+      # datasets.resolve_from_config already refuses an empty --eval_split (the user error).
+      raise ValueError('Evaluator: the dataset produced no examples.')
     reg = float(losses.l2_weight_decay(self.decayed, self.weight_decay))
     return {REGULARIZATION: reg,
             TOP1: totals['top1_correct'] / totals['count'],

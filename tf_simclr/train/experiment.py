@@ -15,17 +15,20 @@ from typing import Callable, Dict, Optional
 import keras
 import tensorflow as tf
 
-from tf_simclr import checkpoints
 from tf_simclr import config as config_lib
 from tf_simclr import distribute
 from tf_simclr import run_dir
 from tf_simclr import precision as precision_lib
 from tf_simclr.config import Config, Steps, resolve_steps
+from tf_simclr.errors import CheckpointNotFoundError, UserError
 from tf_simclr.data import datasets, pipeline
 from tf_simclr.models import simclr
 from tf_simclr.optim import lars, schedule
 from tf_simclr.train import evaluate as evaluate_lib
 from tf_simclr.train import loop, probe, tasks
+from tf_simclr.weights import match as weights_match
+from tf_simclr.weights import source as weights_source
+from tf_simclr.weights import state as weights_state
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
   # Training and probe write into model_dir (probe: result files only); eval/export only read.
   run_dir.check_usable(train.model_dir, create=needs_train or train.mode == 'probe')
   stored = run_dir.read_flags(train.model_dir)
-  if stored is not None and checkpoints.find_checkpoints(train.model_dir):
+  if stored is not None and weights_source.find_checkpoints(train.model_dir):
     config_lib.check_same_architecture(config.model, stored, train.model_dir)
   # Only a training run's chief holds the lock, taken before anything is written.
   lock = run_dir.RunLock(train.model_dir).acquire() if needs_train and chief else None
@@ -102,11 +105,9 @@ def _prepare_locked(config: Config, flags_dict: Optional[Dict], strategy,
   replicas = strategy.num_replicas_in_sync
   for flag, batch in (('train_batch_size', train.train_batch_size),
                       ('eval_batch_size', train.eval_batch_size)):
-    if batch % replicas:
-      raise ValueError(f'--{flag}={batch} is not divisible by the {replicas} replicas; use a '
-                       f'multiple of {replicas}.')
+    config_lib.check_global_batch(flag, batch, replicas)
   if needs_train and num_train < train.train_batch_size:
-    raise ValueError(
+    raise datasets.DatasetError(
         f'--train_split={data.train_split} of --dataset={data.dataset} has {num_train} '
         f'training examples{" (after --train_label_fraction)" if label_subset is not None else ""}'
         f', fewer than one global batch (--train_batch_size={train.train_batch_size}): every '
@@ -120,7 +121,7 @@ def _prepare_locked(config: Config, flags_dict: Optional[Dict], strategy,
              '%d eval steps.', steps.train_steps, steps.epoch_steps, steps.warmup_steps,
              steps.checkpoint_steps, steps.steps_per_loop, steps.eval_steps)
     if chief:
-      checkpoints.clean_temp_folders(train.model_dir)
+      weights_state.clean_temp_folders(train.model_dir)
       if label_subset is not None:
         path = datasets.write_label_subset(
             train.model_dir, dataset=data.dataset, split=data.train_split,
@@ -133,20 +134,57 @@ def _prepare_locked(config: Config, flags_dict: Optional[Dict], strategy,
                  flags_dict=flags_dict)
 
 
-def build_model(ctx: Context, model_config=None):
-  """Builds the model under the strategy's scope with all variables created."""
-  with ctx.strategy.scope():
-    model = simclr.build_model(model_config or ctx.config.model, ctx.num_classes)
-    model.build_for_size(ctx.config.data.image_size)
+def _build_model(config: Config, strategy, num_classes: int):
+  with strategy.scope():
+    model = simclr.build_model(config.model, num_classes)
+    model.build_for_size(config.data.image_size)
   return model
 
 
-def make_learning_rate(ctx: Context):
-  optim, train = ctx.config.optim, ctx.config.train
-  return schedule.WarmupCosineSchedule(
-      base_learning_rate=optim.learning_rate, batch_size=train.train_batch_size,
-      scaling=optim.learning_rate_scaling, warmup_steps=ctx.steps.warmup_steps,
-      total_steps=ctx.steps.train_steps)
+def build_model(ctx: Context):
+  """Builds the model under the strategy's scope with all variables created."""
+  return _build_model(ctx.config, ctx.strategy, ctx.num_classes)
+
+
+@dataclasses.dataclass
+class Assembly:
+  """The objects of one training run, built by `assemble_trainer`."""
+  model: object
+  optimizer: object
+  state: weights_state.TrainState
+  task: tasks.Task
+  trainer: loop.Trainer
+
+
+def assemble_trainer(config: Config, strategy, steps: Steps, num_classes: int, model=None,
+                     teacher: Optional[Callable] = None, hooks=()) -> Assembly:
+  """Model, learning-rate schedule, optimizer (built), TrainState, task and Trainer: the one
+  assembly of a training run (`train` and benchmarks/throughput.py). Restores nothing.
+
+  `model`: an already built model to train (else one is built); `hooks`: the Trainer's
+  (every_steps, fn(step)) pairs.
+  """
+  if model is None:
+    model = _build_model(config, strategy, num_classes)
+  optim, train_config = config.optim, config.train
+  learning_rate = schedule.WarmupCosineSchedule(
+      base_learning_rate=optim.learning_rate, batch_size=train_config.train_batch_size,
+      scaling=optim.learning_rate_scaling, warmup_steps=steps.warmup_steps,
+      total_steps=steps.train_steps)
+  with strategy.scope():
+    optimizer = lars.build_optimizer(optim, learning_rate,
+                                     exclude_from_weight_decay=tasks.lars_exclusions(model))
+    optimizer = precision_lib.wrap_optimizer(optimizer, config.model.precision)
+    optimizer.build(model.trainable_variables)
+  model_dir = train_config.model_dir
+  save_dir = distribute.write_dir(model_dir, strategy)
+  state = weights_state.TrainState(model, optimizer, model_dir, train_config.keep_checkpoint_max,
+                                   save_dir=save_dir)
+  task = tasks.make_task(config, model, strategy, teacher=teacher)
+  trainer = loop.Trainer(task, optimizer, state, strategy, steps, train_config.train_batch_size,
+                         save_dir, learning_rate_fn=learning_rate,
+                         jit_compile=train_config.jit_compile, hooks=hooks)
+  return Assembly(model=model, optimizer=optimizer, state=state, task=task, trainer=trainer)
 
 
 def _zero_supervised_head(model) -> None:
@@ -157,7 +195,7 @@ def _zero_supervised_head(model) -> None:
   log.info('Zero-initialised the supervised head (%d variables).', len(head_vars))
 
 
-def initialize_weights(config: Config, model, state: checkpoints.TrainState,
+def initialize_weights(config: Config, model, state: weights_state.TrainState,
                        init_fn: Optional[Callable] = None) -> str:
   """Checkpoint precedence, then --zero_init_logits_layer; returns how the weights were set.
 
@@ -168,8 +206,7 @@ def initialize_weights(config: Config, model, state: checkpoints.TrainState,
   fresh_ok = (SUPERVISED_HEAD,) if train_config.train_mode != 'pretrain' else ()
   if init_fn is None:
     # Our checkpoints and exports, and weights written by google-research/simclr.
-    from tf_simclr import original_weights
-    init_fn = lambda path: original_weights.load_pretrained(model, path, fresh_ok=fresh_ok)
+    init_fn = lambda path: weights_match.load(model, path, fresh_ok=fresh_ok)
   how = state.restore_or_initialize(train_config.checkpoint, fresh_ok=fresh_ok, init_fn=init_fn)
   if how != 'resumed' and train_config.zero_init_logits_layer and model.supervised_head:
     _zero_supervised_head(model)
@@ -259,20 +296,13 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
   _warn_slow_precision(ctx)
   model = build_model(ctx)
   random_init_baseline(ctx, model)  # Before any restore: the seeded initialisation.
-  learning_rate = make_learning_rate(ctx)
-  with ctx.strategy.scope():
-    optimizer = lars.build_optimizer(config.optim, learning_rate,
-                                     exclude_from_weight_decay=tasks.lars_exclusions(model))
-    optimizer = precision_lib.wrap_optimizer(optimizer, config.model.precision)
-    optimizer.build(model.trainable_variables)
-  model_dir = config.train.model_dir
-  state = checkpoints.TrainState(model, optimizer, model_dir, config.train.keep_checkpoint_max,
-                                 save_dir=distribute.write_dir(model_dir, ctx.strategy))
-  initialize_weights(config, model, state, init_fn=init_fn)
+  built = assemble_trainer(config, ctx.strategy, ctx.steps, ctx.num_classes, model=model,
+                           teacher=teacher, hooks=_knn_hook(ctx, model))
+  task = built.task
+  initialize_weights(config, model, built.state, init_fn=init_fn)
   if ctx.flags_dict is not None and distribute.is_chief(ctx.strategy):
     # Only now: the flags, the data, the lock and the restore (architecture) have all passed.
-    run_dir.write_flags(model_dir, ctx.flags_dict)
-  task = tasks.make_task(config, model, ctx.strategy, teacher=teacher)
+    run_dir.write_flags(config.train.model_dir, ctx.flags_dict)
   dataset = pipeline.build_train_dataset(
       ctx.source, config.data, config.train.train_batch_size, ctx.strategy,
       num_views=task.num_views,
@@ -280,13 +310,8 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
       label_subset=(ctx.label_subset if task.name != 'distill' or task.uses_label_mask
                     else None),
       with_label_mask=task.uses_label_mask, seed=config.train.seed)
-  trainer = loop.Trainer(task, optimizer, state, ctx.strategy, ctx.steps,
-                         config.train.train_batch_size,
-                         distribute.write_dir(model_dir, ctx.strategy),
-                         learning_rate_fn=learning_rate, jit_compile=config.train.jit_compile,
-                         hooks=_knn_hook(ctx, model))
   with _naming_bad_images(ctx, config.data.train_split):
-    result = trainer.train(iter(dataset))
+    result = built.trainer.train(iter(dataset))
   return model, result
 
 
@@ -334,6 +359,9 @@ def evaluate(ctx: Context, model, global_step: int, export_fn: Optional[Callable
   return stored
 
 
+_MODEL_DIR_LEAD = 'Checkpoint {} does not match the model built from the flags'
+
+
 def follow_and_evaluate(ctx: Context, export_fn: Optional[Callable] = None,
                         timeout: float = 0) -> Optional[Dict[str, float]]:
   """--mode=eval: evaluates each new checkpoint in model_dir until the last training step.
@@ -344,18 +372,19 @@ def follow_and_evaluate(ctx: Context, export_fn: Optional[Callable] = None,
   model_dir = ctx.config.train.model_dir
   model = None
   result, step = None, None
-  for path in checkpoints.wait_for_checkpoints(model_dir, timeout=timeout):
+  for path in weights_state.wait_for_checkpoints(model_dir, timeout=timeout):
     if model is None:
       model = build_model(ctx)
-    checkpoints.restore_model_variables(model, path)
-    step = checkpoints.read_global_step(path)
+    found = weights_source.resolve(path)
+    weights_match.load(model, found, lead=_MODEL_DIR_LEAD.format(path))
+    step = weights_source.read_global_step(found)
     log.info('Evaluating %s (step %d).', path, step)
     result = evaluate(ctx, model, step, export_fn=export_fn)
     if result is None or step >= ctx.steps.train_steps:
       log.info('Eval complete.')
       return result
   if step is None:
-    raise FileNotFoundError(
+    raise CheckpointNotFoundError(
         f'--mode=eval: no checkpoint appeared in --model_dir={model_dir} within '
         f'--eval_timeout={timeout:g} s. Check the path (training writes ckpt-N there), or raise '
         '--eval_timeout (0 waits forever).')
@@ -373,21 +402,21 @@ def probe_checkpoint(ctx: Context) -> Dict[str, float]:
   random_init_baseline(ctx, model)
   # The readouts need the encoder only: heads of another shape (or none) may stay as built.
   heads = ('supervised_head', 'projection_head')
-  found = checkpoints.find_checkpoints(model_dir)
+  found = weights_source.find_checkpoints(model_dir)
   latest = found[0] if found else None
   step = 0
   if config.train.checkpoint:
-    from tf_simclr import original_weights
-    original_weights.load_pretrained(model, config.train.checkpoint, fresh_ok=heads)
+    source = weights_source.resolve(config.train.checkpoint)
+    weights_match.load(model, source, fresh_ok=heads)
     log.info('Probing --checkpoint=%s.', config.train.checkpoint)
     try:
-      step = checkpoints.read_global_step(
-          checkpoints.resolve_checkpoint_path(config.train.checkpoint))
+      step = weights_source.read_global_step(source)
     except (ValueError, KeyError, tf.errors.OpError):
       step = 0
   elif latest:
-    checkpoints.restore_model_variables(model, latest, fresh_ok=heads)
-    step = checkpoints.read_global_step(latest)
+    source = weights_source.resolve(latest)
+    weights_match.load(model, source, fresh_ok=heads, lead=_MODEL_DIR_LEAD.format(latest))
+    step = weights_source.read_global_step(source)
     log.info('Probing %s (step %d).', latest, step)
   else:
     log.warning('--mode=probe: no --checkpoint and no checkpoint in --model_dir=%s; probing the '
@@ -410,12 +439,14 @@ def probe_checkpoint(ctx: Context) -> Dict[str, float]:
 
 
 PREEMPTED = loop.TrainingPreemptedError
-USER_ERRORS = (ValueError, FileNotFoundError, loop.TrainingDivergedError,
-               checkpoints.NoIntactCheckpointError, checkpoints.CheckpointSaveError)
+# Errors a user can cause (flags, files, data, a diverged run): exit 2 with the message alone.
+# Anything else, e.g. a TensorFlow tracing error, keeps its traceback.
+USER_ERRORS = (UserError,)
 
 
-def _export_fn(config: Config) -> Callable:
-  """Exports a hub-style SavedModel (after each evaluation and at the end of training)."""
+def export_hook(config: Config) -> Callable:
+  """The default `export_fn(model, step)`: a hub-style SavedModel in model_dir/saved_model/<step>
+  (after each evaluation and at the end of training), keeping --keep_hub_module_max."""
   from tf_simclr import export
 
   def fn(model, step):
@@ -423,26 +454,35 @@ def _export_fn(config: Config) -> Callable:
   return fn
 
 
-def _teacher(ctx: Context) -> Callable:
+def no_export(model, step) -> None:  # pylint: disable=unused-argument
+  """An `export_fn` that exports nothing (tests and benchmarks that do not check exports)."""
+
+
+def load_teacher(ctx: Context) -> Callable:
+  """The frozen distillation teacher of `ctx.config.distill` (images -> logits)."""
   from tf_simclr import teacher as teacher_lib
   distill = ctx.config.distill
   return teacher_lib.load_teacher(distill.teacher, distill.teacher_checkpoint, ctx.num_classes,
                                   ctx.config.data.image_size, ctx.strategy)
 
 
-def run(config: Config, flags_dict: Optional[Dict] = None) -> Optional[Dict[str, float]]:
-  """Runs `config.train.mode`; returns the last eval result when there is one."""
+def run(config: Config, flags_dict: Optional[Dict] = None,
+        export_fn: Optional[Callable] = None) -> Optional[Dict[str, float]]:
+  """Runs `config.train.mode`; returns the last eval result when there is one.
+
+  `export_fn(model, step)` is called after each evaluation and at the end of training (default
+  `export_hook(config)`; `no_export` skips it).
+  """
   ctx = prepare(config, flags_dict)
   try:
-    return _run_mode(ctx)
+    return _run_mode(ctx, export_fn or export_hook(config))
   finally:
     if ctx.lock is not None:
       ctx.lock.release()
 
 
-def _run_mode(ctx: Context) -> Optional[Dict[str, float]]:
+def _run_mode(ctx: Context, export_fn: Callable) -> Optional[Dict[str, float]]:
   config = ctx.config
-  export_fn = _export_fn(config)
   mode = config.train.mode
   if mode == 'probe':
     return probe_checkpoint(ctx)
@@ -450,14 +490,15 @@ def _run_mode(ctx: Context) -> Optional[Dict[str, float]]:
     return follow_and_evaluate(ctx, export_fn, timeout=config.train.eval_timeout)
   if mode == 'export':
     model = build_model(ctx)
-    found = checkpoints.find_checkpoints(config.train.model_dir)
+    found = weights_source.find_checkpoints(config.train.model_dir)
     if not found:
-      raise FileNotFoundError(f'--mode=export: no checkpoint in --model_dir='
+      raise CheckpointNotFoundError(f'--mode=export: no checkpoint in --model_dir='
                               f'{config.train.model_dir}.')
-    checkpoints.restore_model_variables(model, found[0])
-    export_fn(model, checkpoints.read_global_step(found[0]))
+    latest = weights_source.resolve(found[0])
+    weights_match.load(model, latest, lead=_MODEL_DIR_LEAD.format(found[0]))
+    export_fn(model, weights_source.read_global_step(latest))
     return None
-  teacher = _teacher(ctx) if config.train.train_mode == 'distill' else None
+  teacher = load_teacher(ctx) if config.train.train_mode == 'distill' else None
   model, result = train(ctx, teacher=teacher)
   if mode == 'train_then_eval':
     stored = evaluate(ctx, model, result.final_step, export_fn=export_fn,

@@ -20,8 +20,9 @@ from typing import Dict, List, Optional
 
 import tensorflow as tf
 
-from tf_simclr.checkpoints import TrainState
 from tf_simclr.config import Steps
+from tf_simclr.errors import UserError
+from tf_simclr.weights.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ LOSS_BOUND = 1e6
 MAX_SUMMARY_IMAGES = 3
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(UserError, RuntimeError):
   """The loss or the weights diverged; the last good checkpoint is kept, nothing is exported."""
 
 

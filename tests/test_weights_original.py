@@ -1,4 +1,4 @@
-"""tf_simclr.original_weights against weights written by google-research/simclr (shared fixture).
+"""tf_simclr.weights against weights written by google-research/simclr (shared fixture).
 
 The fixture's expected outputs were computed by the original code itself; the layouts are index
 files of the original's checkpoints for four architectures (keys and shapes only).
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_simclr import checkpoints
-from tf_simclr import original_weights as ow
+from tf_simclr import weights
+from tf_simclr.errors import CheckpointMismatchError
 from tf_simclr.config import ModelConfig
 from tf_simclr.models import simclr
 
@@ -103,7 +103,7 @@ def _fixture_arch(fixture_dir):
     ('model/supervised_head/linear_layer/dense/bias', 'supervised_head/linear_layer/dense/bias'),
 ])
 def test_original_to_ours_translates_known_paths(theirs, ours):
-  assert ow.original_to_ours(theirs) == f'model/{ours}'
+  assert weights.original.original_to_ours(theirs) == f'model/{ours}'
 
 
 @pytest.mark.parametrize('path', [
@@ -114,13 +114,13 @@ def test_original_to_ours_translates_known_paths(theirs, ours):
     'global_step',
 ])
 def test_original_to_ours_rejects_other_paths(path):
-  assert ow.original_to_ours(path) is None
+  assert weights.original.original_to_ours(path) is None
 
 
 def test_original_saved_model_reproduces_expected_outputs(original_fixture_dir):
   expected = np.load(original_fixture_dir / 'expected_outputs.npz')
   model = _fixture_model(original_fixture_dir, expected['logits_sup'].shape[-1])
-  report = ow.load_pretrained(model, str(original_fixture_dir / 'saved_model'))
+  report = weights.match.load(model, str(original_fixture_dir / 'saved_model'))
   assert report.restored == len(model.variables) == 121
   assert report.fresh == [] and report.ignored == []
   outputs = model(tf.constant(expected['images']), training=False)
@@ -137,17 +137,17 @@ def test_training_checkpoint_keys_are_all_covered(original_fixture_dir):
   prefix = str(original_fixture_dir / 'training_checkpoint' / 'ckpt-286')
   model_keys = {k for k, _ in tf.train.list_variables(prefix)
                 if k.startswith('model/') and '.OPTIMIZER_SLOT' not in k}
-  source = ow.open_source(prefix)
+  source = weights.source.resolve(prefix)
   assert not source.has_values  # index only: the key strings are used
   model = _fixture_model(original_fixture_dir, 10)
-  plan, fresh, ignored = ow.match(model, source)
-  ours = checkpoints.object_variable_paths(model, 'model')
+  plan, fresh, ignored = weights.match.match(model, source)
+  ours = weights.match.object_variable_paths(model, 'model')
   assert {key for _, key in plan} == model_keys
   assert len(plan) == len(ours) == len(model_keys) == 121 and not fresh and not ignored
   for var, key in plan:
     assert list(var.shape) == list(source.shapes[key]), key
   with pytest.raises(FileNotFoundError, match='data'):
-    ow.load_pretrained(model, prefix)
+    weights.match.load(model, prefix)
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,20 +161,20 @@ def test_layout_keys_map_onto_our_variables(name, original_fixture_dir):
   prefix = str(original_fixture_dir / 'layouts' / name / 'ckpt-1')
   keys = {k: s for k, s in tf.train.list_variables(prefix) if k.startswith('model/')}
   model = _layout_model(name)
-  plan, fresh, ignored = ow.match(model, ow.open_source(prefix))
+  plan, fresh, ignored = weights.match.match(model, weights.source.resolve(prefix))
   assert not fresh and not ignored
   assert sorted(key for _, key in plan) == sorted(keys)  # every key of theirs placed once
   assert len({id(var) for var, _ in plan}) == len(model.variables)  # every variable of ours
   for var, key in plan:
     assert list(var.shape) == keys[key], key
-  arch = ow.describe(prefix)
+  arch = weights.original.describe(prefix)
   for field, value in LAYOUTS[name].items():
     assert arch[field] == value, (field, arch)
   assert arch['num_classes'] == 1000 and arch['num_proj_layers'] == 3
 
 
 def test_describe_original_saved_model(original_fixture_dir):
-  assert ow.describe(str(original_fixture_dir / 'saved_model')) == dict(
+  assert weights.original.describe(str(original_fixture_dir / 'saved_model')) == dict(
       resnet_depth=18, width_multiplier=1, cifar_stem=True, sk_ratio=0.0, se_ratio=0.0,
       proj_head_mode='nonlinear', num_proj_layers=3, proj_out_dim=128, num_classes=10)
 
@@ -183,8 +183,8 @@ def test_wrong_depth_names_variables_and_flags(original_fixture_dir):
   arch, image_size = _fixture_arch(original_fixture_dir)
   arch['resnet_depth'] = 34
   model = _build(10, image_size, zero_init=True, **arch)
-  with pytest.raises(checkpoints.CheckpointMismatchError) as err:
-    ow.load_pretrained(model, str(original_fixture_dir / 'saved_model'))
+  with pytest.raises(CheckpointMismatchError) as err:
+    weights.match.load(model, str(original_fixture_dir / 'saved_model'))
   message = str(err.value)
   assert 'model/encoder/block_groups/0/blocks/2/' in message  # R34's third block: no value
   assert '--resnet_depth=18' in message
@@ -193,16 +193,17 @@ def test_wrong_depth_names_variables_and_flags(original_fixture_dir):
 def test_resnet_d_checkpoint_into_plain_model_is_refused(original_fixture_dir):
   """R18 with and without sk_ratio have the same shapes; the import must still refuse."""
   model = _build(1000, 32, zero_init=True, resnet_depth=18, cifar_stem=True)
-  source = ow.open_source(str(original_fixture_dir / 'layouts' / 'r18_1x_sk1_cifar' / 'ckpt-1'))
-  with pytest.raises(checkpoints.CheckpointMismatchError, match='sk_ratio'):
-    ow.match(model, source)
+  source = weights.source.resolve(
+      str(original_fixture_dir / 'layouts' / 'r18_1x_sk1_cifar' / 'ckpt-1'))
+  with pytest.raises(CheckpointMismatchError, match='sk_ratio'):
+    weights.match.match(model, source)
 
 
 def test_new_head_is_left_fresh_with_fresh_ok(original_fixture_dir):
   model = _fixture_model(original_fixture_dir, 3)
-  with pytest.raises(checkpoints.CheckpointMismatchError, match='supervised_head'):
-    ow.load_pretrained(model, str(original_fixture_dir / 'saved_model'))
-  report = ow.load_pretrained(model, str(original_fixture_dir / 'saved_model'),
+  with pytest.raises(CheckpointMismatchError, match='supervised_head'):
+    weights.match.load(model, str(original_fixture_dir / 'saved_model'))
+  report = weights.match.load(model, str(original_fixture_dir / 'saved_model'),
                               fresh_ok=('supervised_head',))
   assert report.fresh == ['model/supervised_head/linear_layer/dense/_kernel',
                           'model/supervised_head/linear_layer/dense/bias']

@@ -1,0 +1,25 @@
+"""The errors a user can cause, reported by run.py without a traceback (exit status 2).
+
+Everything else (a TensorFlow tracing error, a bug) keeps its traceback. Each class also derives
+from the builtin it refines, so `except ValueError` / `except FileNotFoundError` still catch it.
+"""
+
+
+class UserError(Exception):
+  """Base of the errors caused by flags, files or data; the message names the fix."""
+
+
+class ConfigError(UserError, ValueError):
+  """An invalid flag or combination of flags; the message names the flag and the fix."""
+
+
+class DatasetError(ConfigError):
+  """The dataset cannot serve the requested split/fraction; the message names the flag and fix."""
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+  """A weights path that holds no checkpoint, export or SavedModel."""
+
+
+class CheckpointMismatchError(UserError, ValueError):
+  """A checkpoint does not fit the model; the message names the variables and the flags."""

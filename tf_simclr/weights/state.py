@@ -1,0 +1,242 @@
+"""A training run's checkpoints: precedence, intact fallback, saving.
+
+One place decides where weights come from: resume from `--model_dir` if it holds a checkpoint
+(weights, optimizer slots, step, BN statistics), else initialise the model from `--checkpoint`
+(through `match.load`), else start from scratch. The resume is checked by the same matcher first,
+so a model_dir of another architecture is the one mismatch error, not a silent partial restore.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from typing import Callable, Iterable, List, Optional, Sequence
+
+import tensorflow as tf
+
+from tf_simclr.errors import CheckpointMismatchError, UserError
+from tf_simclr.weights import match as match_lib
+from tf_simclr.weights import source as source_lib
+from tf_simclr.weights.match import RestoreReport
+from tf_simclr.weights.source import CHECKPOINT_NAME, checkpoint_step, find_checkpoints
+
+log = logging.getLogger(__name__)
+
+_RESTORE_ERRORS = (tf.errors.OpError, IndexError, ValueError, OSError, RuntimeError,
+                   tf.errors.DataLossError)
+
+
+class NoIntactCheckpointError(UserError, RuntimeError):
+  """model_dir holds checkpoints of a run, but none can be read."""
+
+
+class CheckpointSaveError(UserError, RuntimeError):
+  """A checkpoint could not be written (disk full, permissions); the message names model_dir."""
+
+
+def clean_temp_folders(model_dir: str) -> List[str]:
+  """Removes `ckpt-N_temp*` folders left by a save that was killed or ran out of disk."""
+  removed = []
+  if not tf.io.gfile.isdir(model_dir):
+    return removed
+  for name in tf.io.gfile.listdir(model_dir):
+    name = name.rstrip('/')
+    if re.match(r'^ckpt-\d+_temp', name):
+      path = os.path.join(model_dir, name)
+      if tf.io.gfile.isdir(path):
+        tf.io.gfile.rmtree(path)
+      else:
+        tf.io.gfile.remove(path)
+      removed.append(path)
+  if removed:
+    log.warning('Removed %d unfinished checkpoint folder(s) of an interrupted save: %s',
+                len(removed), ', '.join(removed))
+  return removed
+
+
+def _set_aside(prefix: str) -> List[str]:
+  """Renames the files of a damaged checkpoint to damaged-ckpt-N.* so nothing overwrites them."""
+  folder, base = os.path.split(prefix)
+  moved = []
+  for path in tf.io.gfile.glob(prefix + '.*'):
+    target = os.path.join(folder, 'damaged-' + base + os.path.basename(path)[len(base):])
+    tf.io.gfile.rename(path, target, overwrite=True)
+    moved.append(target)
+  return moved
+
+
+class TrainState:
+  """Model + optimizer + step under one CheckpointManager in `model_dir`.
+
+  `save_dir` differs from `model_dir` only on non-chief multi-worker processes, which must take
+  part in saving but whose files are throw-away; every process resumes from `model_dir`.
+  """
+
+  def __init__(self, model, optimizer, model_dir: str, max_to_keep: int,
+               save_dir: Optional[str] = None):
+    self.model = model
+    self.optimizer = optimizer
+    self.model_dir = model_dir
+    self.save_dir = save_dir or model_dir
+    self.max_to_keep = max_to_keep
+    # The wrapped optimizer under loss scaling, so the optimizer slots sit at the same paths
+    # whatever the precision; the loss scale is an extra, optional entry (see precision.py).
+    inner = getattr(optimizer, 'inner_optimizer', optimizer)
+    self._objects = dict(model=model, optimizer=inner, global_step=optimizer.iterations)
+    self._loss_scale = optimizer.dynamic_scale if inner is not optimizer else None
+    extra = {'loss_scale': self._loss_scale} if self._loss_scale is not None else {}
+    self.checkpoint = tf.train.Checkpoint(**self._objects, **extra)
+    self.manager = self._make_manager()
+
+  def _make_manager(self) -> tf.train.CheckpointManager:
+    return tf.train.CheckpointManager(self.checkpoint, directory=self.save_dir,
+                                      max_to_keep=self.max_to_keep,
+                                      checkpoint_name=CHECKPOINT_NAME)
+
+  @property
+  def step(self) -> int:
+    return int(self.optimizer.iterations.numpy())
+
+  def save(self) -> str:
+    """Saves ckpt-<step>; a failed write raises CheckpointSaveError naming the folder."""
+    try:
+      return self.manager.save(checkpoint_number=self.step)
+    except (tf.errors.OpError, OSError) as e:
+      kept = find_checkpoints(self.model_dir)
+      raise CheckpointSaveError(
+          f'Could not write checkpoint {CHECKPOINT_NAME}-{self.step} to {self.save_dir} '
+          f'({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e}). '
+          'Is the disk full or the folder not writable? Free space and rerun the same command: '
+          + (f'it resumes from {os.path.basename(kept[0])}' if kept else 'it starts again')
+          + ' and removes the unfinished ckpt-*_temp folder.') from e
+
+  def _restore_intact(self) -> Optional[str]:
+    """Restores the newest readable checkpoint of model_dir; None when there is none at all.
+
+    A checkpoint that fails to read (truncated, half-written) is logged, renamed to
+    damaged-ckpt-N.* and the next older one is tried. A checkpoint of another architecture is
+    an error, not something to skip.
+    """
+    candidates = find_checkpoints(self.model_dir)
+    indexed = tf.train.latest_checkpoint(self.model_dir)
+    if candidates and indexed != candidates[0]:
+      log.warning('The checkpoint index file of %s %s; found %s by listing the folder.',
+                  self.model_dir, f'names {indexed}' if indexed else 'is missing or unusable',
+                  ', '.join(os.path.basename(c) for c in candidates))
+    damaged = []
+    for path in candidates:
+      try:
+        found = source_lib.resolve(path)
+      except CheckpointMismatchError:
+        raise
+      except _RESTORE_ERRORS as e:
+        damaged.append((path, e))
+        continue
+      if not found.has_values:
+        damaged.append((path, ValueError('its object graph or values cannot be read')))
+        continue
+      match_lib.match(
+          self.model, found,
+          lead=f'--model_dir={self.model_dir} holds a run of another architecture ({path})',
+          advice='Resume it with its own flags (its flags.json), or use a new --model_dir.')
+      checkpoint = self.checkpoint
+      if self._loss_scale is not None and not source_lib.variable_paths(found.reader,
+                                                                         'loss_scale'):
+        # A float32/bfloat16 run resumed in float16: the loss scale starts at its initial value.
+        checkpoint = tf.train.Checkpoint(**self._objects)
+      try:
+        checkpoint.restore(path).assert_existing_objects_matched()
+      except _RESTORE_ERRORS as e:
+        damaged.append((path, e))
+        continue
+      break
+    else:
+      path = None
+    for bad, error in damaged:
+      log.warning('Checkpoint %s is damaged (%s: %s); %s', bad, type(error).__name__,
+                  str(error).strip().splitlines()[0] if str(error).strip() else '',
+                  f'falling back to {path}.' if path else 'no older intact one.')
+    if candidates and path is None:
+      raise NoIntactCheckpointError(
+          f'--model_dir={self.model_dir} holds checkpoints of a run '
+          f'({", ".join(os.path.basename(c) for c in candidates)}) but none can be read, so the '
+          'run cannot resume and is not restarted from step 0 over them. Move them away (or use '
+          'a new --model_dir) to start again.')
+    if path is None:
+      return None
+    if self.save_dir == self.model_dir:
+      for bad, _ in damaged:
+        if checkpoint_step(bad) > checkpoint_step(path):
+          log.warning('Renamed the damaged checkpoint files to %s so that nothing overwrites '
+                      'them.', ', '.join(_set_aside(bad)))
+      if damaged or indexed != path:
+        # Rewrite the index from what is on disk so the manager keeps rotating old checkpoints.
+        intact = [c for c in reversed(find_checkpoints(self.model_dir))
+                  if checkpoint_step(c) <= checkpoint_step(path)]
+        now = time.time()
+        tf.compat.v1.train.update_checkpoint_state(
+            self.model_dir, path, intact,
+            all_model_checkpoint_timestamps=[now - len(intact) + i for i in range(len(intact))],
+            last_preserved_timestamp=now - len(intact) - 1)
+        self.manager = self._make_manager()
+    return path
+
+  def restore_or_initialize(self, init_checkpoint: Optional[str], fresh_ok: Sequence[str] = (),
+                            init_fn: Optional[Callable[[str], RestoreReport]] = None) -> str:
+    """Applies the precedence rule; returns 'resumed', 'initialized' or 'scratch'.
+
+    The model and the optimizer must already be built (Keras 3 has no deferred restore).
+    `init_fn(path)` replaces the default strict loader for `init_checkpoint` (e.g. for weights
+    written by the original code or an exported SavedModel).
+    """
+    latest = self._restore_intact()
+    if latest:
+      log.info('Resuming from %s at step %d (weights, optimizer state and step).', latest,
+               self.step)
+      return 'resumed'
+    if init_checkpoint:
+      log.info('Initialising the model from --checkpoint=%s', init_checkpoint)
+      if init_fn is not None:
+        report = init_fn(init_checkpoint)
+      else:
+        report = match_lib.load(self.model, init_checkpoint, fresh_ok=fresh_ok)
+      log.info('Restored %d variables.', report.restored)
+      if report.fresh:
+        log.info('Left freshly initialised (new for this task): %s', ', '.join(report.fresh))
+      if report.ignored:
+        log.info('Not used from the checkpoint: %d variables (e.g. %s)', len(report.ignored),
+                 report.ignored[0])
+      return 'initialized'
+    return 'scratch'
+
+
+def wait_for_checkpoints(model_dir: str, timeout: float = 0,
+                         poll_secs: float = 15) -> Iterable[str]:
+  """Yields the newest checkpoint of `model_dir` each time a new one appears (eval follows training).
+
+  Logs when it starts waiting and every minute while it waits; stops after `timeout` seconds
+  (0: never) without a new checkpoint. Never creates model_dir.
+  """
+  last = None
+  while True:
+    limit = f'timeout {timeout:g} s' if timeout else 'no timeout'
+    log.info('Waiting for a checkpoint in %s (%s).', model_dir, limit)
+    start = time.time()
+    next_note = start + 60
+    while True:
+      found = find_checkpoints(model_dir)
+      if found and found[0] != last:
+        break
+      now = time.time()
+      if timeout and now - start >= timeout:
+        return
+      if now >= next_note:
+        log.info('Still waiting for a checkpoint in %s (%d s so far, %s).', model_dir,
+                 now - start, limit)
+        next_note += 60
+      remaining = (start + timeout - now) if timeout else poll_secs
+      time.sleep(max(0.1, min(poll_secs, remaining)))
+    last = found[0]
+    yield last
