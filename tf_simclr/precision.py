@@ -16,12 +16,15 @@ LARS (they read float32 variables and float32 gradients).
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterator
 
 import keras
 import tensorflow as tf
 
 from tf_simclr.config import PRECISIONS
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -72,3 +75,14 @@ def inner_optimizer(optimizer):
   """The optimizer doing the updates (the wrapped one under loss scaling): what checkpoints hold,
   so a checkpoint's optimizer slots are the same whatever the precision."""
   return getattr(optimizer, 'inner_optimizer', optimizer)
+
+
+def warn_if_slow_on_cpu(precision: str, jit_compile: bool, strategy) -> None:
+  """On CPUs, TensorFlow's bfloat16/float16 convolution gradients without XLA are an order of
+  magnitude slower than float32 (benchmarks/README.md); XLA compiles them efficiently."""
+  on_cpu = (not tf.config.list_physical_devices('GPU')
+            and not isinstance(strategy, tf.distribute.TPUStrategy))
+  if on_cpu and precision != 'float32' and not jit_compile:
+    log.warning('--precision=%s on a CPU without --jit_compile: TensorFlow\'s 16-bit convolution '
+                'gradients are about 10x slower than float32 here; add --jit_compile=True (or '
+                'use --precision=float32).', precision)

@@ -26,6 +26,7 @@ from tf_simclr.models import simclr
 from tf_simclr.optim import lars, schedule
 from tf_simclr.train import evaluate as evaluate_lib
 from tf_simclr.train import loop, probe, tasks
+from tf_simclr.train import readouts as readouts_lib
 from tf_simclr.weights import match as weights_match
 from tf_simclr.weights import source as weights_source
 from tf_simclr.weights import state as weights_state
@@ -216,88 +217,16 @@ def initialize_weights(config: Config, model, state: weights_state.TrainState,
   return how
 
 
-def _warn_slow_precision(ctx: Context) -> None:
-  """On CPUs, TensorFlow's bfloat16/float16 convolution gradients without XLA are an order of
-  magnitude slower than float32 (benchmarks/README.md); XLA compiles them efficiently."""
-  config = ctx.config
-  on_cpu = (not tf.config.list_physical_devices('GPU')
-            and not isinstance(ctx.strategy, tf.distribute.TPUStrategy))
-  if on_cpu and config.model.precision != 'float32' and not config.train.jit_compile:
-    log.warning('--precision=%s on a CPU without --jit_compile: TensorFlow\'s 16-bit convolution '
-                'gradients are about 10x slower than float32 here; add --jit_compile=True (or '
-                'use --precision=float32).', config.model.precision)
-
-
-def knn_enabled(ctx: Context) -> bool:
-  """--knn_monitor, unset: on when pretraining on a labelled dataset."""
-  knn = ctx.config.probe.knn
-  if knn is None:
-    return ctx.config.train.train_mode == 'pretrain' and ctx.num_classes > 1
-  return knn
-
-
-def linear_probe_enabled(ctx: Context) -> bool:
-  """--linear_probe, unset: at the end of pretraining with train_then_eval, and in --mode=probe."""
-  linear = ctx.config.probe.linear_probe
-  if linear is None:
-    train = ctx.config.train
-    return train.mode == 'probe' or (train.mode == 'train_then_eval' and
-                                     train.train_mode == 'pretrain')
-  return linear
-
-
-def readouts(ctx: Context, model, knn: bool, linear: bool) -> Dict[str, float]:
-  """kNN and/or linear-probe metrics of the model's encoder (train/probe.py)."""
-  if not (knn or linear):
-    return {}
-  if ctx.readout is None:
-    p = ctx.config.probe
-    ctx.readout = probe.Readout(
-        ctx.source, ctx.config.data, ctx.strategy, ctx.config.train.eval_batch_size,
-        ctx.num_classes, k=p.knn_k, temperature=p.knn_temperature,
-        max_train_examples=p.knn_max_bank_size, seed=p.seed)
-  return ctx.readout.run(model.encoder, knn=knn, linear=linear)
-
-
-def random_init_baseline(ctx: Context, model) -> None:
-  """--random_init_baseline: readouts of the freshly built (seeded, untrained) encoder."""
-  if not ctx.config.probe.random_init_baseline:
-    return
-  log.info('Random-init baseline: readouts of the encoder at its initialisation.')
-  result = readouts(ctx, model, knn=knn_enabled(ctx) or ctx.config.train.mode == 'probe',
-                    linear=linear_probe_enabled(ctx))
-  ctx.baseline = {probe.random_init_key(k): v for k, v in result.items()}
-
-
-def _knn_hook(ctx: Context, model):
-  """(every_steps, fn) for the Trainer: kNN every --knn_every_epochs, to TensorBoard."""
-  every = ctx.config.probe.knn_every_epochs * ctx.steps.epoch_steps
-  if not knn_enabled(ctx) or every <= 0:
-    return []
-  writer = tf.summary.create_file_writer(
-      distribute.write_dir(ctx.config.train.model_dir, ctx.strategy))
-
-  def hook(step):
-    if (ctx.config.train.mode == 'train_then_eval' and
-        ctx.steps.train_steps - step < ctx.steps.epoch_steps):
-      return  # The final eval, less than an epoch away, runs it.
-    result = readouts(ctx, model, knn=True, linear=False)
-    with writer.as_default():
-      tf.summary.scalar(probe.KNN_TOP1, result[probe.KNN_TOP1], step=step)
-      tf.summary.scalar(probe.KNN_TOP5, result[probe.KNN_TOP5], step=step)
-      writer.flush()
-  return [(every, hook)]
-
-
 def train(ctx: Context, teacher: Optional[Callable] = None,
           init_fn: Optional[Callable] = None):
   """Trains to the last step; returns (model, final step, metrics of the last loop)."""
   config = ctx.config
-  _warn_slow_precision(ctx)
+  precision_lib.warn_if_slow_on_cpu(config.model.precision, config.train.jit_compile,
+                                    ctx.strategy)
   model = build_model(ctx)
-  random_init_baseline(ctx, model)  # Before any restore: the seeded initialisation.
+  readouts_lib.random_init_baseline(ctx, model)  # Before any restore: the seeded initialisation.
   built = assemble_trainer(config, ctx.strategy, ctx.steps, ctx.num_classes, model=model,
-                           teacher=teacher, hooks=_knn_hook(ctx, model))
+                           teacher=teacher, hooks=readouts_lib.knn_hook(ctx, model))
   task = built.task
   initialize_weights(config, model, built.state, init_fn=init_fn)
   if ctx.flags_dict is not None and distribute.is_chief(ctx.strategy):
@@ -342,7 +271,8 @@ def evaluate(ctx: Context, model, global_step: int, export_fn: Optional[Callable
     with _naming_bad_images(ctx, config.data.eval_split):
       result = evaluator.evaluate(dataset, ctx.steps.eval_steps)
   with _naming_bad_images(ctx, config.data.eval_split):
-    result.update(readouts(ctx, model, knn=knn_enabled(ctx), linear=linear_probe))
+    result.update(readouts_lib.readouts(ctx, model, knn=readouts_lib.knn_enabled(ctx),
+                                        linear=linear_probe))
   if not result:
     log.info('Skipping eval: pretraining without --lineareval_while_pretraining has no '
              'supervised head, and the kNN monitor is off.')
@@ -399,7 +329,7 @@ def probe_checkpoint(ctx: Context) -> Dict[str, float]:
   config = ctx.config
   model_dir = config.train.model_dir
   model = build_model(ctx)
-  random_init_baseline(ctx, model)
+  readouts_lib.random_init_baseline(ctx, model)
   # The readouts need the encoder only: heads of another shape (or none) may stay as built.
   heads = ('supervised_head', 'projection_head')
   found = weights_source.find_checkpoints(model_dir)
@@ -422,7 +352,8 @@ def probe_checkpoint(ctx: Context) -> Dict[str, float]:
     log.warning('--mode=probe: no --checkpoint and no checkpoint in --model_dir=%s; probing the '
                 'random-init encoder.', model_dir)
   knn = config.probe.knn is not False and ctx.num_classes > 1
-  result = readouts(ctx, model, knn=knn, linear=config.probe.linear_probe is not False)
+  result = readouts_lib.readouts(ctx, model, knn=knn,
+                                 linear=config.probe.linear_probe is not False)
   result.update(ctx.baseline)
   if not distribute.is_chief(ctx.strategy):
     return result
@@ -502,7 +433,7 @@ def _run_mode(ctx: Context, export_fn: Callable) -> Optional[Dict[str, float]]:
   model, result = train(ctx, teacher=teacher)
   if mode == 'train_then_eval':
     stored = evaluate(ctx, model, result.final_step, export_fn=export_fn,
-                      linear_probe=linear_probe_enabled(ctx))
+                      linear_probe=readouts_lib.linear_probe_enabled(ctx))
     if stored and probe.has_readouts(stored):
       log.info('%s', probe.format_table(stored))
     return stored

@@ -1,0 +1,79 @@
+"""Readouts of the representation during and after a run: which are on, and when they run.
+
+The kNN monitor between training loops (to TensorBoard), the kNN and linear probe at evaluation
+time, and the random-init baseline, all on the run's `experiment.Context` (`ctx`). The readout
+math itself is in `probe.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict
+
+import tensorflow as tf
+
+from tf_simclr import distribute
+from tf_simclr.train import probe
+
+log = logging.getLogger(__name__)
+
+
+def knn_enabled(ctx) -> bool:
+  """--knn_monitor, unset: on when pretraining on a labelled dataset."""
+  knn = ctx.config.probe.knn
+  if knn is None:
+    return ctx.config.train.train_mode == 'pretrain' and ctx.num_classes > 1
+  return knn
+
+
+def linear_probe_enabled(ctx) -> bool:
+  """--linear_probe, unset: at the end of pretraining with train_then_eval, and in --mode=probe."""
+  linear = ctx.config.probe.linear_probe
+  if linear is None:
+    train = ctx.config.train
+    return train.mode == 'probe' or (train.mode == 'train_then_eval' and
+                                     train.train_mode == 'pretrain')
+  return linear
+
+
+def readouts(ctx, model, knn: bool, linear: bool) -> Dict[str, float]:
+  """kNN and/or linear-probe metrics of the model's encoder (train/probe.py)."""
+  if not (knn or linear):
+    return {}
+  if ctx.readout is None:
+    p = ctx.config.probe
+    ctx.readout = probe.Readout(
+        ctx.source, ctx.config.data, ctx.strategy, ctx.config.train.eval_batch_size,
+        ctx.num_classes, k=p.knn_k, temperature=p.knn_temperature,
+        max_train_examples=p.knn_max_bank_size, seed=p.seed)
+  return ctx.readout.run(model.encoder, knn=knn, linear=linear)
+
+
+def random_init_baseline(ctx, model) -> None:
+  """--random_init_baseline: readouts of the freshly built (seeded, untrained) encoder."""
+  if not ctx.config.probe.random_init_baseline:
+    return
+  log.info('Random-init baseline: readouts of the encoder at its initialisation.')
+  result = readouts(ctx, model, knn=knn_enabled(ctx) or ctx.config.train.mode == 'probe',
+                    linear=linear_probe_enabled(ctx))
+  ctx.baseline = {probe.random_init_key(k): v for k, v in result.items()}
+
+
+def knn_hook(ctx, model):
+  """(every_steps, fn) for the Trainer: kNN every --knn_every_epochs, to TensorBoard."""
+  every = ctx.config.probe.knn_every_epochs * ctx.steps.epoch_steps
+  if not knn_enabled(ctx) or every <= 0:
+    return []
+  writer = tf.summary.create_file_writer(
+      distribute.write_dir(ctx.config.train.model_dir, ctx.strategy))
+
+  def hook(step):
+    if (ctx.config.train.mode == 'train_then_eval' and
+        ctx.steps.train_steps - step < ctx.steps.epoch_steps):
+      return  # The final eval, less than an epoch away, runs it.
+    result = readouts(ctx, model, knn=True, linear=False)
+    with writer.as_default():
+      tf.summary.scalar(probe.KNN_TOP1, result[probe.KNN_TOP1], step=step)
+      tf.summary.scalar(probe.KNN_TOP5, result[probe.KNN_TOP5], step=step)
+      writer.flush()
+  return [(every, hook)]
