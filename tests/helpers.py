@@ -6,7 +6,8 @@ import tensorflow as tf
 
 from tf_simclr import config as cfg
 from tf_simclr import weights
-from tf_simclr.train import experiment
+from tf_simclr.optim import lars
+from tf_simclr.train import experiment, loop, tasks
 
 TINY_MODEL = dict(resnet_depth=18, width_multiplier=1, cifar_stem=True, proj_out_dim=16,
                   num_proj_layers=2)
@@ -50,3 +51,23 @@ def checkpoint_values(path):
   reader = tf.train.load_checkpoint(path)
   keys = weights.source.variable_paths(reader, root_child='model')
   return {p: reader.get_tensor(k) for p, k in keys.items()}
+
+
+def one_lars_step(config, model, strategy, images, labels, model_dir):
+  """Runs one PretrainTask step with LARS(0.5, momentum 0.9, wd 1e-4) through loop.Trainer under
+  `strategy` on (images, labels); returns ({variable path: value after}, the step's metrics)."""
+  with strategy.scope():
+    optimizer = lars.LARS(0.5, momentum=0.9, weight_decay=1e-4,
+                          exclude_from_weight_decay=tasks.lars_exclusions(model))
+    optimizer.build(model.trainable_variables)
+  task = tasks.PretrainTask(config, model, strategy)
+  steps = cfg.Steps(train_steps=1, epoch_steps=1, warmup_steps=0, checkpoint_steps=1,
+                    steps_per_loop=1, eval_steps=1)
+  state = weights.state.TrainState(model, optimizer, str(model_dir), 1)
+  trainer = loop.Trainer(task, optimizer, state, strategy, steps, images.shape[0],
+                         str(model_dir) + '_summaries')
+  dataset = strategy.experimental_distribute_dataset(
+      tf.data.Dataset.from_tensors((images, labels)).repeat())
+  metrics = trainer.train(iter(dataset)).metrics
+  values = {p: v.numpy() for p, v in weights.match.object_variable_paths(model, 'model').items()}
+  return values, metrics

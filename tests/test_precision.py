@@ -18,6 +18,8 @@ from tf_simclr.models import simclr
 from tf_simclr.optim import lars
 from tf_simclr.train import loop, tasks
 
+from helpers import one_lars_step
+
 
 @pytest.fixture(autouse=True)
 def _seeded():
@@ -96,20 +98,8 @@ def test_bfloat16_step_matches_float32_and_keeps_float32_where_it_matters(tmp_pa
 
 def _one_step(config, strategy, initial, images, labels, tmp_path):
   model, _ = _model(config, strategy, initial)
-  with strategy.scope():
-    optimizer = lars.LARS(0.5, momentum=0.9, weight_decay=1e-4,
-                          exclude_from_weight_decay=tasks.lars_exclusions(model))
-    optimizer.build(model.trainable_variables)
-  task = tasks.PretrainTask(config, model, strategy)
-  steps = cfg.Steps(train_steps=1, epoch_steps=1, warmup_steps=0, checkpoint_steps=1,
-                    steps_per_loop=1, eval_steps=1)
-  state = weights.state.TrainState(model, optimizer, str(tmp_path / type(strategy).__name__), 1)
-  trainer = loop.Trainer(task, optimizer, state, strategy, steps, 8, str(tmp_path / 'summaries'))
-  dataset = strategy.experimental_distribute_dataset(
-      tf.data.Dataset.from_tensors((images, labels)).repeat())
-  metrics = trainer.train(iter(dataset)).metrics
-  return {p: v.numpy() for p, v in weights.match.object_variable_paths(model, 'model').items()}, \
-      metrics
+  return one_lars_step(config, model, strategy, images, labels,
+                       tmp_path / type(strategy).__name__)
 
 
 def test_two_replica_bfloat16_step_equals_one_device(tmp_path, two_replica_strategy):
@@ -278,7 +268,6 @@ def test_original_weights_import_into_a_bfloat16_model(original_fixture_dir):
 def test_teacher_precision_is_independent_of_the_student(tmp_path):
   """A bfloat16 teacher for a float32 student, from a float32 checkpoint."""
   from tf_simclr import teacher as teacher_lib
-  import dataclasses
   student = cfg.ModelConfig(**TINY)
   teacher_config = teacher_lib.teacher_model_config(student, None,
                                                     {'precision': 'mixed_bfloat16'})
@@ -317,3 +306,17 @@ def test_flags_map_to_config():
   fv.unparse_flags()
   with pytest.raises(cfg.ConfigError, match='--precision'):
     cfg.ModelConfig(precision='float16')
+
+
+def test_sixteen_bit_on_a_cpu_warns_when_it_is_slow(monkeypatch, caplog):
+  strategy = tf.distribute.get_strategy()
+  for units, jit, expected in ((True, True, []), (True, False, ['10x slower']),
+                               (False, True, ['no bfloat16 units']),
+                               (None, False, ['10x slower'])):
+    monkeypatch.setattr(precision_lib.cpu_kernels, 'has_bfloat16_units', lambda units=units: units)
+    caplog.clear()
+    with caplog.at_level('WARNING'):
+      precision_lib.warn_if_slow_on_cpu('mixed_bfloat16', jit, strategy)
+      precision_lib.warn_if_slow_on_cpu('float32', jit, strategy)  # never a warning
+    got = [m for m in ('10x slower', 'no bfloat16 units') if m in caplog.text]
+    assert got == expected, (units, jit, caplog.text)

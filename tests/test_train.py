@@ -11,12 +11,10 @@ import tensorflow as tf
 
 from tf_simclr import weights
 from tf_simclr.errors import CheckpointMismatchError
-from tf_simclr import config as cfg
 from tf_simclr.models import simclr
-from tf_simclr.optim import lars
 from tf_simclr.train import experiment, loop, tasks
 
-from helpers import build_state, tiny_config
+from helpers import build_state, one_lars_step, tiny_config
 
 def test_pretrain_then_eval_runs_exact_steps_and_writes_results(tmp_path):
   config = tiny_config(tmp_path, train__mode='train_then_eval', train__train_steps=5,
@@ -50,6 +48,29 @@ def test_pretrain_then_eval_runs_exact_steps_and_writes_results(tmp_path):
   experiment.run(dataclasses.replace(
       config, train=dataclasses.replace(config.train, mode='export')))
   assert (tmp_path / 'saved_model' / '5' / 'saved_model.pb').exists()
+
+  # A truncated newest checkpoint: export, eval and probe use the intact one before it and
+  # rename nothing (a training run may own the folder).
+  data = tmp_path / 'ckpt-5.data-00000-of-00001'
+  with open(data, 'r+b') as f:
+    f.truncate(os.path.getsize(data) // 3)
+  checkpoint_files = lambda: sorted(f for f in os.listdir(tmp_path) if 'ckpt' in f)
+  before = checkpoint_files()
+  shutil.rmtree(tmp_path / 'saved_model')
+  experiment.run(dataclasses.replace(
+      config, train=dataclasses.replace(config.train, mode='export')))
+  assert os.listdir(tmp_path / 'saved_model') == ['4']
+  fallback = experiment.run(dataclasses.replace(
+      config, train=dataclasses.replace(config.train, mode='eval', eval_timeout=0.5)))
+  assert fallback['global_step'] == 4 and (tmp_path / 'result_4.json').exists()
+  assert checkpoint_files() == before
+  with pytest.raises(weights.state.NoIntactCheckpointError, match='ckpt-5, ckpt-4, ckpt-2'):
+    for name in ('ckpt-4', 'ckpt-2'):
+      data = tmp_path / f'{name}.data-00000-of-00001'
+      with open(data, 'r+b') as f:
+        f.truncate(os.path.getsize(data) // 3)
+    experiment.run(dataclasses.replace(
+        config, train=dataclasses.replace(config.train, mode='export')))
 
 
 def test_resume_restores_step_weights_slots_and_bn_statistics(tmp_path):
@@ -134,22 +155,8 @@ def test_two_replicas_take_exactly_the_single_device_step(tmp_path, two_replica_
     else:
       for p, v in variables.items():
         v.assign(initial[p])
-    with strategy.scope():
-      optimizer = lars.LARS(0.5, momentum=0.9, weight_decay=1e-4,
-                            exclude_from_weight_decay=tasks.lars_exclusions(model))
-      optimizer.build(model.trainable_variables)
-    task = tasks.PretrainTask(config, model, strategy)
-    steps = cfg.Steps(train_steps=1, epoch_steps=1, warmup_steps=0, checkpoint_steps=1,
-                      steps_per_loop=1, eval_steps=1)
-    state = weights.state.TrainState(model, optimizer, str(tmp_path / type(strategy).__name__), 2)
-    trainer = loop.Trainer(task, optimizer, state, strategy, steps, 8,
-                           str(tmp_path / 'summaries'))
-    dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
-    dist = strategy.experimental_distribute_dataset(dataset)
-    result = trainer.train(iter(dist))
-    results.append(({p: v.numpy() for p, v in
-                     weights.match.object_variable_paths(model, 'model').items()},
-                    result.metrics))
+    results.append(one_lars_step(config, model, strategy, images, labels,
+                                 tmp_path / type(strategy).__name__))
   (single, single_metrics), (double, double_metrics) = results
   assert single.keys() == double.keys()
   for path in single:

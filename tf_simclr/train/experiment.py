@@ -302,12 +302,16 @@ def follow_and_evaluate(ctx: Context, export_fn: Optional[Callable] = None,
   model_dir = ctx.config.train.model_dir
   model = None
   result, step = None, None
-  for path in weights_state.wait_for_checkpoints(model_dir, timeout=timeout):
+  evaluated = set()
+  for newest in weights_state.wait_for_checkpoints(model_dir, timeout=timeout):
     if model is None:
       model = build_model(ctx)
-    found = weights_source.resolve(path)
-    weights_match.load(model, found, lead=_MODEL_DIR_LEAD.format(path))
-    step = weights_source.read_global_step(found)
+    loaded = weights_state.load_newest_intact(model, model_dir, lead=_MODEL_DIR_LEAD,
+                                              newest=newest)
+    if loaded is None or loaded[0] in evaluated:
+      continue  # Rotated away, or damaged with the intact one before it already evaluated.
+    path, step = loaded
+    evaluated.add(path)
     log.info('Evaluating %s (step %d).', path, step)
     result = evaluate(ctx, model, step, export_fn=export_fn)
     if result is None or step >= ctx.steps.train_steps:
@@ -332,8 +336,6 @@ def probe_checkpoint(ctx: Context) -> Dict[str, float]:
   readouts_lib.random_init_baseline(ctx, model)
   # The readouts need the encoder only: heads of another shape (or none) may stay as built.
   heads = ('supervised_head', 'projection_head')
-  found = weights_source.find_checkpoints(model_dir)
-  latest = found[0] if found else None
   step = 0
   if config.train.checkpoint:
     source = weights_source.resolve(config.train.checkpoint)
@@ -343,10 +345,9 @@ def probe_checkpoint(ctx: Context) -> Dict[str, float]:
       step = weights_source.read_global_step(source)
     except (ValueError, KeyError, tf.errors.OpError):
       step = 0
-  elif latest:
-    source = weights_source.resolve(latest)
-    weights_match.load(model, source, fresh_ok=heads, lead=_MODEL_DIR_LEAD.format(latest))
-    step = weights_source.read_global_step(source)
+  elif weights_source.find_checkpoints(model_dir):
+    latest, step = weights_state.load_newest_intact(model, model_dir, fresh_ok=heads,
+                                                    lead=_MODEL_DIR_LEAD)
     log.info('Probing %s (step %d).', latest, step)
   else:
     log.warning('--mode=probe: no --checkpoint and no checkpoint in --model_dir=%s; probing the '
@@ -421,13 +422,12 @@ def _run_mode(ctx: Context, export_fn: Callable) -> Optional[Dict[str, float]]:
     return follow_and_evaluate(ctx, export_fn, timeout=config.train.eval_timeout)
   if mode == 'export':
     model = build_model(ctx)
-    found = weights_source.find_checkpoints(config.train.model_dir)
-    if not found:
+    loaded = weights_state.load_newest_intact(model, config.train.model_dir,
+                                              lead=_MODEL_DIR_LEAD)
+    if loaded is None:
       raise CheckpointNotFoundError(f'--mode=export: no checkpoint in --model_dir='
-                              f'{config.train.model_dir}.')
-    latest = weights_source.resolve(found[0])
-    weights_match.load(model, latest, lead=_MODEL_DIR_LEAD.format(found[0]))
-    export_fn(model, weights_source.read_global_step(latest))
+                                    f'{config.train.model_dir}.')
+    export_fn(model, loaded[1])
     return None
   teacher = load_teacher(ctx) if config.train.train_mode == 'distill' else None
   model, result = train(ctx, teacher=teacher)

@@ -6,7 +6,8 @@ match.py   the strict variable matcher, its one mismatch error (with the archite
            checkpoint implies) and `load`, the one loader behind --checkpoint,
            --teacher_checkpoint, eval/export reloads and the probe.
 original.py  google-research/simclr's variable paths -> ours, and `describe`.
-state.py   a training run's checkpoints: resume beats --checkpoint, intact fallback, saving.
+state.py   a training run's checkpoints: resume beats --checkpoint, intact fallback, saving;
+           `load_newest_intact` for the read-only modes (eval, export, probe).
 """
 
 from tf_simclr.weights import match, original, source, state  # noqa: F401  (weights.match.load...)

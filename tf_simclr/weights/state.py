@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import time
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 
 _RESTORE_ERRORS = (tf.errors.OpError, IndexError, ValueError, OSError, RuntimeError,
                    tf.errors.DataLossError)
+
+
+def _first_line(error: BaseException) -> str:
+  """The first line of an error's message (TF errors carry long op traces)."""
+  text = str(error).strip()
+  return text.splitlines()[0] if text else ''
 
 
 class NoIntactCheckpointError(UserError, RuntimeError):
@@ -107,7 +113,7 @@ class TrainState:
       kept = find_checkpoints(self.model_dir)
       raise CheckpointSaveError(
           f'Could not write checkpoint {CHECKPOINT_NAME}-{self.step} to {self.save_dir} '
-          f'({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e}). '
+          f'({type(e).__name__}: {_first_line(e)}). '
           'Is the disk full or the folder not writable? Free space and rerun the same command: '
           + (f'it resumes from {os.path.basename(kept[0])}' if kept else 'it starts again')
           + ' and removes the unfinished ckpt-*_temp folder.') from e
@@ -156,7 +162,7 @@ class TrainState:
       path = None
     for bad, error in damaged:
       log.warning('Checkpoint %s is damaged (%s: %s); %s', bad, type(error).__name__,
-                  str(error).strip().splitlines()[0] if str(error).strip() else '',
+                  _first_line(error),
                   f'falling back to {path}.' if path else 'no older intact one.')
     if candidates and path is None:
       raise NoIntactCheckpointError(
@@ -210,6 +216,37 @@ class TrainState:
                  report.ignored[0])
       return 'initialized'
     return 'scratch'
+
+
+def load_newest_intact(model, model_dir: str, fresh_ok: Sequence[str] = (),
+                       lead: str = '', newest: Optional[str] = None) -> Optional[Tuple[str, int]]:
+  """Loads the newest readable checkpoint of model_dir (`newest` or older) into `model`, for the
+  read-only modes (eval, export, probe); returns (its path, its global step), or None when
+  model_dir holds none.
+
+  A checkpoint that cannot be read (truncated, half-copied) is logged and the next older one is
+  loaded instead; nothing is renamed, since a training run may own the folder. A checkpoint of
+  another architecture raises CheckpointMismatchError (`lead` opens its message, `{}` -> path).
+  """
+  candidates = find_checkpoints(model_dir)
+  if newest is not None:
+    candidates = [c for c in candidates if checkpoint_step(c) <= checkpoint_step(newest)]
+  for i, path in enumerate(candidates):
+    try:
+      found = source_lib.resolve(path)
+      match_lib.load(model, found, fresh_ok=fresh_ok, lead=lead.format(path) or None)
+      return path, source_lib.read_global_step(found)
+    except CheckpointMismatchError:
+      raise
+    except _RESTORE_ERRORS + (UserError,) as e:
+      older = candidates[i + 1] if i + 1 < len(candidates) else None
+      log.warning('Checkpoint %s is damaged (%s: %s); %s', path, type(e).__name__, _first_line(e),
+                  f'trying {os.path.basename(older)}.' if older else 'no older one.')
+  if candidates:
+    raise NoIntactCheckpointError(
+        f'--model_dir={model_dir}: none of its checkpoints '
+        f'({", ".join(os.path.basename(c) for c in candidates)}) can be read.')
+  return None
 
 
 def wait_for_checkpoints(model_dir: str, timeout: float = 0,
