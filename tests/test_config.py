@@ -79,6 +79,10 @@ def test_use_tpu_true_forces_tpu(run_module):
     (['--tpu_name=pod', '--model_dir=gs://b/x', '--data_dir=/data'], '--data_dir'),
     (['--distribution_strategy=tpu', '--model_dir=gs://b/x'], '--data_dir'),  # TFDS default dir
     (['--use_tpu=True', '--model_dir=gs://b/x', '--dataset=folder:/imgs'], '--dataset'),
+    (['--use_tpu=True', '--model_dir=gs://b/x', '--data_dir=gs://b/d', '--checkpoint=/ck'],
+     '--checkpoint'),
+    (['--use_tpu=True', '--model_dir=gs://b/x', '--data_dir=gs://b/d', '--train_mode=distill',
+      '--teacher_checkpoint=/t'], '--teacher_checkpoint'),
 ])
 def test_local_paths_on_a_tpu_are_an_error_naming_the_flag(run_module, argv, flag):
   with pytest.raises(cfg.ConfigError, match=f'{flag}=.*local.*gs://.*--allow_local_paths_on_tpu'):
@@ -89,6 +93,7 @@ def test_local_paths_on_a_tpu_are_an_error_naming_the_flag(run_module, argv, fla
     ['--use_tpu=True', '--model_dir=/tmp/x', '--allow_local_paths_on_tpu'],  # single-host VM
     ['--use_tpu=True', '--model_dir=gs://b/x', '--dataset=shapes10'],  # generated on each host
     ['--use_tpu=True', '--model_dir=gs://b/x', '--dataset=folder:gs://b/imgs'],
+    ['--use_tpu=True', '--model_dir=gs://b/x', '--dataset=shapes10', '--checkpoint=gs://b/c'],
     ['--use_tpu=False', '--model_dir=/tmp/x', '--tpu_name=ignored'],  # no TPU: no rule
     ['--model_dir=/tmp/x'],  # auto without a named TPU: checked once a TPU is found
 ])

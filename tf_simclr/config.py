@@ -337,12 +337,13 @@ class Config:
 
 
 def check_tpu_paths(config: 'Config') -> None:
-  """On a TPU, --model_dir and the data must be on Cloud Storage (gs://).
+  """On a TPU, --model_dir, the data and the weights to load must be on Cloud Storage (gs://).
 
   Every TPU host runs its own copy of the program: with a local model_dir each host would write
   its checkpoints and summaries to its own disk (and a TPU Node's server cannot reach this
-  machine's disk at all), and a local --data_dir would have to exist on every host.
-  --allow_local_paths_on_tpu lifts this for a single-host TPU VM, where local disk works.
+  machine's disk at all), and a local --data_dir, --checkpoint or --teacher_checkpoint would
+  have to exist on every host. --allow_local_paths_on_tpu lifts this for a single-host TPU VM,
+  where local disk works.
   """
   if config.distribute.allow_local_paths_on_tpu:
     return
@@ -351,6 +352,10 @@ def check_tpu_paths(config: 'Config') -> None:
           '(gs://BUCKET/...), or pass --allow_local_paths_on_tpu on a single-host TPU VM.')
   _check(config.train.model_dir.startswith('gs://'),
          f'--model_dir={config.train.model_dir!r} is local but the strategy is a TPU. {hint}')
+  for flag, path in (('--checkpoint', config.train.checkpoint),
+                     ('--teacher_checkpoint', config.distill.teacher_checkpoint)):
+    _check(not path or path.startswith('gs://'),
+           f'{flag}={path!r} is local but the strategy is a TPU. {hint}')
   dataset = config.data.dataset
   if dataset == synthetic.NAME:  # Generated in memory on every host.
     return
