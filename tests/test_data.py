@@ -375,3 +375,34 @@ def test_label_subset_and_mask_read_only_the_hosts_share(tiny_tfds, monkeypatch)
                                    input_context=tf.distribute.InputContext(4, 3))
   for _, y in ds.take(3):
     np.testing.assert_array_equal(np.argmax(y, 1), 1)
+
+
+def test_feature_dataset_hosts_read_only_their_range_in_split_order(tiny_tfds, monkeypatch):
+  """Readout features on 4 input pipelines: each reads and decodes only its own contiguous
+  range; the (index, image, label) triples together are the split (or its indices) once."""
+  reads = []
+  real_read_range = datasets.DatasetSource.read_range
+
+  def spy(self, split, start, stop, shuffle_files=False, decode=True):
+    reads.append((start, stop, decode))
+    return real_read_range(self, split, start, stop, shuffle_files, decode)
+
+  monkeypatch.setattr(datasets.DatasetSource, 'read_range', spy)
+  cfg = DataConfig(dataset='tiny_gray_dataset', eval_split='train', image_size=8)
+  whole = _pairs(tiny_tfds.as_dataset('train'))
+  subset = np.flatnonzero(tiny_tfds.labels('train') == 2)
+  for indices, expected in ((None, list(range(40))), (subset, list(subset))):
+    reads.clear()
+    got = []
+    for i in range(4):
+      ctx = tf.distribute.InputContext(num_input_pipelines=4, input_pipeline_id=i)
+      ds = pipeline.make_feature_dataset(tiny_tfds, cfg, 'train', 3, indices=indices,
+                                         input_context=ctx)
+      for index, images, labels in ds:
+        got += [(int(j), int(round(float(im[0, 0, 0]) * 255)), int(l))
+                for j, im, l in zip(index, images, labels)]
+    assert [j for j, _, _ in got] == expected  # disjoint, covering, in split order
+    assert [(v, l) for _, v, l in got] == [whole[j] for j in expected]
+    assert all(not decode for *_, decode in reads) and len(reads) == 4
+    assert all(a[1] <= b[0] for a, b in zip(reads, reads[1:]))  # disjoint ranges
+  assert [r[:2] for r in reads] != [(0, 40)] * 4

@@ -67,27 +67,41 @@ def _membership(source: DatasetSource, split: str, label_subset) -> np.ndarray:
   return member
 
 
+def _host_share(source, split, indices, whole_range, input_context):
+  """(start, stop, membership or None) of this input pipeline's contiguous range of the split.
+
+  Without `indices`, a near-equal share of all examples. With them: `whole_range` keeps a
+  near-equal share of all examples (their membership becomes a mask), else the range covering a
+  near-equal share of the (sorted) indices, to be filtered by membership before decoding.
+  """
+  num_pipelines, pipeline_id = (1, 0) if input_context is None else (
+      input_context.num_input_pipelines, input_context.input_pipeline_id)
+  if indices is None:
+    return host_range(source.num_examples(split), num_pipelines, pipeline_id) + (None,)
+  member = _membership(source, split, indices)
+  if whole_range:
+    return host_range(len(member), num_pipelines, pipeline_id) + (member,)
+  wanted = np.flatnonzero(member)
+  lo, hi = host_range(len(wanted), num_pipelines, pipeline_id)
+  if hi == lo:
+    return 0, 0, member
+  return int(wanted[lo]), int(wanted[hi - 1]) + 1, member
+
+
 def _indexed_source(source, split, label_subset, with_label_mask, input_context):
   """The host's share of the split in a fixed order, restricted to / masked by label_subset.
 
-  Each input pipeline reads only its own contiguous range of the split: with a mask, its
-  `host_range` of all examples; with a subset, the range covering its near-equal share of the
-  (sorted) subset, filtered by index before images are decoded.
-  Yields (image, label, mask) when with_label_mask, else (image, label).
+  Each input pipeline reads only its own contiguous range of the split (`_host_share`), filtered
+  by index before images are decoded. Yields (image, label, mask) when with_label_mask, else
+  (image, label).
   """
-  member_np = _membership(source, split, label_subset)
+  pipelines = 1 if input_context is None else input_context.num_input_pipelines
+  if not with_label_mask and pipelines > 1 and np.unique(label_subset).size < pipelines:
+    raise DatasetError(f'The label subset has {np.unique(label_subset).size} example(s), fewer '
+                       f'than the {pipelines} input pipelines: raise --train_label_fraction.')
+  start, stop, member_np = _host_share(source, split, label_subset, with_label_mask,
+                                       input_context)
   member = tf.constant(member_np)
-  num_pipelines, pipeline_id = (1, 0) if input_context is None else (
-      input_context.num_input_pipelines, input_context.input_pipeline_id)
-  if with_label_mask:
-    start, stop = host_range(len(member_np), num_pipelines, pipeline_id)
-  else:
-    indices = np.flatnonzero(member_np)
-    if len(indices) < num_pipelines:
-      raise DatasetError(f'The label subset has {len(indices)} example(s), fewer than the '
-                         f'{num_pipelines} input pipelines: raise --train_label_fraction.')
-    lo, hi = host_range(len(indices), num_pipelines, pipeline_id)
-    start, stop = int(indices[lo]), int(indices[hi - 1]) + 1
 
   def with_mask(index, example):
     return example + (tf.cast(tf.gather(member, index), tf.float32),)
@@ -201,17 +215,18 @@ def make_feature_dataset(source: DatasetSource, data_config, split: str, batch_s
   Elements are (example index in the split, image, integer label); the index lets features
   gathered from any number of replicas be put back in split order.
   """
-  if indices is None:
-    ds = source.as_dataset(split, shuffle_files=False).enumerate()
-  else:
-    member = tf.constant(_membership(source, split, indices))
-    ds = source.as_dataset(split, shuffle_files=False).enumerate()
+  # Each input pipeline reads and decodes only its own contiguous range of the split.
+  start, stop, member_np = _host_share(source, split, indices, False, input_context)
+  ds = source.read_range(split, start, stop, decode=False).enumerate(start)
+  if member_np is not None:
+    member = tf.constant(member_np)
     ds = ds.filter(lambda index, example: tf.gather(member, index))
-  if input_context is not None and input_context.num_input_pipelines > 1:
-    ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
   preprocess = _preprocess_fn(data_config, is_training=False, color_jitter_strength=0.0)
-  ds = ds.map(lambda index, example: (index, preprocess(to_rgb(example[0])), example[1]),
-              num_parallel_calls=AUTOTUNE)
+
+  def prepare(index, example):
+    image, label = example
+    return index, preprocess(to_rgb(source.decode_image(image))), label
+  ds = ds.map(prepare, num_parallel_calls=AUTOTUNE)
   return ds.batch(batch_size, drop_remainder=False).prefetch(AUTOTUNE)
 
 
