@@ -267,7 +267,11 @@ def main(argv):
   except UserError as e:
     logging.error('%s', e)
     sys.exit(2)
+  from tf_simclr import cpu_kernels
   from tf_simclr.train import experiment
+  logging.info('TensorFlow CPU kernels: %s (%s=%s; see README, "Speed on CPUs").',
+               'oneDNN' if cpu_kernels.onednn_enabled() else 'Eigen', cpu_kernels.ENV,
+               os.environ.get(cpu_kernels.ENV, 'unset'))
   try:
     experiment.run(config, serializable_flags(FLAGS))
   except experiment.PREEMPTED as e:
@@ -280,5 +284,8 @@ def main(argv):
 
 if __name__ == '__main__':
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  # Before TensorFlow loads: oneDNN kernels on x86-64 unless TF_ENABLE_ONEDNN_OPTS is set.
+  from tf_simclr import cpu_kernels
+  cpu_kernels.default_onednn_on()
   std_logging.getLogger('tensorflow').setLevel(std_logging.ERROR)
   app.run(main)

@@ -11,6 +11,7 @@ a diverging run. The in-process tests below cover the pieces that need no traini
 import hashlib
 import json
 import os
+import platform
 import re
 import signal
 import socket
@@ -77,6 +78,8 @@ def test_run_survives_sigterm_kill_damage_and_concurrency(tmp_path):
   assert rc == 3, out[-3000:]
   m = re.search(r'PREEMPTED: stopped on SIGTERM at step (\d+) of 100000 after saving (\S+);', out)
   assert m, out[-3000:]
+  if 'TF_ENABLE_ONEDNN_OPTS' not in os.environ and platform.machine().lower() == 'x86_64':
+    assert 'TensorFlow CPU kernels: oneDNN (TF_ENABLE_ONEDNN_OPTS=1;' in out, out[:3000]
   stopped = int(m.group(1))
   assert m.group(2) == str(model_dir / f'ckpt-{stopped}')
   assert max(steps_saved(model_dir)) == stopped

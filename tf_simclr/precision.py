@@ -22,6 +22,8 @@ from typing import Iterator
 import keras
 import tensorflow as tf
 
+from tf_simclr import cpu_kernels
+
 from tf_simclr.config import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -78,11 +80,18 @@ def inner_optimizer(optimizer):
 
 
 def warn_if_slow_on_cpu(precision: str, jit_compile: bool, strategy) -> None:
-  """On CPUs, TensorFlow's bfloat16/float16 convolution gradients without XLA are an order of
-  magnitude slower than float32 (benchmarks/README.md); XLA compiles them efficiently."""
+  """Warns where 16-bit precision makes a CPU run slower (benchmarks/README.md): without XLA,
+  TensorFlow's bfloat16/float16 convolution gradients are an order of magnitude slower than
+  float32; with XLA, a CPU without bfloat16 units is no faster than float32 with oneDNN."""
   on_cpu = (not tf.config.list_physical_devices('GPU')
             and not isinstance(strategy, tf.distribute.TPUStrategy))
-  if on_cpu and precision != 'float32' and not jit_compile:
+  if not on_cpu or precision == 'float32':
+    return
+  if not jit_compile:
     log.warning('--precision=%s on a CPU without --jit_compile: TensorFlow\'s 16-bit convolution '
                 'gradients are about 10x slower than float32 here; add --jit_compile=True (or '
                 'use --precision=float32).', precision)
+  if cpu_kernels.has_bfloat16_units() is False:
+    log.warning('--precision=%s: this CPU has no bfloat16 units (no avx512_bf16 or amx_bf16), '
+                'so 16 bits only saves memory traffic; float32 with oneDNN kernels (run.py\'s '
+                'default) was as fast or faster on such a CPU (benchmarks/README.md).', precision)
