@@ -3,6 +3,7 @@
   python benchmarks/throughput.py                       # every config, default step counts
   python benchmarks/throughput.py --configs=r18_32 --steps=10
   python benchmarks/throughput.py --configs=input_32,input_224
+  python benchmarks/throughput.py --configs=r50_224 --precisions=float32 --xla=off --profile
 
 Train configs time the full PretrainTask step (two views through the encoder in one batch,
 projection head, NT-Xent, linear-eval head on stop_gradient features, LARS update) inside
@@ -10,6 +11,10 @@ projection head, NT-Xent, linear-eval head on stop_gradient features, LARS updat
 pipeline is not the bottleneck. Input configs time `pipeline.make_train_dataset` alone on the
 built-in shapes10 (two augmented views per example). Each config is warmed up first (tracing, the
 shuffle buffer), then timed.
+
+Train configs run in arms (--precisions x --xla, timed interleaved in rounds); --profile reads the
+share of the step spent waiting for tf.data and in the batched blur from a TF profiler trace;
+--onednn picks TensorFlow's CPU kernels for the whole process (default: as run.py).
 
 "images/s" counts each view pair as one image (one dataset example, what --train_batch_size
 counts); "views/s" counts the augmented views (2 per image), i.e. what the encoder processes.
@@ -76,12 +81,17 @@ def machine_facts() -> dict:
           flags = line.split(':', 1)[1]
   except OSError:
     pass
-  isa = [x for x in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f' {x} ' in f' {flags} ']
+  isa = [x for x in ('avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_bf16')
+         if f' {x} ' in f' {flags} ']
+  from tf_simclr import cpu_kernels
+  onednn = cpu_kernels.onednn_enabled()
   return {
       'date_utc': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'nproc': os.cpu_count(),
       'cpu_model': model,
       'cpu_isa': isa,
+      'onednn': onednn,
+      'TF_ENABLE_ONEDNN_OPTS': os.environ.get('TF_ENABLE_ONEDNN_OPTS'),
       'tensorflow': tf.__version__,
       'python': platform.python_version(),
       'loadavg_at_start': list(os.getloadavg()),
@@ -172,6 +182,57 @@ def blur_seconds(image_size: int, batch_size: int, reps: int = 3) -> float:
   return best
 
 
+def profile_input_share(arm, steps: int, logdir: str) -> dict:
+  """Profiles `steps` steps of `arm` with the TF profiler and reads its trace (XSpace).
+
+  Reports per step and as a share of the step's wall time: the time the step's IteratorGetNext
+  waited for tf.data (the trace's `IteratorGetNextOp::DoCompute` events), the summed time of the
+  batched blur's ops (name scope batch_random_blur; TF ops are traced as "name:Type"), and the
+  CPU time of tf.data's own threads, which on a small machine competes with the step's.
+  """
+  import glob
+  import tensorflow as tf
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2
+  tf.profiler.experimental.start(logdir)
+  t0 = time.perf_counter()
+  arm.time(steps)
+  wall = time.perf_counter() - t0
+  tf.profiler.experimental.stop()
+  files = sorted(glob.glob(os.path.join(logdir, 'plugins', 'profile', '*', '*.xplane.pb')))
+  if not files:
+    raise RuntimeError(f'The TF profiler wrote no trace under {logdir}.')
+  space = xplane_pb2.XSpace()
+  with open(files[-1], 'rb') as f:
+    space.ParseFromString(f.read())
+  wait = blur = data_cpu = 0.0
+  waits = ops = 0
+  for plane in space.planes:
+    if not plane.name.startswith('/host:'):
+      continue
+    names = {i: m.name for i, m in plane.event_metadata.items()}
+    for line in plane.lines:
+      for event in line.events:
+        name = names.get(event.metadata_id, '')
+        seconds = event.duration_ps * 1e-12
+        if name == 'IteratorGetNextOp::DoCompute':
+          wait += seconds
+          waits += 1
+        elif line.name.startswith('tf_data') and name == 'ExecutorState::Process':
+          data_cpu += seconds
+        elif ':' in name and '::' not in name:
+          ops += 1
+          if 'batch_random_blur' in name:
+            blur += seconds
+  if not ops or waits < steps:
+    raise RuntimeError(f'The profile {files[-1]} has {ops} TF op events and {waits} '
+                       f'IteratorGetNext events for {steps} steps: has the trace format changed?')
+  return {'profiled_steps': steps, 'profiled_wall_seconds': wall, 'profile': files[-1],
+          'input_wait_seconds_per_step': wait / steps, 'blur_op_seconds_per_step': blur / steps,
+          'tf_data_cpu_seconds_per_step': data_cpu / steps,
+          'input_wait_share': wait / wall, 'blur_op_share': blur / wall,
+          'tf_data_cpu_share': data_cpu / wall}
+
+
 class _Variant:
   """One (precision, XLA, input) arm of a train config, warmed up and ready to time."""
 
@@ -179,7 +240,6 @@ class _Variant:
     import numpy as np
     import tensorflow as tf
     from tf_simclr.data import datasets, pipeline
-    from tf_simclr.train import loop
     self.precision, self.jit_compile, self.real_input = precision, jit_compile, real_input
     self.label = (f'{precision}{" +XLA" if jit_compile else ""}'
                   f'{" +tf.data" if real_input else ""}')
@@ -219,10 +279,11 @@ class _Variant:
 
 
 def run_train(bench: Bench, steps: int, precisions, xla_modes, rounds: int = 2,
-              input_share: bool = False, batch_size: int = 0) -> list:
+              input_share: bool = False, batch_size: int = 0, profile: bool = False) -> list:
   """Builds and warms up every (precision, XLA) arm, then times them interleaved: `rounds`
   rounds, each timing every arm for `steps` steps, so load changes hit every arm alike. The
-  median per arm is reported. `input_share` adds a float32 arm fed by the real pipeline."""
+  median per arm is reported. `input_share` adds an arm of the first precision fed by the real
+  pipeline; `profile` (which implies it) then profiles that arm (`profile_input_share`)."""
   import statistics
   arms = []
   # Summaries of the arms go to a temp folder left in place (small; see _KEEP_ALIVE).
@@ -232,7 +293,7 @@ def run_train(bench: Bench, steps: int, precisions, xla_modes, rounds: int = 2,
       print(f'[{bench.name}] building and warming up {precision} xla={jit}...', flush=True)
       arms.append(_Variant(bench, precision, jit, os.path.join(tmp, str(len(arms))),
                            batch_size=batch_size))
-  if input_share:
+  if input_share or profile:
     print(f'[{bench.name}] building the real-input arm...', flush=True)
     arms.append(_Variant(bench, precisions[0], False, os.path.join(tmp, 'input'),
                          real_input=True, batch_size=batch_size))
@@ -243,6 +304,10 @@ def run_train(bench: Bench, steps: int, precisions, xla_modes, rounds: int = 2,
       print(f'[{bench.name}] round {r + 1}/{rounds} {arm.label}: '
             f'{arm.times[-1]:.3f} s/step', flush=True)
   _KEEP_ALIVE.extend(arms)
+  profiled = {}
+  if profile:
+    print(f'[{bench.name}] profiling {arms[-1].label} for {steps} steps...', flush=True)
+    profiled = profile_input_share(arms[-1], steps, os.path.join(tmp, 'profile'))
   blur = blur_seconds(bench.image_size, arms[0].batch) if bench.use_blur else 0.0
   rows = []
   for arm in arms:
@@ -255,7 +320,8 @@ def run_train(bench: Bench, steps: int, precisions, xla_modes, rounds: int = 2,
                  'warmup_seconds': arm.warmup, 'trainable_params': arm.num_params,
                  'blur_seconds_per_step': blur,
                  'forward_gflops_per_view': gflops, 'step_gflops': step_gflops,
-                 'achieved_gflops_per_s': step_gflops / sec})
+                 'achieved_gflops_per_s': step_gflops / sec,
+                 **(profiled if arm.real_input else {})})
   return rows
 
 
@@ -298,6 +364,16 @@ def main(argv=None):
                       help='Interleaved timing rounds per train config (median reported).')
   parser.add_argument('--input_share', action='store_true',
                       help='Also time the first precision fed by the real shapes10 pipeline.')
+  parser.add_argument('--profile', action='store_true',
+                      help='Profile the real-input arm (implies --input_share) with the TF '
+                           'profiler: the share of the step spent waiting for tf.data and in '
+                           'the batched blur, read from the trace.')
+  parser.add_argument('--onednn', choices=('run_py', 'on', 'off', 'tf_default'),
+                      default='run_py',
+                      help='TF_ENABLE_ONEDNN_OPTS, set before TensorFlow loads (a process-wide '
+                           'switch, so compare it across two runs). run_py: as run.py (on for '
+                           'x86-64 unless already set); tf_default: TensorFlow\'s choice for '
+                           'this CPU.')
   parser.add_argument('--batch_size', type=int, default=0,
                       help='Override every train config\'s batch size (quick checks).')
   parser.add_argument('--output', default=os.path.join(RESULTS_DIR, 'throughput.json'),
@@ -315,6 +391,11 @@ def main(argv=None):
   if bad or not precisions or None in xla_modes:
     parser.error('--precisions takes float32/mixed_bfloat16/mixed_float16, --xla off/on.')
 
+  from tf_simclr import cpu_kernels  # TensorFlow is imported after this point.
+  if args.onednn == 'run_py':
+    cpu_kernels.default_onednn_on()
+  elif args.onednn != 'tf_default':
+    os.environ[cpu_kernels.ENV] = '1' if args.onednn == 'on' else '0'
   facts = machine_facts()
   print('Measuring matmul peaks (2048^3, float32 and bfloat16)...', flush=True)
   facts['matmul_peak_gflops_per_s'] = peaks = matmul_peaks()
@@ -328,7 +409,7 @@ def main(argv=None):
               'loadavg_1min_before': load_before, 'note': bench.note}
     if bench.kind == 'train':
       for out in run_train(bench, steps, precisions, xla_modes, args.rounds, args.input_share,
-                           args.batch_size):
+                           args.batch_size, args.profile):
         ips = out['batch_size'] / out['seconds_per_step']
         rows.append({**common, 'resnet_depth': bench.resnet_depth, 'images_per_s': ips,
                      'views_per_s': 2 * ips, **out})
@@ -341,6 +422,8 @@ def main(argv=None):
 
   print()
   print('images/s counts one view pair (one example) as one image; views/s = 2 x images/s.')
+  print(f'oneDNN: {"on" if facts["onednn"] else "off"} (TF_ENABLE_ONEDNN_OPTS='
+        f'{facts["TF_ENABLE_ONEDNN_OPTS"] or "unset"}).')
   print(f'Matmul peak on this CPU, measured now: float32 {peaks["float32"]:.0f} GFLOP/s, '
         f'bfloat16 {peaks["bfloat16"]:.0f} GFLOP/s. "x ref" = speed vs the first arm.')
   header = (f'{"config":<10} {"arm":<26} {"batch":>5} {"s/step":>8} {"images/s":>9} '
@@ -370,12 +453,20 @@ def main(argv=None):
       share = 1 - synth[0]['seconds_per_step'] / real[0]['seconds_per_step']
       print(f'{config}: input pipeline share of the step (real tf.data vs in-memory batch, '
             f'{synth[0]["precision"]}): {100 * share:.1f}%')
+    if real and 'input_wait_share' in real[0]:
+      p = real[0]
+      print(f'{config}: TF profiler, {p["profiled_steps"]} steps of the real-input arm: waiting '
+            f'for tf.data (IteratorGetNext) {100 * p["input_wait_share"]:.2f}% of the step, '
+            f'batched blur ops {100 * p["blur_op_share"]:.2f}%, together '
+            f'{100 * (p["input_wait_share"] + p["blur_op_share"]):.2f}%; tf.data threads\' '
+            f'CPU time {100 * p["tf_data_cpu_share"]:.2f}% of the step\'s wall time.')
     if synth and synth[0]['blur_seconds_per_step']:
       print(f'{config}: batched blur (always applied, both views) alone takes '
             f'{100 * synth[0]["blur_seconds_per_step"] / synth[0]["seconds_per_step"]:.1f}% '
             f'of the {synth[0]["precision"]} step (in it, half the batches are blurred).')
   facts['loadavg_at_end'] = list(os.getloadavg())
-  print(f'\n{facts["cpu_model"]}, {facts["nproc"]} cores, TF {facts["tensorflow"]}, '
+  print(f'\n{facts["cpu_model"]} ({", ".join(facts["cpu_isa"])}), {facts["nproc"]} cores, '
+        f'TF {facts["tensorflow"]}, '
         f'load average at start {facts["loadavg_at_start"][0]:.2f}, '
         f'at end {facts["loadavg_at_end"][0]:.2f}')
   os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
