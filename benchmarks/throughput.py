@@ -70,20 +70,16 @@ BENCHES = (
 
 def machine_facts() -> dict:
   import tensorflow as tf
+  from tf_simclr import cpu_kernels
   model = ''
-  flags = ''
   try:
     with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name') and not model:
-          model = line.split(':', 1)[1].strip()
-        elif line.startswith('flags') and not flags:
-          flags = line.split(':', 1)[1]
+      model = next((line.split(':', 1)[1].strip() for line in f
+                    if line.startswith('model name')), '')
   except OSError:
     pass
-  isa = [x for x in ('avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_bf16')
-         if f' {x} ' in f' {flags} ']
-  from tf_simclr import cpu_kernels
+  flags = cpu_kernels.cpu_flags() or frozenset()
+  isa = [x for x in ('avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_bf16') if x in flags]
   onednn = cpu_kernels.onednn_enabled()
   return {
       'date_utc': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),

@@ -406,3 +406,10 @@ def test_feature_dataset_hosts_read_only_their_range_in_split_order(tiny_tfds, m
     assert all(not decode for *_, decode in reads) and len(reads) == 4
     assert all(a[1] <= b[0] for a, b in zip(reads, reads[1:]))  # disjoint ranges
   assert [r[:2] for r in reads] != [(0, 40)] * 4
+
+
+def test_label_subset_smaller_than_the_input_pipelines_is_an_error(tiny_tfds):
+  ctx = tf.distribute.InputContext(num_input_pipelines=4, input_pipeline_id=0)
+  with pytest.raises(DatasetError, match=r'has 3 example\(s\), fewer than the 4 input pipelines'):
+    pipeline._indexed_source(tiny_tfds, 'train', [0, 5, 9], False, ctx)
+  pipeline._indexed_source(tiny_tfds, 'train', [0, 5, 9], True, ctx)  # a mask keeps the split

@@ -23,7 +23,6 @@ import keras
 import tensorflow as tf
 
 from tf_simclr import cpu_kernels
-
 from tf_simclr.config import PRECISIONS
 
 log = logging.getLogger(__name__)

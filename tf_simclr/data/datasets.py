@@ -55,7 +55,8 @@ def host_range(num_examples: int, num_pipelines: int, pipeline_id: int) -> tuple
           num_examples * (pipeline_id + 1) // num_pipelines)
 
 
-def _pipelines(input_context) -> tuple:
+def input_pipelines(input_context) -> tuple:
+  """(number of input pipelines, this one's id); (1, 0) without an InputContext."""
   if input_context is None:
     return 1, 0
   return input_context.num_input_pipelines, input_context.input_pipeline_id
@@ -129,7 +130,7 @@ class DatasetSource:
     contiguous range of examples (`host_range`). With decode=False TFDS images stay encoded
     (filter first, then `decode_image`).
     """
-    num_pipelines, pipeline_id = _pipelines(input_context)
+    num_pipelines, pipeline_id = input_pipelines(input_context)
     if num_pipelines > 1:
       files = self.num_files(split)
       if files is not None and files >= num_pipelines:

@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from tf_simclr import config as config_lib
 from tf_simclr.data import augment
-from tf_simclr.data.datasets import DatasetError, DatasetSource, host_range
+from tf_simclr.data.datasets import DatasetError, DatasetSource, host_range, input_pipelines
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -74,8 +74,7 @@ def _host_share(source, split, indices, whole_range, input_context):
   near-equal share of all examples (their membership becomes a mask), else the range covering a
   near-equal share of the (sorted) indices, to be filtered by membership before decoding.
   """
-  num_pipelines, pipeline_id = (1, 0) if input_context is None else (
-      input_context.num_input_pipelines, input_context.input_pipeline_id)
+  num_pipelines, pipeline_id = input_pipelines(input_context)
   if indices is None:
     return host_range(source.num_examples(split), num_pipelines, pipeline_id) + (None,)
   member = _membership(source, split, indices)
@@ -95,12 +94,12 @@ def _indexed_source(source, split, label_subset, with_label_mask, input_context)
   by index before images are decoded. Yields (image, label, mask) when with_label_mask, else
   (image, label).
   """
-  pipelines = 1 if input_context is None else input_context.num_input_pipelines
-  if not with_label_mask and pipelines > 1 and np.unique(label_subset).size < pipelines:
-    raise DatasetError(f'The label subset has {np.unique(label_subset).size} example(s), fewer '
-                       f'than the {pipelines} input pipelines: raise --train_label_fraction.')
   start, stop, member_np = _host_share(source, split, label_subset, with_label_mask,
                                        input_context)
+  pipelines = input_pipelines(input_context)[0]
+  if not with_label_mask and member_np.sum() < pipelines:
+    raise DatasetError(f'The label subset has {member_np.sum()} example(s), fewer than the '
+                       f'{pipelines} input pipelines: raise --train_label_fraction.')
   member = tf.constant(member_np)
 
   def with_mask(index, example):

@@ -345,9 +345,9 @@ def probe_checkpoint(ctx: Context) -> Dict[str, float]:
       step = weights_source.read_global_step(source)
     except (ValueError, KeyError, tf.errors.OpError):
       step = 0
-  elif weights_source.find_checkpoints(model_dir):
-    latest, step = weights_state.load_newest_intact(model, model_dir, fresh_ok=heads,
-                                                    lead=_MODEL_DIR_LEAD)
+  elif (loaded := weights_state.load_newest_intact(model, model_dir, fresh_ok=heads,
+                                                     lead=_MODEL_DIR_LEAD)):
+    latest, step = loaded
     log.info('Probing %s (step %d).', latest, step)
   else:
     log.warning('--mode=probe: no --checkpoint and no checkpoint in --model_dir=%s; probing the '
