@@ -242,3 +242,17 @@ def test_load_pretrained_restores_own_export_and_checkpoint_exactly(exported):
   assert weights.original.describe(source) == dict(
       resnet_depth=18, width_multiplier=1, cifar_stem=True, sk_ratio=0.0, se_ratio=0.0,
       proj_head_mode='nonlinear', num_proj_layers=2, proj_out_dim=16, num_classes=NUM_CLASSES)
+
+
+def test_pruning_never_deletes_the_export_just_written_or_a_newer_one(tmp_path):
+  """--keep_hub_module_max counts exports, oldest first; re-exporting an older step (its newer
+  checkpoint damaged) keeps itself and the newer exports."""
+  root = tmp_path / 'saved_model'
+  for step in (2, 4, 8):
+    (root / str(step)).mkdir(parents=True)
+  assert export.prune_exports(str(root), 1, written=4) == [2]
+  assert sorted(os.listdir(root)) == ['4', '8']
+  (root / '9').mkdir()
+  assert export.prune_exports(str(root), 2, written=9) == [4]
+  assert sorted(os.listdir(root)) == ['8', '9']
+  assert export.prune_exports(str(root), 0, written=9) == []

@@ -308,15 +308,29 @@ def test_flags_map_to_config():
     cfg.ModelConfig(precision='float16')
 
 
-def test_sixteen_bit_on_a_cpu_warns_when_it_is_slow(monkeypatch, caplog):
+def test_cpu_advice_follows_the_cpu(monkeypatch, caplog):
+  """bfloat16 on a CPU with bfloat16 units and oneDNN: no warning and no XLA advice; without
+  the units (or with oneDNN off) a warning naming the fast choice; float32 never warns."""
   strategy = tf.distribute.get_strategy()
-  for units, jit, expected in ((True, True, []), (True, False, ['10x slower']),
-                               (False, True, ['no bfloat16 units']),
-                               (None, False, ['10x slower'])):
-    monkeypatch.setattr(precision_lib.cpu_kernels, 'has_bfloat16_units', lambda units=units: units)
+  cases = [  # (bfloat16 units, oneDNN on, precision, what the warning says or None)
+      (True, True, 'mixed_bfloat16', None),
+      (False, True, 'mixed_bfloat16', 'no bfloat16 units'),
+      (None, True, 'mixed_bfloat16', 'cannot be read'),
+      (True, False, 'mixed_bfloat16', 'unset TF_ENABLE_ONEDNN_OPTS'),
+      (True, True, 'mixed_float16', 'float16 is for GPUs'),
+      (False, False, 'float32', None),
+  ]
+  for units, onednn, precision, expected in cases:
+    monkeypatch.setattr(precision_lib.cpu_kernels, 'has_bfloat16_units', lambda u=units: u)
+    monkeypatch.setattr(precision_lib.cpu_kernels, 'onednn_enabled', lambda o=onednn: o)
     caplog.clear()
     with caplog.at_level('WARNING'):
-      precision_lib.warn_if_slow_on_cpu('mixed_bfloat16', jit, strategy)
-      precision_lib.warn_if_slow_on_cpu('float32', jit, strategy)  # never a warning
-    got = [m for m in ('10x slower', 'no bfloat16 units') if m in caplog.text]
-    assert got == expected, (units, jit, caplog.text)
+      precision_lib.warn_if_slow_on_cpu(precision, strategy)
+    case = (units, onednn, precision, caplog.text)
+    if expected is None:
+      assert caplog.text == '', case
+    else:
+      assert expected in caplog.text and f'--precision={precision}' in caplog.text, case
+      assert 'jit_compile' not in caplog.text, case
+    if expected == 'no bfloat16 units':
+      assert 'float32 with oneDNN' in caplog.text, case

@@ -1,7 +1,9 @@
 """The training loop, tasks, checkpoints and evaluation, end to end on tiny models."""
 
 import dataclasses
+import hashlib
 import json
+import logging
 import os
 import shutil
 
@@ -14,9 +16,9 @@ from tf_simclr.errors import CheckpointMismatchError
 from tf_simclr.models import simclr
 from tf_simclr.train import experiment, loop, tasks
 
-from helpers import build_state, one_lars_step, tiny_config
+from helpers import assert_same_updates, build_state, one_lars_step, tiny_config
 
-def test_pretrain_then_eval_runs_exact_steps_and_writes_results(tmp_path):
+def test_pretrain_then_eval_runs_exact_steps_and_writes_results(tmp_path, caplog):
   config = tiny_config(tmp_path, train__mode='train_then_eval', train__train_steps=5,
                        train__steps_per_loop=2)
   result = experiment.run(config, flags_dict={'resnet_depth': 18})
@@ -50,16 +52,21 @@ def test_pretrain_then_eval_runs_exact_steps_and_writes_results(tmp_path):
   assert (tmp_path / 'saved_model' / '5' / 'saved_model.pb').exists()
 
   # A truncated newest checkpoint: export, eval and probe use the intact one before it and
-  # rename nothing (a training run may own the folder).
+  # rename nothing (a training run may own the folder). The export of step 4 is not pruned as
+  # older than the existing saved_model/5 (--keep_hub_module_max=1), nor is saved_model/5.
   data = tmp_path / 'ckpt-5.data-00000-of-00001'
   with open(data, 'r+b') as f:
     f.truncate(os.path.getsize(data) // 3)
   checkpoint_files = lambda: sorted(f for f in os.listdir(tmp_path) if 'ckpt' in f)
   before = checkpoint_files()
-  shutil.rmtree(tmp_path / 'saved_model')
-  experiment.run(dataclasses.replace(
-      config, train=dataclasses.replace(config.train, mode='export')))
-  assert os.listdir(tmp_path / 'saved_model') == ['4']
+  assert config.train.keep_hub_module_max == 1
+  with caplog.at_level(logging.INFO):
+    experiment.run(dataclasses.replace(
+        config, train=dataclasses.replace(config.train, mode='export')))
+  assert sorted(os.listdir(tmp_path / 'saved_model')) == ['4', '5']
+  assert (tmp_path / 'saved_model' / '4' / 'saved_model.pb').exists()
+  assert (f'Exported the hub module to {tmp_path}/saved_model/4 (the newer exports [5] are kept)'
+          in caplog.text)
   fallback = experiment.run(dataclasses.replace(
       config, train=dataclasses.replace(config.train, mode='eval', eval_timeout=0.5)))
   assert fallback['global_step'] == 4 and (tmp_path / 'result_4.json').exists()
@@ -158,9 +165,7 @@ def test_two_replicas_take_exactly_the_single_device_step(tmp_path, two_replica_
     results.append(one_lars_step(config, model, strategy, images, labels,
                                  tmp_path / type(strategy).__name__))
   (single, single_metrics), (double, double_metrics) = results
-  assert single.keys() == double.keys()
-  for path in single:
-    np.testing.assert_allclose(double[path], single[path], rtol=2e-4, atol=2e-5, err_msg=path)
+  assert_same_updates(double, single, initial)
   for name in ('contrast_loss', 'supervised_loss', 'weight_decay'):
     assert double_metrics[name] == pytest.approx(single_metrics[name], rel=1e-4), name
 
@@ -171,3 +176,24 @@ def test_resuming_a_model_dir_of_another_architecture_names_the_variables(tmp_pa
   with pytest.raises(CheckpointMismatchError,
                      match=r'another architecture.*projection_head.*\[512, 16\] vs model \[512, 8\]'):
     experiment.run(other)
+
+
+def test_a_second_damaged_copy_of_a_step_never_overwrites_the_first(tmp_path):
+  """Damage ckpt-2, resume (set aside, retrained), damage the new ckpt-2, resume again: both
+  damaged copies are kept byte for byte under names of their own."""
+  config = tiny_config(tmp_path, train__train_steps=2, train__checkpoint_steps=1)
+  experiment.run(config)
+  digest = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()
+  copies = []
+  for fraction in (3, 2):  # two different damages, so the two copies differ
+    data = tmp_path / 'ckpt-2.data-00000-of-00001'
+    with open(data, 'r+b') as f:
+      f.truncate(os.path.getsize(data) // fraction)
+    copies.append({suffix: digest(tmp_path / f'ckpt-2{suffix}')
+                   for suffix in ('.index', '.data-00000-of-00001')})
+    experiment.run(config)  # resumes from ckpt-1 and saves a new ckpt-2
+    assert weights.source.read_global_step(str(tmp_path)) == 2
+  for prefix, expected in zip(('damaged-ckpt-2', 'damaged-ckpt-2.2'), copies):
+    for suffix, want in expected.items():
+      assert digest(tmp_path / f'{prefix}{suffix}') == want, prefix + suffix
+  assert copies[0] != copies[1]

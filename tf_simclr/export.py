@@ -93,11 +93,15 @@ def save(model, export_dir: str) -> str:
   return export_dir
 
 
-def prune_exports(export_root: str, keep: int) -> List[int]:
-  """Deletes all but the newest `keep` numbered exports (keep <= 0 keeps all); returns deleted."""
+def prune_exports(export_root: str, keep: int, written: int) -> List[int]:
+  """Deletes the oldest numbered exports beyond the newest `keep` (keep <= 0 keeps all), but never
+  the export of step `written` (just written) nor one of a later step: re-exporting an older
+  checkpoint (its newer one damaged) must not delete itself or the newer export. Returns deleted.
+  """
+  steps = exported_steps(export_root)
   if keep <= 0:
     return []
-  deleted = exported_steps(export_root)[:-keep]
+  deleted = [step for step in steps if step < written][:max(len(steps) - keep, 0)]
   for step in deleted:
     tf.io.gfile.rmtree(os.path.join(export_root, str(step)))
   return deleted
@@ -105,16 +109,20 @@ def prune_exports(export_root: str, keep: int) -> List[int]:
 
 def export_step(model, model_dir: str, step: int, keep_hub_module_max: int) -> str:
   """Exports to `model_dir/saved_model/<step>` (replacing it) and keeps the newest
-  `keep_hub_module_max` exports (0 keeps all), as the original's `save`. Returns the folder."""
+  `keep_hub_module_max` exports (0 keeps all), as the original's `save`, never deleting the one
+  just written or a newer one. Returns the folder, which exists when this returns."""
   export_root = os.path.join(model_dir, EXPORT_SUBDIR)
   export_dir = os.path.join(export_root, str(int(step)))
   if tf.io.gfile.exists(export_dir):
     tf.io.gfile.rmtree(export_dir)
   tf.io.gfile.makedirs(export_root)
   save(model, export_dir)
-  deleted = prune_exports(export_root, keep_hub_module_max)
+  deleted = prune_exports(export_root, keep_hub_module_max, int(step))
+  newer = [s for s in exported_steps(export_root) if s > step]
+  notes = ([f'deleted older exports {deleted}'] if deleted else []) + (
+      [f'the newer exports {newer} are kept'] if newer else [])
   log.info('Exported the hub module to %s%s', export_dir,
-           f' (deleted older exports {deleted})' if deleted else '')
+           f' ({"; ".join(notes)})' if notes else '')
   return export_dir
 
 

@@ -78,19 +78,39 @@ def inner_optimizer(optimizer):
   return getattr(optimizer, 'inner_optimizer', optimizer)
 
 
-def warn_if_slow_on_cpu(precision: str, jit_compile: bool, strategy) -> None:
-  """Warns where 16-bit precision makes a CPU run slower (benchmarks/README.md): without XLA,
-  TensorFlow's bfloat16/float16 convolution gradients are an order of magnitude slower than
-  float32; with XLA, a CPU without bfloat16 units is no faster than float32 with oneDNN."""
+def cpu_advice(precision: str, bfloat16_units, onednn) -> str:
+  """Why `precision` is slow on this CPU ('' where it is the fast choice), from whether the CPU
+  has bfloat16 units (avx512_bf16/amx_bf16; None: unknown) and whether oneDNN is on.
+
+  Measured (README, *Speed on CPUs*): with bfloat16 units and oneDNN, mixed_bfloat16 without XLA
+  took 0.70-0.74x the float32 step time, and XLA made every arm slower. Without bfloat16 units,
+  bfloat16 was ~8x slower than float32 without XLA and no faster with it; float32 with oneDNN was
+  the fast choice. TensorFlow's own (non-oneDNN) 16-bit convolution gradients are ~10x slower.
+  """
+  if precision == 'float32':
+    return ''
+  if precision == 'mixed_float16':
+    return ('float16 is for GPUs: CPUs have no fast float16 arithmetic, so '
+            '--precision=float32 (or mixed_bfloat16 on a CPU with avx512_bf16/amx_bf16) is faster')
+  if bfloat16_units and onednn:
+    return ''
+  if bfloat16_units:
+    return ('this CPU has bfloat16 units, but TensorFlow\'s oneDNN kernels are off '
+            '(TF_ENABLE_ONEDNN_OPTS=0), and its own 16-bit convolution gradients are ~10x slower '
+            'than float32: unset TF_ENABLE_ONEDNN_OPTS')
+  reason = ('this CPU has no bfloat16 units (no avx512_bf16 or amx_bf16 flag)'
+            if bfloat16_units is False else 'this CPU\'s flags cannot be read')
+  return (f'{reason}, so bfloat16 only saves memory traffic; float32 with oneDNN kernels (run.py\'s '
+          'default) is the fast choice on such a CPU (bfloat16 was ~8x slower without XLA and no '
+          'faster with it)')
+
+
+def warn_if_slow_on_cpu(precision: str, strategy) -> None:
+  """Warns when training on a CPU in a precision that is slow there (see `cpu_advice`)."""
   on_cpu = (not tf.config.list_physical_devices('GPU')
             and not isinstance(strategy, tf.distribute.TPUStrategy))
-  if not on_cpu or precision == 'float32':
+  if not on_cpu:
     return
-  if not jit_compile:
-    log.warning('--precision=%s on a CPU without --jit_compile: TensorFlow\'s 16-bit convolution '
-                'gradients are about 10x slower than float32 here; add --jit_compile=True (or '
-                'use --precision=float32).', precision)
-  if cpu_kernels.has_bfloat16_units() is False:
-    log.warning('--precision=%s: this CPU has no bfloat16 units (no avx512_bf16 or amx_bf16), '
-                'so 16 bits only saves memory traffic; float32 with oneDNN kernels (run.py\'s '
-                'default) was as fast or faster on such a CPU (benchmarks/README.md).', precision)
+  advice = cpu_advice(precision, cpu_kernels.has_bfloat16_units(), cpu_kernels.onednn_enabled())
+  if advice:
+    log.warning('--precision=%s: %s.', precision, advice)

@@ -221,8 +221,7 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
           init_fn: Optional[Callable] = None):
   """Trains to the last step; returns (model, final step, metrics of the last loop)."""
   config = ctx.config
-  precision_lib.warn_if_slow_on_cpu(config.model.precision, config.train.jit_compile,
-                                    ctx.strategy)
+  precision_lib.warn_if_slow_on_cpu(config.model.precision, ctx.strategy)
   model = build_model(ctx)
   readouts_lib.random_init_baseline(ctx, model)  # Before any restore: the seeded initialisation.
   built = assemble_trainer(config, ctx.strategy, ctx.steps, ctx.num_classes, model=model,

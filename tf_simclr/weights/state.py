@@ -62,14 +62,26 @@ def clean_temp_folders(model_dir: str) -> List[str]:
   return removed
 
 
-def _set_aside(prefix: str) -> List[str]:
-  """Renames the files of a damaged checkpoint to damaged-ckpt-N.* so nothing overwrites them."""
+def _damaged_prefix(prefix: str) -> str:
+  """`damaged-ckpt-N` beside `prefix`, or `damaged-ckpt-N.2`, `.3`, ... when that name is taken:
+  the same step can be damaged again after a retrain, and each copy stays restorable by prefix."""
   folder, base = os.path.split(prefix)
+  target = os.path.join(folder, 'damaged-' + base)
+  copy = 1
+  while tf.io.gfile.glob(target + '.*'):
+    copy += 1
+    target = os.path.join(folder, f'damaged-{base}.{copy}')
+  return target
+
+
+def _set_aside(prefix: str) -> List[str]:
+  """Renames the files of a damaged checkpoint to a damaged-ckpt-N prefix no other file has, so
+  nothing overwrites them, an earlier damaged copy of the same step included."""
+  target = _damaged_prefix(prefix)
   moved = []
   for path in tf.io.gfile.glob(prefix + '.*'):
-    target = os.path.join(folder, 'damaged-' + base + os.path.basename(path)[len(base):])
-    tf.io.gfile.rename(path, target, overwrite=True)
-    moved.append(target)
+    moved.append(target + path[len(prefix):])
+    tf.io.gfile.rename(path, moved[-1], overwrite=False)
   return moved
 
 
