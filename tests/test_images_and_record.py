@@ -164,13 +164,12 @@ def test_embed_rows_in_order_under_any_strategy(photos, two_replica_strategy):
   model2.set_weights(model.get_weights())
   for strategy, m, endpoint in ((tf.distribute.get_strategy(), model, 'proj_head_output'),
                                 (two_replica_strategy, model2, 'final_avg_pool')):
-    if True:
-      # Batch 4 over 11 images: the last global batch is partial (one replica gets 1, one 2).
-      features, labels = embed.compute(m, source, data, 'train', endpoint, 4, strategy)
-      assert features.shape == expected[endpoint].shape and features.dtype == np.float32
-      # float32 inference of the same inputs in other batches: rounding ~1e-6 relative.
-      np.testing.assert_allclose(features, expected[endpoint], rtol=1e-4, atol=1e-5)
-      np.testing.assert_array_equal(labels, np.full([11], -1))
+    # Batch 4 over 11 images: the last global batch is partial (one replica gets 1, one 2).
+    features, labels = embed.compute(m, source, data, 'train', endpoint, 4, strategy)
+    assert features.shape == expected[endpoint].shape and features.dtype == np.float32
+    # float32 inference of the same inputs in other batches: rounding ~1e-6 relative.
+    np.testing.assert_allclose(features, expected[endpoint], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(labels, np.full([11], -1))
 
 
 def test_embed_files(tmp_path):
