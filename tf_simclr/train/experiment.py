@@ -129,7 +129,18 @@ def _model_from_weights(config: Config, mode: str):
     raise CheckpointNotFoundError(
         f'--mode={mode}: no checkpoint in --model_dir={config.train.model_dir} and no '
         '--checkpoint (ours, an export, or google-research/simclr\'s weights).')
-  num_classes = original.describe(path)['num_classes'] or 0
+  num_classes = 0
+  # model_dir: the newest checkpoint whose index and object graph read (the restore then checks
+  # the values); none readable: no head, and the restore reports the damage.
+  for prefix in ([path] if path != config.train.model_dir
+                 else weights_source.find_checkpoints(path)):
+    try:
+      num_classes = original.describe(prefix)['num_classes'] or 0
+      break
+    except (UserError, ValueError, IndexError, tf.errors.OpError) as e:
+      if path != config.train.model_dir:
+        raise
+      log.warning('Cannot read %s (%s); trying an older checkpoint.', prefix, e)
   model = dataclasses.replace(config.model, supervised_head=num_classes > 0)
   return dataclasses.replace(config, model=model), num_classes
 
