@@ -16,12 +16,18 @@ from tf_simclr.errors import ConfigError, DatasetError
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 PROJ_HEAD_MODES = ('none', 'linear', 'nonlinear')
 TRAIN_MODES = ('pretrain', 'finetune', 'distill')
-MODES = ('train', 'eval', 'train_then_eval', 'export', 'probe')
+MODES = ('train', 'eval', 'train_then_eval', 'export', 'probe', 'embed')
+# Modes that read a run (its record and checkpoints) and never train.
+READING_MODES = ('eval', 'export', 'probe', 'embed')
 OPTIMIZERS = ('momentum', 'adam', 'lars')
 LR_SCALINGS = ('linear', 'sqrt')
 COLOR_JITTER_IMPLS = ('simclrv1', 'simclrv2')
 STRATEGIES = ('auto', 'tpu', 'mirrored', 'multi_worker', 'default')
 PRECISIONS = ('float32', 'mixed_bfloat16', 'mixed_float16')
+# The model's endpoints (models/simclr.py), the names of the original's SavedModel outputs.
+ENDPOINTS = ('initial_conv', 'initial_max_pool', 'block_group1', 'block_group2', 'block_group3',
+             'block_group4', 'final_avg_pool', 'proj_head_input', 'proj_head_output',
+             'logits_sup')
 
 
 def _check(condition: bool, message: str) -> None:
@@ -162,7 +168,7 @@ class DataConfig:
 
   def __post_init__(self):
     _check(bool(self.dataset),
-           '--dataset is empty: give a TFDS name, folder:PATH or shapes10 (built in).')
+           '--dataset is empty: give a TFDS name, folder:PATH, images:PATH or shapes10 (built in).')
     _check(self.image_size >= 8, f'--image_size={self.image_size} must be >= 8.')
     _check(self.color_jitter_strength >= 0,
            f'--color_jitter_strength={self.color_jitter_strength} must be >= 0.')
@@ -261,6 +267,9 @@ class TrainConfig:
   eval_timeout: float = 3600
   # XLA-compile the train and eval steps (slower on CPU; see README).
   jit_compile: bool = False
+  # --mode=embed: the split (None: --train_split) and the endpoint written to features.npy.
+  embed_split: Optional[str] = None
+  embed_endpoint: str = 'final_avg_pool'
 
   def __post_init__(self):
     _check(bool(self.model_dir), '--model_dir is required: the folder for checkpoints, '
@@ -280,6 +289,7 @@ class TrainConfig:
     _check(self.keep_checkpoint_max >= 1,
            f'--keep_checkpoint_max={self.keep_checkpoint_max} must be >= 1.')
     _check(self.temperature > 0, f'--temperature={self.temperature} must be > 0.')
+    _check_choice('embed_endpoint', self.embed_endpoint, ENDPOINTS)
     _check(self.eval_timeout >= 0,
            f'--eval_timeout={self.eval_timeout} must be >= 0 (seconds; 0 waits forever).')
 
@@ -359,8 +369,8 @@ def check_tpu_paths(config: 'Config') -> None:
   dataset = config.data.dataset
   if dataset == synthetic.NAME:  # Generated in memory on every host.
     return
-  if dataset.startswith('folder:'):
-    _check(dataset[len('folder:'):].startswith('gs://'),
+  if dataset.startswith(('folder:', 'images:')):
+    _check(dataset.split(':', 1)[1].startswith('gs://'),
            f'--dataset={dataset!r} is a local folder but the strategy is a TPU. {hint}')
     return
   data_dir = config.data.data_dir
@@ -396,6 +406,13 @@ def check_same_architecture(model: ModelConfig, stored_flags: dict, where: str) 
                  f'(--image_size={size})')
   _check(not wrong, f'--model_dir={where} holds a run of another architecture (its flags.json): '
          + '; '.join(wrong) + '. Use the run\'s architecture flags, or a new --model_dir.')
+
+
+def same_value(a, b) -> bool:
+  """Two flag values are the same (numbers compared as floats: 1 == 1.0)."""
+  if isinstance(a, bool) or isinstance(b, bool):
+    return a == b
+  return _same(a, b)
 
 
 def _same(a, b) -> bool:

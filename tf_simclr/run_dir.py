@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import uuid
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import tensorflow as tf
 
@@ -192,3 +192,71 @@ def write_flags(model_dir: str, flags: Dict) -> str:
   with tf.io.gfile.GFile(path, 'w') as f:
     json.dump(flags, f, indent=2, sort_keys=True)
   return path
+
+
+# ---- The run's record for --mode=eval|export|probe|embed (README, "What lands in --model_dir").
+# Architecture and head flags: filled from the record when not given; a given value must agree.
+RECORD_MUST_AGREE = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio', 'proj_head_mode',
+                     'proj_out_dim', 'num_proj_layers', 'ft_proj_selector')
+# The rest of the model and the data: filled from the record when not given; a given value wins
+# (e.g. --dataset=images:OTHER to embed another folder, --eval_split=test).
+RECORD_FILLS = ('train_mode', 'lineareval_while_pretraining', 'image_size', 'batch_norm_decay',
+                'global_bn', 'precision', 'dataset', 'data_dir', 'train_split', 'eval_split',
+                'skip_bad_images', 'color_jitter_impl')
+EMBEDDINGS_DIR = 'embeddings'
+FEATURES_FILE = 'features.npy'
+LABELS_FILE = 'labels.npy'
+PATHS_FILE = 'paths.txt'
+
+
+def read_record(model_dir: Optional[str], checkpoint: Optional[str] = None
+                ) -> Tuple[Optional[Dict], str]:
+  """(flag values the run recorded, where from) for a mode that reads a run (not training).
+
+  In order: model_dir's flags.json; the flags.json of the run that wrote --checkpoint; the
+  architecture read off --checkpoint's variables (`weights.original.describe`, works for ours and
+  the original's weights). (None, '') when there is nothing to read.
+  """
+  if model_dir:
+    stored = read_flags(model_dir)
+    if stored is not None:
+      return stored, os.path.join(model_dir, FLAGS_FILE)
+  if not checkpoint:
+    return None, ''
+  from tf_simclr import teacher  # pylint: disable=g-import-not-at-top (imports config, models)
+  from tf_simclr.weights import original  # pylint: disable=g-import-not-at-top
+  path = teacher.find_flags_json(checkpoint)
+  if path:
+    with tf.io.gfile.GFile(path) as f:
+      return json.load(f), path
+  return original.describe_flags(original.describe(checkpoint)), f'the variables of {checkpoint}'
+
+
+def fill_from_record(record: Dict, values: Dict, given, where: str) -> Dict:
+  """The flag values to use: `values` with every record flag not in `given` taken from `record`.
+
+  `values`: current values of the flags (defaults included); `given`: names set explicitly on
+  the command line or a flagfile. Raises ConfigError naming both values when a given
+  architecture/head flag contradicts the record.
+  """
+  from tf_simclr import config as config_lib  # pylint: disable=g-import-not-at-top
+  out = dict(values)
+  wrong = []
+  for name in RECORD_MUST_AGREE + RECORD_FILLS:
+    if name not in record or record[name] is None:
+      continue
+    if name not in given:
+      # A distilled student is read as a fine-tuned model (same heads), without its teacher.
+      out[name] = 'finetune' if (name, record[name]) == ('train_mode', 'distill') else record[name]
+    elif name in RECORD_MUST_AGREE and not config_lib.same_value(record[name], values[name]):
+      wrong.append(f'--{name}={values[name]!r} here but {record[name]!r} in the run')
+  if wrong:
+    raise config_lib.ConfigError(
+        f'The flags contradict the run recorded in {where}: ' + '; '.join(wrong) +
+        '. Drop these flags (they are read from the record), or use another --model_dir.')
+  return out
+
+
+def embeddings_dir(model_dir: str, split: str) -> str:
+  """model_dir/embeddings/<split> (a split spec such as train[:90%] is kept as the name)."""
+  return os.path.join(model_dir, EMBEDDINGS_DIR, split.replace('/', '_'))

@@ -5,6 +5,8 @@ Three forms of `--dataset` are accepted:
     and prepared in `--data_dir` with `tfds.builder(...).download_and_prepare()` as the original;
   * `folder:PATH` with images in PATH/<split>/<class>/*.{jpg,jpeg,png}, read through TFDS's
     `ImageFolder` (class ids are the sorted class-folder names over all splits);
+  * `images:PATH`, every image under PATH whatever the nesting (jpg, jpeg, png, bmp, gif first
+    frame; hidden files skipped), unlabelled (label -1, `num_classes` 0), one split `train`;
   * `shapes10`, the built-in generated dataset (splits 'train' 10,000 and 'test' 2,000; see
     synthetic.py), which needs no download.
 Every form yields (image uint8 HxWxC, label int64) and accepts TFDS split slicing such as
@@ -34,10 +36,14 @@ from tf_simclr.errors import DatasetError
 log = logging.getLogger(__name__)
 
 FOLDER_PREFIX = 'folder:'
+IMAGES_PREFIX = 'images:'
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+UNLABELLED = -1  # The label of every example of an unlabelled dataset.
 LABEL_SUBSET_FILE = 'label_subset.json'
 _FORMS = ('a TFDS image-classification name (e.g. cifar10, imagenet2012; catalog: '
           'https://www.tensorflow.org/datasets/catalog), folder:PATH (images in '
-          'PATH/<split>/<class>/*.jpg|png), or the built-in shapes10 (no download)')
+          'PATH/<split>/<class>/*.jpg|png), images:PATH (unlabelled: every image under PATH), or the '
+          'built-in shapes10 (no download)')
 
 
 log = logging.getLogger(__name__)
@@ -66,16 +72,32 @@ def input_pipelines(input_context) -> tuple:
 class DatasetSource:
   """One resolved dataset: metadata plus `as_dataset` yielding (uint8 image, int64 label)."""
   name: str
-  kind: str  # 'tfds', 'folder' or 'builtin'.
-  num_classes: int
+  kind: str  # 'tfds', 'folder', 'images' (unlabelled) or 'builtin'.
+  num_classes: int  # 0: unlabelled.
   image_shape: tuple  # (height, width, channels); None where images vary.
   split_sizes: dict
   class_names: Optional[tuple] = None
   builder: Any = dataclasses.field(default=None, repr=False, compare=False)
+  files: Optional[tuple] = dataclasses.field(default=None, repr=False, compare=False)  # images:
 
   @property
   def channels(self) -> Optional[int]:
     return self.image_shape[-1]
+
+  @property
+  def labelled(self) -> bool:
+    return self.num_classes > 0
+
+  def paths(self, split: str) -> Optional[list]:
+    """The source file of every example of `split` in `as_dataset` order (None unless the
+    dataset is a folder: or images: folder)."""
+    ranges = self._ranges(split)
+    if self.kind == 'images':
+      return [p for n, a, b in ranges for p in self.files[a:b]]
+    examples = getattr(self.builder, '_split_examples', None)
+    if self.kind == 'folder' and examples is not None:
+      return [e.image_path for n, a, b in ranges for e in examples[n][a:b]]
+    return None
 
   @property
   def splits(self) -> list:
@@ -157,6 +179,16 @@ class DatasetSource:
                                       tfds.decode.SkipDecoding()}
       return self.builder.as_dataset(split=split, shuffle_files=shuffle_files, as_supervised=True,
                                      decoders=decoders, read_config=_read_config(input_context))
+    if self.kind == 'images':
+      paths = [p for _, a, b in ranges for p in self.files[a:b]]
+      ds = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
+      if shuffle_files:
+        ds = ds.shuffle(len(paths), reshuffle_each_iteration=True)
+      ds = ds.map(lambda path: (tf.io.read_file(path), tf.constant(UNLABELLED, tf.int64)))
+      if decode:
+        ds = ds.map(lambda image, label: (self.decode_image(image), label),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+      return ds
     if self.kind == 'builtin':
       parts = [synthetic.load_split(name) for name, _, _ in ranges]
       images = np.concatenate([p[0][a:b] for p, (_, a, b) in zip(parts, ranges)])
@@ -173,7 +205,9 @@ class DatasetSource:
     return ds
 
   def decode_image(self, image: tf.Tensor) -> tf.Tensor:
-    """Decodes an image read with as_dataset(decode=False) (identity unless TFDS)."""
+    """Decodes an image read with as_dataset(decode=False) (identity unless TFDS/images:)."""
+    if self.kind == 'images':  # The first frame of a GIF.
+      return tf.io.decode_image(image, channels=3, expand_animations=False)
     if self.kind != 'tfds':
       return image
     return self.builder.info.features[self.builder.info.supervised_keys[0]].decode_example(image)
@@ -184,6 +218,8 @@ class DatasetSource:
     TFDS images are not decoded (SkipDecoding), so this reads only the records.
     """
     ranges = self._ranges(split)
+    if self.kind == 'images':
+      return np.full([self.num_examples(split)], UNLABELLED, np.int64)
     if self.kind == 'builtin':
       return np.concatenate([synthetic.load_split(n)[1][a:b] for n, a, b in ranges])
     examples = getattr(self.builder, '_split_examples', None)  # ImageFolder's file list.
@@ -229,11 +265,14 @@ def find_bad_images(paths) -> list:
 
 def bad_images_error(source: 'DatasetSource', split: str) -> Optional[DatasetError]:
   """For a folder: dataset whose reading failed: a DatasetError naming the bad files, or None."""
-  examples = getattr(source.builder, '_split_examples', None)
-  if source.kind != 'folder' or examples is None:
-    return None
-  names = sorted({n for n, _, _ in source._ranges(split)})
-  bad = find_bad_images(e.image_path for n in names for e in examples[n])
+  if source.kind == 'images':
+    bad = find_bad_images(source.files)
+  else:
+    examples = getattr(source.builder, '_split_examples', None)
+    if source.kind != 'folder' or examples is None:
+      return None
+    names = sorted({n for n, _, _ in source._ranges(split)})
+    bad = find_bad_images(e.image_path for n in names for e in examples[n])
   if not bad:
     return None
   return DatasetError(
@@ -266,11 +305,55 @@ def _resolve_folder(name: str, skip_bad_images: bool = False) -> DatasetSource:
   split_sizes = {k: len(v) for k, v in builder._split_examples.items()}  # pylint: disable=protected-access
   if not split_sizes:
     raise DatasetError(f'--dataset={name}: no split folders with images found in {path!r}. '
-                       'Expected PATH/<split>/<class>/*.jpg|png, e.g. PATH/train/cat/1.jpg.')
+                       'Expected PATH/<split>/<class>/*.jpg|png, e.g. PATH/train/cat/1.jpg. For '
+                       f'unlabelled images in any layout use --dataset={IMAGES_PREFIX}{path}.')
   names = tuple(builder.info.features['label'].names)
   return DatasetSource(name=name, kind='folder', num_classes=len(names),
                        image_shape=tuple(builder.info.features['image'].shape),
                        split_sizes=split_sizes, class_names=names, builder=builder)
+
+
+def list_images(root: str) -> tuple:
+  """(image paths under `root` in a stable sorted walk order, hidden entries, other files).
+
+  Streams the folder tree (os.walk; tf.io.gfile.walk for gs:// and other remote paths) without
+  opening any file. Hidden files and folders (a leading '.') are skipped.
+  """
+  walk = os.walk(root) if '://' not in root else tf.io.gfile.walk(root)
+  paths, hidden, others = [], 0, 0
+  for folder, subfolders, files in walk:
+    hidden += sum(name.startswith('.') for name in subfolders)
+    subfolders[:] = sorted(name.rstrip('/') for name in subfolders if not name.startswith('.'))
+    for name in sorted(files):
+      if name.startswith('.'):
+        hidden += 1
+      elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+        paths.append(os.path.join(folder, name))
+      else:
+        others += 1
+  return paths, hidden, others
+
+
+def _resolve_images(name: str, skip_bad_images: bool = False) -> DatasetSource:
+  """images:PATH, unlabelled: every image under PATH, one split 'train'."""
+  path = os.path.expanduser(name[len(IMAGES_PREFIX):])
+  if not path or not tf.io.gfile.isdir(path):
+    raise DatasetError(f'--dataset={name}: folder {path!r} does not exist. Expected a folder '
+                       'with images (jpg, jpeg, png, bmp, gif) at any depth.')
+  paths, hidden, others = list_images(path)
+  log.info('--dataset=%s: %d images; skipped %d hidden file(s)/folder(s) and %d non-image '
+           'file(s).', name, len(paths), hidden, others)
+  if skip_bad_images and paths:
+    bad = set(find_bad_images(paths))
+    if bad:
+      log.warning('--skip_bad_images: left out %d of %d images of --dataset=%s that cannot be '
+                  'decoded (first: %s).', len(bad), len(paths), name, ', '.join(sorted(bad)[:3]))
+      paths = [p for p in paths if p not in bad]
+  if not paths:
+    raise DatasetError(f'--dataset={name}: no images (jpg, jpeg, png, bmp, gif) found under '
+                       f'{path!r} ({others} other file(s), {hidden} hidden).')
+  return DatasetSource(name=name, kind='images', num_classes=0, image_shape=(None, None, 3),
+                       split_sizes={'train': len(paths)}, files=tuple(paths))
 
 
 def _is_network_error(error: Optional[BaseException]) -> bool:
@@ -386,15 +469,19 @@ def resolve_dataset(dataset: str, data_dir: Optional[str] = None,
     return _resolve_builtin(dataset)
   if dataset.startswith(FOLDER_PREFIX):
     return _resolve_folder(dataset, skip_bad_images)
+  if dataset.startswith(IMAGES_PREFIX):
+    return _resolve_images(dataset, skip_bad_images)
   return _resolve_tfds(dataset, data_dir)
 
 
-def resolve_from_config(data_config) -> DatasetSource:
-  """Resolves data_config.dataset and validates both --train_split and --eval_split."""
+def resolve_from_config(data_config, eval_split: bool = True) -> DatasetSource:
+  """Resolves data_config.dataset and validates --train_split and (if `eval_split`, and the
+  dataset is labelled) --eval_split."""
   source = resolve_dataset(data_config.dataset, data_config.data_dir,
                            data_config.skip_bad_images)
   source.validate_split(data_config.train_split, '--train_split')
-  source.validate_split(data_config.eval_split, '--eval_split')
+  if eval_split and source.labelled:
+    source.validate_split(data_config.eval_split, '--eval_split')
   return source
 
 

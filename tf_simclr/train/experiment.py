@@ -56,11 +56,13 @@ TRAINING_MODES = ('train', 'train_then_eval')
 
 
 def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
-  """Validates model_dir, data and settings before any expensive work.
+  """Validates model_dir, data and settings before any expensive work or any write.
 
-  Training (and only training) takes the model_dir lock and removes unfinished checkpoint
-  folders; `train()` writes flags.json once the weights are restored. Eval and export read
-  model_dir and never create or rewrite it.
+  Everything a user can get wrong (flags, dataset, splits, the model_dir's record) is checked
+  before model_dir is created or locked, so a refused command leaves nothing behind. Training
+  (and only training) then takes the model_dir lock and removes unfinished checkpoint folders;
+  `train()` writes flags.json once the weights are restored. Eval and export read model_dir and
+  never create or rewrite it; --mode=export reads no dataset at all.
   """
   train = config.train
   # First: MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
@@ -69,31 +71,123 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
     config_lib.check_tpu_paths(config)
   chief = distribute.is_chief(strategy)
   needs_train = train.mode in TRAINING_MODES
-  # Training and probe write into model_dir (probe: result files only); eval/export only read.
-  run_dir.check_usable(train.model_dir, create=needs_train or train.mode == 'probe')
+  run_dir.check_usable(train.model_dir, create=False)  # Only refuses a file; creates nothing.
   stored = run_dir.read_flags(train.model_dir)
   if stored is not None and weights_source.find_checkpoints(train.model_dir):
     config_lib.check_same_architecture(config.model, stored, train.model_dir)
+  if train.seed is not None:
+    keras.utils.set_random_seed(train.seed)
+  if train.mode == 'export':
+    return _prepare_from_weights(config, strategy, 'export')
+  config, source, steps, label_subset = _validate_data(config, strategy)
+  num_classes = source.num_classes
+  if not source.labelled and train.train_mode == 'distill':  # The teacher's classes.
+    from tf_simclr.weights import original  # pylint: disable=g-import-not-at-top
+    num_classes = original.describe(config.distill.teacher_checkpoint)['num_classes'] or 0
+  if train.mode == 'embed':
+    config, num_classes = _model_from_weights(config, 'embed')
+  # Training, probe and embed write into model_dir (probe/embed: result files only).
+  run_dir.check_usable(train.model_dir, create=needs_train or train.mode in ('probe', 'embed'))
   # Only a training run's chief holds the lock, taken before anything is written.
   lock = run_dir.RunLock(train.model_dir).acquire() if needs_train and chief else None
   try:
-    return _prepare_locked(config, flags_dict, strategy, lock)
+    if needs_train and chief:
+      weights_state.clean_temp_folders(train.model_dir)
+      if label_subset is not None:
+        data = config.data
+        path = datasets.write_label_subset(
+            train.model_dir, dataset=data.dataset, split=data.train_split,
+            fraction=data.train_label_fraction, seed=data.label_fraction_seed,
+            indices=label_subset)
+        log.info('Label fraction %.4g of %s: %d labelled examples (ids in %s).',
+                 data.train_label_fraction, data.train_split, len(label_subset), path)
   except BaseException:
     if lock is not None:
       lock.release()
     raise
+  return Context(config=config, strategy=strategy, source=source, steps=steps,
+                 num_classes=num_classes, label_subset=label_subset, lock=lock,
+                 flags_dict=flags_dict)
 
 
-def _prepare_locked(config: Config, flags_dict: Optional[Dict], strategy,
-                    lock: Optional[run_dir.RunLock]) -> Context:
-  """prepare() once model_dir is checked and, for training, locked."""
+def _weights_path(config: Config) -> Optional[str]:
+  """What --mode=export/embed read: model_dir's newest checkpoint, else --checkpoint (export);
+  --checkpoint, else model_dir (embed, as probe); None when there is neither."""
   train = config.train
-  chief = distribute.is_chief(strategy)
+  in_dir = train.model_dir if weights_source.find_checkpoints(train.model_dir) else None
+  if train.mode == 'export':
+    return in_dir or train.checkpoint
+  return train.checkpoint or in_dir
+
+
+def _model_from_weights(config: Config, mode: str):
+  """(config, num_classes) of the model the weights to read hold: a supervised head only if they
+  have one, with their number of classes (weights.original.describe)."""
+  from tf_simclr.weights import original  # pylint: disable=g-import-not-at-top
+  path = _weights_path(config)
+  if path is None:
+    raise CheckpointNotFoundError(
+        f'--mode={mode}: no checkpoint in --model_dir={config.train.model_dir} and no '
+        '--checkpoint (ours, an export, or google-research/simclr\'s weights).')
+  num_classes = 0
+  # model_dir: the newest checkpoint whose index and object graph read (the restore then checks
+  # the values); none readable: no head, and the restore reports the damage.
+  for prefix in ([path] if path != config.train.model_dir
+                 else weights_source.find_checkpoints(path)):
+    try:
+      num_classes = original.describe(prefix)['num_classes'] or 0
+      break
+    except (UserError, ValueError, IndexError, tf.errors.OpError) as e:
+      if path != config.train.model_dir:
+        raise
+      log.warning('Cannot read %s (%s); trying an older checkpoint.', prefix, e)
+  model = dataclasses.replace(config.model, supervised_head=num_classes > 0)
+  return dataclasses.replace(config, model=model), num_classes
+
+
+def _prepare_from_weights(config: Config, strategy, mode: str) -> Context:
+  """--mode=export: the model of the weights, no dataset resolved or prepared."""
+  config, num_classes = _model_from_weights(config, mode)
+  return Context(config=config, strategy=strategy, source=None, steps=None,
+                 num_classes=num_classes)
+
+
+def _unlabelled_config(config: Config) -> Config:
+  """Checks a run on an unlabelled dataset (images:PATH) and turns off what needs labels."""
+  train, mode = config.train, config.train.mode
+  name = config.data.dataset
+  if train.train_mode == 'finetune':
+    raise datasets.DatasetError(f'--train_mode=finetune needs labels, but --dataset={name} is '
+                                'unlabelled: use folder:PATH (PATH/<split>/<class>/...) or a '
+                                'TFDS dataset.')
+  if mode in ('eval', 'train_then_eval', 'probe'):
+    raise datasets.DatasetError(
+        f'--mode={mode} evaluates against labels, but --dataset={name} is unlabelled: use '
+        '--mode=train (pretraining), --mode=embed (features to files) or a labelled dataset.')
+  if train.train_mode == 'distill' and (config.distill.label_weight > 0 or
+                                        config.data.train_label_fraction < 1):
+    raise datasets.DatasetError(f'--distill_label_weight/--train_label_fraction need labels, but '
+                                f'--dataset={name} is unlabelled.')
+  if train.train_mode != 'pretrain' or mode not in TRAINING_MODES:
+    return config
+  if config.model.supervised_head or config.probe.knn or config.probe.linear_probe:
+    log.info('--dataset=%s is unlabelled: training the contrastive objective alone (no online '
+             'supervised head, kNN monitor or linear probe).', name)
+  return dataclasses.replace(
+      config, model=dataclasses.replace(config.model, supervised_head=False),
+      probe=dataclasses.replace(config.probe, knn=False, linear_probe=False))
+
+
+def _validate_data(config: Config, strategy):
+  """(config, source, steps, label subset): resolves and checks the data; writes nothing."""
+  train, data = config.train, config.data
   needs_train = train.mode in TRAINING_MODES
-  if train.seed is not None:
-    keras.utils.set_random_seed(train.seed)
-  data = config.data
-  source = datasets.resolve_from_config(data)
+  source = datasets.resolve_from_config(data, eval_split=train.mode != 'embed')
+  if train.mode == 'embed':
+    source.validate_split(train.embed_split or data.train_split,
+                          '--embed_split' if train.embed_split else '--train_split')
+  if not source.labelled:
+    config = _unlabelled_config(config)
   num_train = source.num_examples(data.train_split)
   label_subset = None
   if data.train_label_fraction < 1.0 and needs_train:
@@ -101,7 +195,7 @@ def _prepare_locked(config: Config, flags_dict: Optional[Dict], strategy,
                                              data.train_label_fraction, data.label_fraction_seed)
     if train.train_mode != 'distill':
       num_train = len(label_subset)
-  num_eval = source.num_examples(data.eval_split)
+  num_eval = source.num_examples(data.eval_split) if source.labelled else 0
   steps = resolve_steps(train, config.optim, num_train, num_eval)
   replicas = strategy.num_replicas_in_sync
   for flag, batch in (('train_batch_size', train.train_batch_size),
@@ -114,25 +208,18 @@ def _prepare_locked(config: Config, flags_dict: Optional[Dict], strategy,
         f', fewer than one global batch (--train_batch_size={train.train_batch_size}): every '
         'batch would repeat images (an image would be its own negative). Lower '
         '--train_batch_size or use more data.')
-  log.info('Dataset %s: %d train examples (%s), %d eval examples (%s), %d classes.',
-           config.data.dataset, num_train, config.data.train_split, num_eval,
-           config.data.eval_split, source.num_classes)
+  if source.labelled:
+    log.info('Dataset %s: %d train examples (%s), %d eval examples (%s), %d classes.',
+             data.dataset, num_train, data.train_split, num_eval, data.eval_split,
+             source.num_classes)
+  else:
+    log.info('Dataset %s: %d unlabelled train examples (%s).', data.dataset, num_train,
+             data.train_split)
   if needs_train:
     log.info('Steps: %d train (%d per epoch, %d warmup), checkpoint every %d, %d per loop; '
              '%d eval steps.', steps.train_steps, steps.epoch_steps, steps.warmup_steps,
              steps.checkpoint_steps, steps.steps_per_loop, steps.eval_steps)
-    if chief:
-      weights_state.clean_temp_folders(train.model_dir)
-      if label_subset is not None:
-        path = datasets.write_label_subset(
-            train.model_dir, dataset=data.dataset, split=data.train_split,
-            fraction=data.train_label_fraction, seed=data.label_fraction_seed,
-            indices=label_subset)
-        log.info('Label fraction %.4g of %s: %d labelled examples (ids in %s).',
-                 data.train_label_fraction, data.train_split, len(label_subset), path)
-  return Context(config=config, strategy=strategy, source=source, steps=steps,
-                 num_classes=source.num_classes, label_subset=label_subset, lock=lock,
-                 flags_dict=flags_dict)
+  return config, source, steps, label_subset
 
 
 def _build_model(config: Config, strategy, num_classes: int):
@@ -369,6 +456,27 @@ def probe_checkpoint(ctx: Context) -> Dict[str, float]:
 
 
 
+def load_for_reading(ctx: Context, model) -> int:
+  """--mode=export/embed: restores (strictly) the weights `_weights_path` names; their step."""
+  path = _weights_path(ctx.config)
+  model_dir = ctx.config.train.model_dir
+  if path == model_dir:
+    loaded = weights_state.load_newest_intact(model, model_dir, lead=_MODEL_DIR_LEAD)
+    if loaded is None:
+      raise CheckpointNotFoundError(f'--mode={ctx.config.train.mode}: no intact checkpoint in '
+                                    f'--model_dir={model_dir}.')
+    log.info('Read %s (step %d).', loaded[0], loaded[1])
+    return loaded[1]
+  source = weights_source.resolve(path)
+  weights_match.load(model, source)
+  try:
+    step = weights_source.read_global_step(source)
+  except (ValueError, KeyError, tf.errors.OpError):
+    step = 0
+  log.info('Read --checkpoint=%s (%s of %s, step %d).', path, source.kind, source.origin, step)
+  return step
+
+
 PREEMPTED = loop.TrainingPreemptedError
 # Errors a user can cause (flags, files, data, a diverged run): exit 2 with the message alone.
 # Anything else, e.g. a TensorFlow tracing error, keeps its traceback.
@@ -421,12 +529,13 @@ def _run_mode(ctx: Context, export_fn: Callable) -> Optional[Dict[str, float]]:
     return follow_and_evaluate(ctx, export_fn, timeout=config.train.eval_timeout)
   if mode == 'export':
     model = build_model(ctx)
-    loaded = weights_state.load_newest_intact(model, config.train.model_dir,
-                                              lead=_MODEL_DIR_LEAD)
-    if loaded is None:
-      raise CheckpointNotFoundError(f'--mode=export: no checkpoint in --model_dir='
-                                    f'{config.train.model_dir}.')
-    export_fn(model, loaded[1])
+    export_fn(model, load_for_reading(ctx, model))
+    return None
+  if mode == 'embed':
+    from tf_simclr.train import embed  # pylint: disable=g-import-not-at-top
+    model = build_model(ctx)
+    load_for_reading(ctx, model)
+    embed.embed_split(ctx, model)
     return None
   teacher = load_teacher(ctx) if config.train.train_mode == 'distill' else None
   model, result = train(ctx, teacher=teacher)

@@ -214,3 +214,18 @@ def flags_hint(arch: Dict[str, object]) -> str:
   if arch['num_classes']:
     parts.append(f'({arch["num_classes"]} classes in its supervised head)')
   return ' '.join(parts)
+
+
+def describe_flags(arch: Dict[str, object]) -> Dict[str, object]:
+  """The flag values that build the architecture `describe` found (unknowns left out): the
+  record of weights that come without a run's flags.json (`run_dir.read_record`)."""
+  names = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio', 'proj_head_mode',
+           'num_proj_layers', 'proj_out_dim')
+  flags = {n: arch[n] for n in names if arch.get(n) is not None}
+  if arch.get('proj_head_mode') != 'nonlinear':
+    flags.pop('num_proj_layers', None)
+  if arch.get('cifar_stem'):
+    flags['image_size'] = 32
+  flags['train_mode'] = 'pretrain'
+  flags['lineareval_while_pretraining'] = bool(arch.get('num_classes'))
+  return flags

@@ -46,11 +46,15 @@ flags.DEFINE_string('dataset', 'imagenet2012',
                     'PATH/<split>/<class>/*.{jpg,png}, or the built-in shapes10 (no download).')
 flags.DEFINE_bool('cache_dataset', False,
                   'Whether to cache the entire dataset in memory (good for small datasets).')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'train_then_eval', 'export', 'probe'],
+flags.DEFINE_enum('mode', 'train',
+                  ['train', 'eval', 'train_then_eval', 'export', 'probe', 'embed'],
                   'train, eval (follows new checkpoints in model_dir until the last step), '
-                  'train_then_eval, export (SavedModel of the latest checkpoint), or probe (kNN '
-                  'and linear probe on frozen features of --checkpoint, else of the newest '
-                  'checkpoint in model_dir, else of the random-init encoder).')
+                  'train_then_eval, export (SavedModel of the latest checkpoint, else of '
+                  '--checkpoint), probe (kNN and linear probe on frozen features of --checkpoint, '
+                  'else of the newest checkpoint in model_dir, else of the random-init encoder), '
+                  'or embed (features of every image of --embed_split to '
+                  'model_dir/embeddings/<split>/). eval, export, probe and embed read the '
+                  'architecture and data flags not given from the run\'s flags.json.')
 flags.DEFINE_enum('train_mode', 'pretrain', ['pretrain', 'finetune', 'distill'],
                   'The objective and trainable components: pretrain (contrastive), finetune '
                   '(supervised), distill (student learns a teacher).')
@@ -176,6 +180,12 @@ flags.DEFINE_bool('linear_probe', None,
                   'Logistic-regression probe on frozen final_avg_pool features (L2 strength '
                   'chosen on held-out train examples). Unset: at the end of pretraining with '
                   '--mode=train_then_eval, and in --mode=probe.')
+flags.DEFINE_string('embed_split', None,
+                    '--mode=embed: the split whose images are embedded (TFDS slicing works). '
+                    'Unset: --train_split.')
+flags.DEFINE_string('embed_endpoint', 'final_avg_pool',
+                    '--mode=embed: the model endpoint written to features.npy, e.g. '
+                    'proj_head_output or block_group4 (flattened).')
 flags.DEFINE_bool('random_init_baseline', False,
                   'Also run the kNN / linear probe on the encoder at its initialisation (same '
                   'seed, no training): the like-for-like baseline (eval/random_init/... keys).')
@@ -217,7 +227,8 @@ def config_from_flags(flag_values) -> 'Config':
       temperature=f.temperature, hidden_norm=f.hidden_norm,
       lineareval_while_pretraining=f.lineareval_while_pretraining,
       zero_init_logits_layer=f.zero_init_logits_layer, eval_name=f.eval_name, seed=f.seed,
-      eval_timeout=f.eval_timeout, jit_compile=f.jit_compile)
+      eval_timeout=f.eval_timeout, jit_compile=f.jit_compile, embed_split=f.embed_split,
+      embed_endpoint=f.embed_endpoint)
   strategy = 'tpu' if f.use_tpu is True else f.distribution_strategy
   distribute = cfg.DistributeConfig(
       strategy=strategy, tpu_name=f.tpu_name, tpu_zone=f.tpu_zone, gcp_project=f.gcp_project,
@@ -242,6 +253,28 @@ def config_from_flags(flag_values) -> 'Config':
                     distill=distill, probe=probe)
 
 
+def fill_flags_from_record(flag_values) -> None:
+  """--mode=eval|export|probe|embed: flags not given explicitly come from the run's record
+  (model_dir's flags.json, else --checkpoint's; see run_dir.read_record)."""
+  from tf_simclr import config as cfg
+  from tf_simclr import run_dir
+  f = flag_values
+  if f.mode not in cfg.READING_MODES:
+    return
+  record, where = run_dir.read_record(f.model_dir, f.checkpoint)
+  if record is None:
+    return
+  names = run_dir.RECORD_MUST_AGREE + run_dir.RECORD_FILLS
+  given = {name for name in names if f[name].present}
+  values = run_dir.fill_from_record(record, {name: f[name].value for name in names}, given, where)
+  filled = sorted(name for name in names if name not in given and values[name] != f[name].value)
+  for name in filled:
+    f[name].value = values[name]
+  if filled:
+    logging.info('Read from %s: %s.', where,
+                 ', '.join(f'--{name}={values[name]}' for name in filled))
+
+
 def serializable_flags(flag_values) -> dict:
   """The flags as a JSON-serialisable dict (flags.json), as the original writes it."""
   out = {}
@@ -263,6 +296,7 @@ def main(argv):
       logging.warning('--%s is accepted for compatibility with original command lines and has '
                       'no effect.', ignored)
   try:
+    fill_flags_from_record(FLAGS)
     config = config_from_flags(FLAGS)
   except UserError as e:
     logging.error('%s', e)
