@@ -159,6 +159,8 @@ class DataConfig:
   label_fraction_seed: int = 0
   # folder: datasets: decode every image once up front and leave out those that fail.
   skip_bad_images: bool = False
+  # folder: datasets: leave out class folders without images (else they are an error).
+  skip_empty_classes: bool = False
 
   def __post_init__(self):
     _check(bool(self.dataset),
@@ -261,6 +263,8 @@ class TrainConfig:
   eval_timeout: float = 3600
   # XLA-compile the train and eval steps (slower on CPU; see README).
   jit_compile: bool = False
+  # Resume although flags the checkpoints depend on changed (run_dir.check_resume_flags).
+  allow_flag_changes: bool = False
 
   def __post_init__(self):
     _check(bool(self.model_dir), '--model_dir is required: the folder for checkpoints, '

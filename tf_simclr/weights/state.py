@@ -38,6 +38,10 @@ class NoIntactCheckpointError(UserError, RuntimeError):
   """model_dir holds checkpoints of a run, but none can be read."""
 
 
+class OptimizerMismatchError(UserError, ValueError):
+  """A checkpoint's optimizer slots do not fit this run's optimizer (--optimizer changed)."""
+
+
 class CheckpointSaveError(UserError, RuntimeError):
   """A checkpoint could not be written (disk full, permissions); the message names model_dir."""
 
@@ -81,12 +85,17 @@ class TrainState:
   """
 
   def __init__(self, model, optimizer, model_dir: str, max_to_keep: int,
-               save_dir: Optional[str] = None):
+               save_dir: Optional[str] = None, allow_optimizer_change: bool = False):
     self.model = model
     self.optimizer = optimizer
     self.model_dir = model_dir
     self.save_dir = save_dir or model_dir
     self.max_to_keep = max_to_keep
+    # A resume whose optimizer slots differ (another --optimizer) restores the weights and the
+    # step only when allowed (--allow_flag_changes), else it is an OptimizerMismatchError.
+    # `optimizer_changed` (set from flags.json) also drops slots that happen to have the same paths.
+    self.allow_optimizer_change = allow_optimizer_change
+    self.optimizer_changed = False
     # The wrapped optimizer under loss scaling, so the optimizer slots sit at the same paths
     # whatever the precision; the loss scale is an extra, optional entry (see precision.py).
     inner = getattr(optimizer, 'inner_optimizer', optimizer)
@@ -95,6 +104,19 @@ class TrainState:
     extra = {'loss_scale': self._loss_scale} if self._loss_scale is not None else {}
     self.checkpoint = tf.train.Checkpoint(**self._objects, **extra)
     self.manager = self._make_manager()
+
+  def _optimizer_mismatch(self, found: source_lib.Source) -> Optional[str]:
+    """Why the checkpoint's optimizer slots do not fit ours (None when they do)."""
+    if self.optimizer_changed:
+      return 'flags.json records another --optimizer'
+    saved = set(source_lib.variable_paths(found.reader, 'optimizer', skip_aliases=False))
+    ours = set(match_lib.object_variable_paths(self._objects['optimizer'], 'optimizer'))
+    if saved == ours:
+      return None
+    extra, missing = sorted(saved - ours), sorted(ours - saved)
+    return (f'its optimizer state has {len(saved)} variables, this run\'s optimizer {len(ours)}'
+            + (f' (e.g. {missing[0]} is not in the checkpoint)' if missing else '')
+            + (f' (e.g. {extra[0]} is not in this optimizer)' if extra and not missing else ''))
 
   def _make_manager(self) -> tf.train.CheckpointManager:
     return tf.train.CheckpointManager(self.checkpoint, directory=self.save_dir,
@@ -148,7 +170,20 @@ class TrainState:
           lead=f'--model_dir={self.model_dir} holds a run of another architecture ({path})',
           advice='Resume it with its own flags (its flags.json), or use a new --model_dir.')
       checkpoint = self.checkpoint
-      if self._loss_scale is not None and not source_lib.variable_paths(found.reader,
+      mismatch = self._optimizer_mismatch(found)
+      if mismatch and not self.allow_optimizer_change:
+        raise OptimizerMismatchError(
+            f'--model_dir={self.model_dir}: {path} was written with another optimizer '
+            f'({mismatch}); the checkpoint is intact. Resume with the run\'s own --optimizer (its '
+            'flags.json), start from these weights with --checkpoint=' + self.model_dir +
+            ' and a new --model_dir, or pass --allow_flag_changes to continue from its weights '
+            'and step with fresh optimizer state.')
+      if mismatch:
+        log.warning('Restoring %s without its optimizer state (%s; --allow_flag_changes): '
+                    'weights and step restored, optimizer slots start fresh.', path, mismatch)
+        objects = {k: v for k, v in self._objects.items() if k != 'optimizer'}
+        checkpoint = tf.train.Checkpoint(**objects)
+      elif self._loss_scale is not None and not source_lib.variable_paths(found.reader,
                                                                          'loss_scale'):
         # A float32/bfloat16 run resumed in float16: the loss scale starts at its initial value.
         checkpoint = tf.train.Checkpoint(**self._objects)
