@@ -88,7 +88,7 @@ def checkpoint_step(prefix: str) -> int:
   return int(prefix.rsplit('-', 1)[1])
 
 
-def _latest_indexed(path: str) -> Optional[str]:
+def latest_indexed(path: str) -> Optional[str]:
   """The checkpoint the folder's `checkpoint` index file names (None if absent or unreadable)."""
   try:
     return tf.train.latest_checkpoint(path)
@@ -106,7 +106,7 @@ def checkpoint_prefix(path: str, flag: str = 'checkpoint') -> Tuple[str, bool]:
     if tf.io.gfile.exists(variables + '.index'):
       return variables, True  # A SavedModel directory: its variables form a checkpoint.
     found = find_checkpoints(path)
-    latest = _latest_indexed(path) or (found[0] if found else None)
+    latest = latest_indexed(path) or (found[0] if found else None)
     if latest is None:
       try:  # A folder of exports (model_dir/saved_model), or a model_dir holding one?
         return checkpoint_prefix(resolve_export_path(path), flag)

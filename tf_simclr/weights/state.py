@@ -15,6 +15,7 @@ import time
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
+from google.protobuf import text_format
 
 from tf_simclr.errors import CheckpointMismatchError, UserError
 from tf_simclr.weights import match as match_lib
@@ -119,9 +120,24 @@ class TrainState:
             + (f' (e.g. {extra[0]} is not in this optimizer)' if extra and not missing else ''))
 
   def _make_manager(self) -> tf.train.CheckpointManager:
-    return tf.train.CheckpointManager(self.checkpoint, directory=self.save_dir,
-                                      max_to_keep=self.max_to_keep,
-                                      checkpoint_name=CHECKPOINT_NAME)
+    make = lambda: tf.train.CheckpointManager(self.checkpoint, directory=self.save_dir,
+                                              max_to_keep=self.max_to_keep,
+                                              checkpoint_name=CHECKPOINT_NAME)
+    try:
+      return make()
+    except (UnicodeDecodeError, text_format.ParseError, tf.errors.OpError) as e:
+      # An unreadable `checkpoint` index file: checkpoints are found by listing the folder.
+      index = os.path.join(self.save_dir, 'checkpoint')
+      if not tf.io.gfile.exists(index):
+        raise
+      aside, n = os.path.join(self.save_dir, 'damaged-checkpoint'), 0
+      while tf.io.gfile.exists(aside):  # Never overwrite an earlier damaged copy.
+        n += 1
+        aside = os.path.join(self.save_dir, f'damaged-checkpoint.{n}')
+      tf.io.gfile.rename(index, aside)
+      log.warning('The checkpoint index file %s cannot be read (%s); renamed it to %s, the '
+                  'checkpoints are found by listing the folder.', index, type(e).__name__, aside)
+      return make()
 
   @property
   def step(self) -> int:
@@ -148,7 +164,7 @@ class TrainState:
     an error, not something to skip.
     """
     candidates = find_checkpoints(self.model_dir)
-    indexed = tf.train.latest_checkpoint(self.model_dir)
+    indexed = source_lib.latest_indexed(self.model_dir)
     if candidates and indexed != candidates[0]:
       log.warning('The checkpoint index file of %s %s; found %s by listing the folder.',
                   self.model_dir, f'names {indexed}' if indexed else 'is missing or unusable',
