@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import helpers
 from tf_simclr import weights
 from tf_simclr import config as cfg
 from tf_simclr import run_dir
@@ -170,6 +171,11 @@ def test_divergence_stops_without_saving_or_exporting(tmp_path):
   m = re.search(r'Training diverged at step (\d+): ', out)
   assert m, out[-3000:]
   assert max(steps_saved(model_dir), default=0) < int(m.group(1))
+  if steps_saved(model_dir):  # the message promises only what exists
+    assert f'the last good checkpoint {model_dir}/ckpt-{max(steps_saved(model_dir))} is kept' in out
+  else:
+    assert f'no checkpoint was saved before (none in {model_dir})' in out
+    assert 'last good checkpoint' not in out
   assert not (model_dir / 'saved_model').exists()
   assert not (model_dir / 'LOCK').exists()
 
@@ -438,7 +444,6 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
 
 def _tiny_state(model_dir, optimizer):
   """(TrainState, kernel) of a ResNet-18 at width 1/8 on 8 px images with `optimizer`."""
-  import helpers
   config = helpers.tiny_config(model_dir, data__image_size=8, model__width_multiplier=0.125,
                                optim__optimizer=optimizer)
   _, _, state = helpers.build_state(config, model_dir)
@@ -506,3 +511,56 @@ def test_check_resume_flags_names_changes_and_keeps_history():
   assert again['history'][0] == record['history'][0] and again['train_mode'] == 'finetune'
   assert again['history'][1] == {'checkpoint_step': 20, 'flags': {
       'learning_rate': 0.30000000000000004, 'train_mode': 'pretrain', 'width_multiplier': 1.0}}
+
+
+def test_empty_class_folder_is_named_or_skipped(tmp_path):
+  for split, counts in (('train', {'a': 3, 'b': 0, 'c': 2}), ('test', {'a': 1, 'b': 0, 'c': 1})):
+    for label, n in counts.items():
+      (tmp_path / split / label).mkdir(parents=True)
+      for i in range(n):
+        tf.io.write_file(str(tmp_path / split / label / f'{i}.png'),
+                         tf.io.encode_png(np.full((4, 4, 3), ord(label), np.uint8)))
+  with pytest.raises(datasets.DatasetError) as e:
+    datasets.resolve_dataset(f'folder:{tmp_path}')
+  assert f'{tmp_path}/test/b, {tmp_path}/train/b' in str(e.value)
+  assert '--skip_empty_classes' in str(e.value)
+  source = datasets.resolve_dataset(f'folder:{tmp_path}', skip_empty_classes=True)
+  assert source.num_classes == 2 and source.class_names == ('a', 'c')
+  # Each image's label is its folder's index among the classes that have images.
+  pairs = [(int(image[0, 0, 0]), int(label)) for image, label in
+           source.as_dataset('train').as_numpy_iterator()]
+  assert sorted(pairs) == [(ord('a'), 0)] * 3 + [(ord('c'), 1)] * 2
+
+
+def test_activation_estimate_counts_every_conv_output():
+  from tf_simclr import memory
+  from tf_simclr.models import resnet
+  import keras
+  counted = []
+  call = keras.layers.Conv2D.call
+
+  def counting(self, inputs):
+    out = call(self, inputs)
+    if tf.executing_eagerly():  # not the symbolic calls that build the layers
+      counted.append(int(np.prod(out.shape[1:])))
+    return out
+  # Odd sizes: strided layers round up. The SK/SE-free encoder's convolutions, one image.
+  for depth, width, cifar_stem, size in ((18, 0.25, True, 15), (50, 0.125, False, 37)):
+    counted.clear()
+    keras.layers.Conv2D.call = counting
+    try:
+      resnet.resnet(depth, width, cifar_stem=cifar_stem)(tf.zeros([1, size, size, 3]))
+    finally:
+      keras.layers.Conv2D.call = call
+    assert resnet.conv_output_elements(depth, width, cifar_stem, size) == sum(counted)
+  config = cfg.Config(model=cfg.ModelConfig(resnet_depth=18, width_multiplier=0.25,
+                                            cifar_stem=True),
+                      data=cfg.DataConfig(dataset='shapes10', image_size=15),
+                      optim=cfg.OptimConfig(), train=cfg.TrainConfig(model_dir='D',
+                                                                     train_batch_size=4))
+  need = resnet.conv_output_elements(18, 0.25, True, 15) * 4 * 2 * 4  # images x views x bytes
+  assert memory.batch_activation_bytes(config, num_views=2) == need
+  memory.check_batch_fits(config, 2, memory=need)
+  with pytest.raises(cfg.ConfigError, match=r'--image_size=15 is too large .* needs at least '
+                                            r'.* GiB of activations'):
+    memory.check_batch_fits(config, 2, memory=need - 1)
