@@ -297,8 +297,9 @@ def main(argv):
     sys.exit(EXIT_PREEMPTED if isinstance(e, experiment.PREEMPTED) else EXIT_INTERRUPTED)
   except KeyboardInterrupt:
     _ignore_signals()
-    logging.error('Interrupted (SIGINT) before training saved anything in this run; rerun the '
-                  'same command to start again.')
+    logging.error('Interrupted (SIGINT) outside the training loop: this interruption saved '
+                  'nothing; rerun the same command (training resumes from the newest '
+                  'checkpoint in --model_dir, if any).')
     sys.exit(EXIT_INTERRUPTED)
   except experiment.USER_ERRORS as e:
     logging.error('%s', e)

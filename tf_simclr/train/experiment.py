@@ -83,6 +83,12 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
           weights_source.checkpoint_step(checkpoints[0]))
       optimizer_changed = 'optimizer' in fixed
     config_lib.check_same_architecture(config.model, stored, train.model_dir)
+  if needs_train:  # Weights paths that are missing or not checkpoints: named before the lock.
+    if train.checkpoint and not checkpoints:
+      weights_source.resolve(train.checkpoint)
+    teacher = config.distill.teacher_checkpoint
+    if train.train_mode == 'distill' and not weights_source.is_saved_model(teacher):
+      weights_source.resolve(teacher, flag='teacher_checkpoint')
   if needs_train and not distribute.is_tpu(strategy) and not tf.config.list_logical_devices('GPU'):
     # On CPUs, before the data is read, anything is built or the lock is taken.
     memory.check_batch_fits(config, num_views=2 if train.train_mode == 'pretrain' else 1)
