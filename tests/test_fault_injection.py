@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import helpers
 from tf_simclr import weights
 from tf_simclr import config as cfg
 from tf_simclr import run_dir
@@ -170,6 +171,11 @@ def test_divergence_stops_without_saving_or_exporting(tmp_path):
   m = re.search(r'Training diverged at step (\d+): ', out)
   assert m, out[-3000:]
   assert max(steps_saved(model_dir), default=0) < int(m.group(1))
+  if steps_saved(model_dir):  # the message promises only what exists
+    assert f'the last good checkpoint {model_dir}/ckpt-{max(steps_saved(model_dir))} is kept' in out
+  else:
+    assert f'no checkpoint was saved before (none in {model_dir})' in out
+    assert 'last good checkpoint' not in out
   assert not (model_dir / 'saved_model').exists()
   assert not (model_dir / 'LOCK').exists()
 
@@ -287,3 +293,274 @@ def test_train_split_smaller_than_one_batch_is_an_error(tmp_path):
     experiment.prepare(config)
   assert not (tmp_path / 'run' / run_dir.LOCK_FILE).exists()
   assert not (tmp_path / 'run' / run_dir.FLAGS_FILE).exists()
+
+
+# ---- Issue 15: changed flags on resume, SIGINT, clear one-line errors. ----
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A model_dir trained for 2 steps (ckpt-1, ckpt-2, flags.json, saved_model/2), copied per use."""
+  root = tmp_path_factory.mktemp('trained')
+  rc, out = finish(start(root / 'run', root / 'train.log', '--train_steps=2'), root / 'train.log')
+  assert rc == 0, out[-3000:]
+  return root / 'run'
+
+
+def copy_of(trained, tmp_path):
+  import shutil
+  return shutil.copytree(trained, tmp_path / 'run')
+
+
+def run_to_end(model_dir, tmp_path, name, *flags):
+  return finish(start(model_dir, tmp_path / f'{name}.log', *flags), tmp_path / f'{name}.log')
+
+
+def test_resume_with_changed_flags(trained, tmp_path):
+  model_dir = copy_of(trained, tmp_path)
+  before = digests(model_dir)
+  record = json.load(open(model_dir / 'flags.json'))
+  # The slip of --model_dir=PRETRAIN_DIR for --checkpoint=PRETRAIN_DIR, with another batch size:
+  # refused before anything is locked or written, naming each change and the likely intent.
+  rc, out = run_to_end(model_dir, tmp_path, 'r1', '--train_steps=2', '--train_mode=finetune',
+                       '--train_batch_size=4')
+  assert rc == 2, out[-3000:]
+  assert "--train_mode 'pretrain' -> 'finetune'" in out and '--train_batch_size 8 -> 4' in out
+  assert f'use --checkpoint={model_dir}' in out and 'pass --allow_flag_changes' in out
+  assert 'Traceback' not in out
+  assert digests(model_dir) == before and os.listdir(model_dir / 'saved_model') == ['2']
+  assert not (model_dir / 'LOCK').exists()
+  # Extending --train_steps (and another --eval_steps) continues; the log lists both changes and
+  # flags.json keeps the earlier values.
+  rc, out = run_to_end(model_dir, tmp_path, 'r2', '--train_steps=3', '--eval_steps=2')
+  assert rc == 0, out[-3000:]
+  assert 'Resuming with a changed flag: --train_steps 2 -> 3' in out
+  assert 'Resuming with a changed flag: --eval_steps 1 -> 2' in out
+  assert f'Resuming from {model_dir}/ckpt-2 at step 2' in out
+  stored = json.load(open(model_dir / 'flags.json'))
+  assert stored['train_steps'] == 3 and stored['learning_rate'] == record['learning_rate']
+  history = stored['history']  # the copy moved the run: --model_dir differs too
+  assert history[0]['flags'].pop('model_dir') == str(trained)
+  assert history == [{'checkpoint_step': 2, 'flags': {'eval_steps': 1, 'train_steps': 2}}]
+  # Another optimizer: refused (the checkpoints are intact, not "damaged") ...
+  rc, out = run_to_end(model_dir, tmp_path, 'r3', '--train_steps=4', '--optimizer=adam')
+  assert rc == 2, out[-3000:]
+  assert "--optimizer 'lars' -> 'adam'" in out and 'damaged' not in out
+  # ... unless overridden: weights and step restored, fresh optimizer slots, history kept.
+  rc, out = run_to_end(model_dir, tmp_path, 'r4', '--train_steps=4', '--optimizer=adam',
+                       '--allow_flag_changes')
+  assert rc == 0, out[-3000:]
+  assert f'Restoring {model_dir}/ckpt-3 without its optimizer state' in out
+  assert 'damaged' not in out and max(steps_saved(model_dir)) == 4
+  stored = json.load(open(model_dir / 'flags.json'))
+  assert stored['optimizer'] == 'adam' and stored['allow_flag_changes'] is True
+  assert stored['history'][0]['flags'] == {'eval_steps': 1, 'model_dir': str(trained),
+                                           'train_steps': 2}
+  assert stored['history'][1] == {'checkpoint_step': 3,
+                                  'flags': {'eval_steps': 2, 'optimizer': 'lars',
+                                            'train_steps': 3}}
+  assert not any(n.startswith('damaged-') for n in os.listdir(model_dir))
+  # Without flags.json the checkpoint's optimizer slots tell: still an error, not damage.
+  os.remove(model_dir / 'flags.json')
+  rc, out = run_to_end(model_dir, tmp_path, 'r5', '--train_steps=5', '--optimizer=momentum')
+  assert rc == 2, out[-3000:]
+  assert f'{model_dir}/ckpt-4 was written with another optimizer' in out
+  assert 'the checkpoint is intact' in out and 'is damaged' not in out and 'Traceback' not in out
+  assert max(steps_saved(model_dir)) == 4
+  assert not any(n.startswith('damaged-') for n in os.listdir(model_dir))
+
+
+def test_sigint_saves_and_says_so(trained, tmp_path):
+  model_dir = copy_of(trained, tmp_path)
+  p = start(model_dir, tmp_path / 'p.log', f'--train_steps={LONG}')
+  wait_for(lambda: max(steps_saved(model_dir)) >= 4, p, 'two checkpoints after the resume')
+  p.send_signal(signal.SIGINT)
+  time.sleep(0.05)
+  p.send_signal(signal.SIGTERM)  # a second signal while it saves and exits is absorbed
+  p.send_signal(signal.SIGINT)
+  rc, out = finish(p, tmp_path / 'p.log')
+  assert rc == 130, out[-3000:]
+  m = re.search(r'Interrupted \(SIGINT\) at step (\d+) of 100000: saved ckpt-(\d+), rerun the '
+                r'same command to resume\.', out)
+  assert m and m.group(1) == m.group(2), out[-3000:]
+  assert 'Traceback' not in out and 'KeyboardInterrupt' not in out
+  assert max(steps_saved(model_dir)) == int(m.group(1))
+  assert not (model_dir / 'LOCK').exists()
+
+
+def test_eval_that_cannot_write_result_json_reports_it(trained, tmp_path):
+  model_dir = copy_of(trained, tmp_path)
+  (model_dir / 'result.json').mkdir()  # unwritable even for root (tests may run as root)
+  rc, out = run_to_end(model_dir, tmp_path, 'e', '--mode=eval', '--train_steps=2',
+                       '--eval_timeout=1')
+  assert rc == 2, out[-3000:]
+  assert re.search(r'Eval results at step 2: .*eval/label_top_1_accuracy=', out), out[-3000:]
+  assert f'cannot write {model_dir}/result.json' in out and 'Traceback' not in out
+
+
+def test_bad_inputs_give_one_clear_line(tmp_path):
+  garbage = tmp_path / 'garbage'
+  garbage.mkdir()
+  rng = np.random.default_rng(0)
+  for name in ('ckpt-5.index', 'ckpt-5.data-00000-of-00001', 'checkpoint'):
+    (garbage / name).write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+  folder = tmp_path / 'images'
+  for split in ('train', 'test'):
+    for label in ('a', 'b'):
+      (folder / split / label).mkdir(parents=True)
+      if label == 'a':
+        for i in range(8):
+          tf.io.write_file(str(folder / split / label / f'{i}.png'),
+                           tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)))
+  cases = {
+      'garbage': (['--checkpoint=' + str(garbage / 'ckpt-5')],
+                  f'--checkpoint={garbage}/ckpt-5: {garbage}/ckpt-5.index cannot be read as a '
+                  'checkpoint'),
+      'garbage_dir': (['--checkpoint=' + str(garbage)],
+                       f'--checkpoint={garbage}: {garbage}/ckpt-5.index cannot be read'),
+      'teacher': (['--train_mode=distill', '--teacher_checkpoint=/missing/ckpt-1'],
+                  '--teacher_checkpoint=/missing/ckpt-1 not found'),
+      'data_dir': (['--dataset=cifar10', '--data_dir=/missing'],
+                   '--data_dir=/missing does not exist (--dataset=cifar10)'),
+      'empty_class': ([f'--dataset=folder:{folder}'],
+                      f'2 class folder(s) hold no images (.jpg/.jpeg/.png): {folder}/test/b, '
+                      f'{folder}/train/b. Add images, remove the folder(s), or pass '
+                      '--skip_empty_classes'),
+      'image_size': (['--image_size=100000'],
+                     '--image_size=100000 is too large for this machine: one training batch '
+                     '(--train_batch_size=8 x 2 view(s), ResNet-18 0.0625x, float32) needs at '
+                     'least'),
+  }
+  procs = {name: start(tmp_path / 'runs' / name, tmp_path / f'{name}.log', '--train_steps=1',
+                       *flags)
+           for name, (flags, _) in cases.items()}
+  for name, (_, expected) in cases.items():
+    rc, out = finish(procs[name], tmp_path / f'{name}.log')
+    assert rc == 2, (name, out[-3000:])
+    assert expected in out, (name, out[-3000:])
+    assert 'Traceback' not in out, (name, out[-3000:])
+  assert '--checkpoint=/missing' not in open(tmp_path / 'teacher.log').read()
+  assert "is unknown" not in open(tmp_path / 'data_dir.log').read()
+
+
+def _tiny_state(model_dir, optimizer):
+  """(TrainState, kernel) of a ResNet-18 at width 1/8 on 8 px images with `optimizer`."""
+  config = helpers.tiny_config(model_dir, data__image_size=8, model__width_multiplier=0.125,
+                               optim__optimizer=optimizer)
+  _, _, state = helpers.build_state(config, model_dir)
+  return state, state.model.encoder.stem.convs[0].kernel
+
+
+def test_unreadable_index_file_is_set_aside(tmp_path, caplog):
+  state, kernel = _tiny_state(tmp_path, 'momentum')
+  kernel.assign(tf.fill(kernel.shape, 0.5))
+  state.save()
+  garbage = np.random.default_rng(0).integers(0, 256, 512, dtype=np.uint8).tobytes()
+  for _ in range(2):  # the second copy does not overwrite the first
+    (tmp_path / 'checkpoint').write_bytes(garbage)
+    fresh, kernel = _tiny_state(tmp_path, 'momentum')
+    assert fresh.restore_or_initialize(None) == 'resumed'
+    assert np.all(kernel.numpy() == 0.5)
+  assert (tmp_path / 'damaged-checkpoint').read_bytes() == garbage
+  assert (tmp_path / 'damaged-checkpoint.2').read_bytes() == garbage
+  assert 'cannot be read' in caplog.text
+
+
+def test_optimizer_slot_mismatch_is_an_error_or_skipped(tmp_path, caplog):
+  state, kernel = _tiny_state(tmp_path, 'momentum')
+  kernel.assign(tf.fill(kernel.shape, 0.5))
+  for v in state.optimizer.variables:  # non-zero slots, to see they are not restored below
+    if v is not state.optimizer.iterations and 'learning_rate' not in v.path:
+      v.assign(tf.ones_like(v))
+  state.optimizer.iterations.assign(7)
+  state.save()
+  with pytest.raises(weights.state.OptimizerMismatchError, match='written with another optimizer'):
+    _tiny_state(tmp_path, 'adam')[0].restore_or_initialize(None)
+  adam, kernel = _tiny_state(tmp_path, 'adam')
+  adam.allow_optimizer_change = True
+  assert adam.restore_or_initialize(None) == 'resumed'
+  assert np.all(kernel.numpy() == 0.5) and adam.step == 7
+  assert 'without its optimizer state' in caplog.text
+  assert all(not np.any(v.numpy()) for v in adam.optimizer.variables
+             if v is not adam.optimizer.iterations and 'learning_rate' not in v.path)
+  assert not any(n.startswith('damaged-') for n in os.listdir(tmp_path))
+  # The same optimizer resumes with its slots.
+  same, _ = _tiny_state(tmp_path, 'momentum')
+  assert same.restore_or_initialize(None) == 'resumed'
+  assert all(np.all(v.numpy() == 1) for v in same.optimizer.variables
+             if v is not same.optimizer.iterations and 'learning_rate' not in v.path)
+
+
+def test_check_resume_flags_names_changes_and_keeps_history():
+  stored = {'train_mode': 'pretrain', 'train_steps': 10, 'learning_rate': 0.3,
+            'width_multiplier': 1, 'eval_steps': 0, 'new_in_this_version': None}
+  stored.pop('new_in_this_version')  # an older record: flags it lacks are not compared
+  given = {'train_mode': 'pretrain', 'train_steps': 20, 'learning_rate': 0.30000000000000004,
+           'width_multiplier': 1.0, 'eval_steps': 5, 'new_in_this_version': 3}
+  record, fixed = run_dir.check_resume_flags('D', stored, given, False, 10)
+  assert fixed == [] and record['history'] == [
+      {'checkpoint_step': 10, 'flags': {'eval_steps': 0, 'train_steps': 10}}]
+  changed = dict(given, train_mode='finetune', learning_rate=0.1, width_multiplier=2)
+  with pytest.raises(run_dir.FlagChangeError) as e:
+    run_dir.check_resume_flags('D', record, changed, False, 20)
+  message = str(e.value)
+  assert ("--train_mode 'pretrain' -> 'finetune', --learning_rate 0.30000000000000004 -> 0.1, "
+          '--width_multiplier 1.0 -> 2') in message
+  assert 'use --checkpoint=D' in message and '--allow_flag_changes' in message
+  again, fixed = run_dir.check_resume_flags('D', record, changed, True, 20)
+  assert fixed == ['train_mode', 'learning_rate', 'width_multiplier']
+  assert again['history'][0] == record['history'][0] and again['train_mode'] == 'finetune'
+  assert again['history'][1] == {'checkpoint_step': 20, 'flags': {
+      'learning_rate': 0.30000000000000004, 'train_mode': 'pretrain', 'width_multiplier': 1.0}}
+
+
+def test_empty_class_folder_is_named_or_skipped(tmp_path):
+  for split, counts in (('train', {'a': 3, 'b': 0, 'c': 2}), ('test', {'a': 1, 'b': 0, 'c': 1})):
+    for label, n in counts.items():
+      (tmp_path / split / label).mkdir(parents=True)
+      for i in range(n):
+        tf.io.write_file(str(tmp_path / split / label / f'{i}.png'),
+                         tf.io.encode_png(np.full((4, 4, 3), ord(label), np.uint8)))
+  with pytest.raises(datasets.DatasetError) as e:
+    datasets.resolve_dataset(f'folder:{tmp_path}')
+  assert f'{tmp_path}/test/b, {tmp_path}/train/b' in str(e.value)
+  assert '--skip_empty_classes' in str(e.value)
+  source = datasets.resolve_dataset(f'folder:{tmp_path}', skip_empty_classes=True)
+  assert source.num_classes == 2 and source.class_names == ('a', 'c')
+  # Each image's label is its folder's index among the classes that have images.
+  pairs = [(int(image[0, 0, 0]), int(label)) for image, label in
+           source.as_dataset('train').as_numpy_iterator()]
+  assert sorted(pairs) == [(ord('a'), 0)] * 3 + [(ord('c'), 1)] * 2
+
+
+def test_activation_estimate_counts_every_conv_output():
+  from tf_simclr import memory
+  from tf_simclr.models import resnet
+  import keras
+  counted = []
+  call = keras.layers.Conv2D.call
+
+  def counting(self, inputs):
+    out = call(self, inputs)
+    if tf.executing_eagerly():  # not the symbolic calls that build the layers
+      counted.append(int(np.prod(out.shape[1:])))
+    return out
+  # Odd sizes: strided layers round up. The SK/SE-free encoder's convolutions, one image.
+  for depth, width, cifar_stem, size in ((18, 0.25, True, 15), (50, 0.125, False, 37)):
+    counted.clear()
+    keras.layers.Conv2D.call = counting
+    try:
+      resnet.resnet(depth, width, cifar_stem=cifar_stem)(tf.zeros([1, size, size, 3]))
+    finally:
+      keras.layers.Conv2D.call = call
+    assert resnet.conv_output_elements(depth, width, cifar_stem, size) == sum(counted)
+  config = cfg.Config(model=cfg.ModelConfig(resnet_depth=18, width_multiplier=0.25,
+                                            cifar_stem=True),
+                      data=cfg.DataConfig(dataset='shapes10', image_size=15),
+                      optim=cfg.OptimConfig(), train=cfg.TrainConfig(model_dir='D',
+                                                                     train_batch_size=4))
+  need = resnet.conv_output_elements(18, 0.25, True, 15) * 4 * 2 * 4  # images x views x bytes
+  assert memory.batch_activation_bytes(config, num_views=2) == need
+  memory.check_batch_fits(config, 2, memory=need)
+  with pytest.raises(cfg.ConfigError, match=r'--image_size=15 is too large .* needs at least '
+                                            r'.* GiB of activations'):
+    memory.check_batch_fits(config, 2, memory=need - 1)

@@ -19,6 +19,8 @@ from absl import logging
 FLAGS = flags.FLAGS
 # Exit status after a SIGTERM that saved a checkpoint (2: a user error, 1: a crash).
 EXIT_PREEMPTED = 3
+# Exit status after SIGINT (Ctrl-C), as a shell reports a process killed by it (128 + 2).
+EXIT_INTERRUPTED = 130
 
 # ---- Flags of the original tf2/run.py (same names, meanings and defaults). ----
 flags.DEFINE_float('learning_rate', 0.3, 'Initial learning rate per batch size of 256.')
@@ -131,6 +133,9 @@ flags.DEFINE_bool('skip_bad_images', False,
                   'folder: datasets: decode every image once before training and leave out (and '
                   'count in the log) those that cannot be decoded. Without it, a bad image stops '
                   'the run with an error naming the file.')
+flags.DEFINE_bool('skip_empty_classes', False,
+                  'folder: datasets: leave out class folders that hold no images (logged). '
+                  'Without it, such a folder is an error naming it.')
 flags.DEFINE_integer('label_fraction_seed', 0, 'Seed for --train_label_fraction.')
 flags.DEFINE_float('eval_timeout', 3600,
                    '--mode=eval: seconds to wait for each new checkpoint in model_dir before '
@@ -186,6 +191,11 @@ flags.DEFINE_string('embed_split', None,
 flags.DEFINE_string('embed_endpoint', 'final_avg_pool',
                     '--mode=embed: the model endpoint written to features.npy, e.g. '
                     'proj_head_output or block_group4 (flattened).')
+flags.DEFINE_bool('allow_flag_changes', False,
+                  'Resume a training run although flags its checkpoints depend on (train_mode, '
+                  'dataset, batch size, optimizer, learning-rate schedule, temperature, '
+                  'architecture) differ from its flags.json; the earlier values are kept there '
+                  'under "history". Another --optimizer restores weights and step only.')
 flags.DEFINE_bool('random_init_baseline', False,
                   'Also run the kNN / linear probe on the encoder at its initialisation (same '
                   'seed, no training): the like-for-like baseline (eval/random_init/... keys).')
@@ -212,7 +222,7 @@ def config_from_flags(flag_values) -> 'Config':
       color_jitter_strength=f.color_jitter_strength, color_jitter_impl=f.color_jitter_impl,
       use_blur=f.use_blur, cache_dataset=f.cache_dataset,
       train_label_fraction=f.train_label_fraction, label_fraction_seed=f.label_fraction_seed,
-      skip_bad_images=f.skip_bad_images)
+      skip_bad_images=f.skip_bad_images, skip_empty_classes=f.skip_empty_classes)
   optim = cfg.OptimConfig(
       optimizer=f.optimizer, learning_rate=f.learning_rate,
       learning_rate_scaling=f.learning_rate_scaling, warmup_epochs=f.warmup_epochs,
@@ -228,7 +238,7 @@ def config_from_flags(flag_values) -> 'Config':
       lineareval_while_pretraining=f.lineareval_while_pretraining,
       zero_init_logits_layer=f.zero_init_logits_layer, eval_name=f.eval_name, seed=f.seed,
       eval_timeout=f.eval_timeout, jit_compile=f.jit_compile, embed_split=f.embed_split,
-      embed_endpoint=f.embed_endpoint)
+      embed_endpoint=f.embed_endpoint, allow_flag_changes=f.allow_flag_changes)
   strategy = 'tpu' if f.use_tpu is True else f.distribution_strategy
   distribute = cfg.DistributeConfig(
       strategy=strategy, tpu_name=f.tpu_name, tpu_zone=f.tpu_zone, gcp_project=f.gcp_project,
@@ -287,6 +297,12 @@ def serializable_flags(flag_values) -> dict:
   return out
 
 
+def _ignore_signals() -> None:
+  import signal
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, signal.SIG_IGN)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]} (flags take the form --name=value).')
@@ -308,9 +324,16 @@ def main(argv):
                os.environ.get(cpu_kernels.ENV, 'unset'))
   try:
     experiment.run(config, serializable_flags(FLAGS))
-  except experiment.PREEMPTED as e:
+  except (experiment.PREEMPTED, experiment.INTERRUPTED) as e:
+    _ignore_signals()  # Saved: a further Ctrl-C/SIGTERM while the process exits changes nothing.
     logging.error('%s', e)
-    sys.exit(EXIT_PREEMPTED)
+    sys.exit(EXIT_PREEMPTED if isinstance(e, experiment.PREEMPTED) else EXIT_INTERRUPTED)
+  except KeyboardInterrupt:
+    _ignore_signals()
+    logging.error('Interrupted (SIGINT) outside the training loop: this interruption saved '
+                  'nothing; rerun the same command (training resumes from the newest '
+                  'checkpoint in --model_dir, if any).')
+    sys.exit(EXIT_INTERRUPTED)
   except experiment.USER_ERRORS as e:
     logging.error('%s', e)
     sys.exit(2)

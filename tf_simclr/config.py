@@ -165,6 +165,8 @@ class DataConfig:
   label_fraction_seed: int = 0
   # folder: datasets: decode every image once up front and leave out those that fail.
   skip_bad_images: bool = False
+  # folder: datasets: leave out class folders without images (else they are an error).
+  skip_empty_classes: bool = False
 
   def __post_init__(self):
     _check(bool(self.dataset),
@@ -270,6 +272,8 @@ class TrainConfig:
   # --mode=embed: the split (None: --train_split) and the endpoint written to features.npy.
   embed_split: Optional[str] = None
   embed_endpoint: str = 'final_avg_pool'
+  # Resume although flags the checkpoints depend on changed (run_dir.check_resume_flags).
+  allow_flag_changes: bool = False
 
   def __post_init__(self):
     _check(bool(self.model_dir), '--model_dir is required: the folder for checkpoints, '

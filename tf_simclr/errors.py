@@ -23,3 +23,7 @@ class CheckpointNotFoundError(UserError, FileNotFoundError):
 
 class CheckpointMismatchError(UserError, ValueError):
   """A checkpoint does not fit the model; the message names the variables and the flags."""
+
+
+class CheckpointUnreadableError(UserError, ValueError):
+  """A weights path whose files are not a readable checkpoint (random bytes, truncated)."""

@@ -17,11 +17,11 @@ import logging
 import os
 import socket
 import uuid
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
-from tf_simclr.config import ConfigError
+from tf_simclr.config import ConfigError, same_value
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,6 @@ def fill_from_record(record: Dict, values: Dict, given, where: str) -> Dict:
   the command line or a flagfile. Raises ConfigError naming both values when a given
   architecture/head flag contradicts the record.
   """
-  from tf_simclr import config as config_lib  # pylint: disable=g-import-not-at-top
   out = dict(values)
   wrong = []
   for name in RECORD_MUST_AGREE + RECORD_FILLS:
@@ -248,10 +247,10 @@ def fill_from_record(record: Dict, values: Dict, given, where: str) -> Dict:
     if name not in given:
       # A distilled student is read as a fine-tuned model (same heads), without its teacher.
       out[name] = 'finetune' if (name, record[name]) == ('train_mode', 'distill') else record[name]
-    elif name in RECORD_MUST_AGREE and not config_lib.same_value(record[name], values[name]):
+    elif name in RECORD_MUST_AGREE and not same_value(record[name], values[name]):
       wrong.append(f'--{name}={values[name]!r} here but {record[name]!r} in the run')
   if wrong:
-    raise config_lib.ConfigError(
+    raise ConfigError(
         f'The flags contradict the run recorded in {where}: ' + '; '.join(wrong) +
         '. Drop these flags (they are read from the record), or use another --model_dir.')
   return out
@@ -260,3 +259,60 @@ def fill_from_record(record: Dict, values: Dict, given, where: str) -> Dict:
 def embeddings_dir(model_dir: str, split: str) -> str:
   """model_dir/embeddings/<split> (a split spec such as train[:90%] is kept as the name)."""
   return os.path.join(model_dir, EMBEDDINGS_DIR, split.replace('/', '_'))
+
+
+# Flags a resumed training run must keep (the weights, optimizer state and step were made with
+# them): changing one is an error unless --allow_flag_changes. Any other flag (--train_steps /
+# --train_epochs, eval, logging, export and checkpoint intervals, paths) may change and is logged.
+RESUME_FIXED_FLAGS = (
+    'train_mode', 'dataset', 'train_split', 'train_label_fraction', 'label_fraction_seed',
+    'train_batch_size', 'optimizer', 'momentum', 'learning_rate', 'learning_rate_scaling',
+    'warmup_epochs', 'weight_decay', 'temperature', 'hidden_norm', 'distill_temperature',
+    'distill_label_weight',
+    # Architecture.
+    'image_size', 'resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio', 'proj_head_mode',
+    'proj_out_dim', 'num_proj_layers', 'ft_proj_selector', 'fine_tune_after_block',
+    'lineareval_while_pretraining', 'batch_norm_decay', 'global_bn')
+HISTORY_KEY = 'history'
+# Not compared: the record's own history and the override itself.
+_NOT_COMPARED = (HISTORY_KEY, 'allow_flag_changes')
+
+
+class FlagChangeError(ConfigError):
+  """A resumed training run was given other values of flags its checkpoints depend on."""
+
+
+def check_resume_flags(model_dir: str, stored: Dict, given: Dict, allow_changes: bool,
+                       step: int) -> Tuple[Dict, List[str]]:
+  """Compares a resumed run's flags with its flags.json (`stored`); the one place that does.
+
+  Logs every differing flag (old -> new). Raises FlagChangeError naming each changed
+  RESUME_FIXED_FLAGS entry unless `allow_changes`. Returns (the record to write: `given` plus
+  the history of earlier values, each entry {'checkpoint_step': step, 'flags': {name: old}}, the
+  names of the changed fixed flags). Flags absent from `stored` (an older record) are skipped.
+  """
+  changed = {name: (stored[name], value) for name, value in given.items()
+             if name not in _NOT_COMPARED and name in stored
+             and not same_value(stored[name], value)}
+  for name, (old, new) in sorted(changed.items()):
+    log.info('Resuming with a changed flag: --%s %r -> %r', name, old, new)
+  fixed = [name for name in RESUME_FIXED_FLAGS if name in changed]
+  if fixed and not allow_changes:
+    listed = ', '.join(f'--{n} {changed[n][0]!r} -> {changed[n][1]!r}' for n in fixed)
+    raise FlagChangeError(
+        f'--model_dir={model_dir} holds checkpoints (up to step {step}) of a run made with other '
+        f'values of flags it cannot change on a resume: {listed} (its {FLAGS_FILE} vs this '
+        f'command). To start from these weights use --checkpoint={model_dir} with a new '
+        '--model_dir; to continue anyway pass --allow_flag_changes; to resume the run, drop '
+        'the changed flags.')
+  if fixed:
+    log.warning('Continuing with changed flags (--allow_flag_changes): %s; %s keeps the earlier '
+                'values under "%s".', ', '.join(f'--{n}' for n in fixed), FLAGS_FILE, HISTORY_KEY)
+  record = dict(given)
+  history = list(stored.get(HISTORY_KEY) or [])
+  if changed:
+    history.append({'checkpoint_step': step,
+                    'flags': {name: old for name, (old, _) in sorted(changed.items())}})
+  if history:
+    record[HISTORY_KEY] = history
+  return record, fixed

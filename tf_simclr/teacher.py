@@ -64,10 +64,11 @@ def load_teacher(teacher_config: ModelConfig, checkpoint: str, num_classes: int,
       module = export.load(checkpoint)
     log.info('Teacher: exported SavedModel %s', checkpoint)
     return lambda images: module(images, trainable=False)[simclr.LOGITS_SUP]
+  found = source.resolve(checkpoint, flag='teacher_checkpoint')  # Before building anything.
   with strategy.scope():
     model = simclr.build_model(teacher_config, num_classes)
     model.build_for_size(image_size)
-  match.load(model, checkpoint, lead=(
+  match.load(model, found, lead=(
       f'--teacher_checkpoint={checkpoint} does not match the teacher built from the --teacher_* '
       'flags (else its flags.json, else the student\'s)'))
   model.trainable = False

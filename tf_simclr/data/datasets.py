@@ -294,12 +294,47 @@ def _drop_bad_images(builder, name: str) -> None:
               '(first: %s).', len(bad), len(paths), name, ', '.join(sorted(bad)[:3]))
 
 
-def _resolve_folder(name: str, skip_bad_images: bool = False) -> DatasetSource:
+def _empty_class_folders(path: str, builder) -> list:
+  """PATH/<split>/<class> folders that hold no image ImageFolder reads (sorted)."""
+  examples = builder._split_examples  # pylint: disable=protected-access
+  empty = []
+  for split in sorted(n.rstrip('/') for n in tf.io.gfile.listdir(path)):
+    if not tf.io.gfile.isdir(os.path.join(path, split)):
+      continue
+    used = {e.label for e in examples.get(split, ())}
+    for label in sorted(n.rstrip('/') for n in tf.io.gfile.listdir(os.path.join(path, split))):
+      if label not in used and tf.io.gfile.isdir(os.path.join(path, split, label)):
+        empty.append(os.path.join(path, split, label))
+  return empty
+
+
+def _drop_empty_classes(builder, name: str, path: str, skip: bool) -> None:
+  """An error naming class folders without images, or (`skip`) leaves them out of the classes."""
+  empty = _empty_class_folders(path, builder)
+  if not empty:
+    return
+  if not skip:
+    raise DatasetError(
+        f'--dataset={name}: {len(empty)} class folder(s) hold no images (.jpg/.jpeg/.png): '
+        + ', '.join(empty[:5]) + '. Add images, remove the folder(s), or pass '
+        '--skip_empty_classes to leave them out.')
+  label = builder.info.features['label']
+  kept = sorted({e.label for split in builder._split_examples.values() for e in split})  # pylint: disable=protected-access
+  if kept != list(label.names):
+    label._int2str, label._num_classes = None, None  # pylint: disable=protected-access
+    label.names = kept  # Class ids: the sorted names of the classes that have images.
+  log.warning('--skip_empty_classes: left out %d class folder(s) without images (first: %s); '
+              '%d classes.', len(empty), empty[0], len(kept))
+
+
+def _resolve_folder(name: str, skip_bad_images: bool = False,
+                    skip_empty_classes: bool = False) -> DatasetSource:
   path = os.path.expanduser(name[len(FOLDER_PREFIX):])
   if not path or not tf.io.gfile.isdir(path):
     raise DatasetError(f'--dataset={name}: folder {path!r} does not exist. Expected images in '
                        f'{path or "PATH"}/<split>/<class>/*.jpg|png.')
   builder = tfds.folder_dataset.ImageFolder(path)
+  _drop_empty_classes(builder, name, path, skip_empty_classes)
   if skip_bad_images:
     _drop_bad_images(builder, name)
   split_sizes = {k: len(v) for k, v in builder._split_examples.items()}  # pylint: disable=protected-access
@@ -458,19 +493,27 @@ def _resolve_tfds(name: str, data_dir: Optional[str]) -> DatasetSource:
 
 
 def resolve_dataset(dataset: str, data_dir: Optional[str] = None,
-                    skip_bad_images: bool = False) -> DatasetSource:
+                    skip_bad_images: bool = False,
+                    skip_empty_classes: bool = False) -> DatasetSource:
   """Maps a --dataset value to a DatasetSource (preparing TFDS data if needed).
 
   skip_bad_images: for folder: datasets, decode every image once and leave out those that fail.
+  skip_empty_classes: for folder: datasets, leave out class folders without images (else an
+  error names them).
   """
   if not dataset:
     raise DatasetError(f'--dataset is empty. Use {_FORMS}.')
   if dataset == synthetic.NAME:
     return _resolve_builtin(dataset)
   if dataset.startswith(FOLDER_PREFIX):
-    return _resolve_folder(dataset, skip_bad_images)
+    return _resolve_folder(dataset, skip_bad_images, skip_empty_classes)
   if dataset.startswith(IMAGES_PREFIX):
     return _resolve_images(dataset, skip_bad_images)
+  if data_dir and not tf.io.gfile.isdir(data_dir):
+    raise DatasetError(
+        f'--data_dir={data_dir} does not exist (--dataset={dataset}): point it at the folder '
+        f'holding the prepared dataset ({data_dir}/{dataset.split(":")[0]}/<version>), or create '
+        'it to have TFDS download and prepare the dataset there.')
   return _resolve_tfds(dataset, data_dir)
 
 
@@ -478,7 +521,7 @@ def resolve_from_config(data_config, eval_split: bool = True) -> DatasetSource:
   """Resolves data_config.dataset and validates --train_split and (if `eval_split`, and the
   dataset is labelled) --eval_split."""
   source = resolve_dataset(data_config.dataset, data_config.data_dir,
-                           data_config.skip_bad_images)
+                           data_config.skip_bad_images, data_config.skip_empty_classes)
   source.validate_split(data_config.train_split, '--train_split')
   if eval_split and source.labelled:
     source.validate_split(data_config.eval_split, '--eval_split')

@@ -318,3 +318,26 @@ def resnet(depth, width_multiplier=1, cifar_stem=False, sk_ratio=0.0, se_ratio=0
   return ResNet(depth, width_multiplier=width_multiplier, cifar_stem=cifar_stem,
                 sk_ratio=sk_ratio, se_ratio=se_ratio, batch_norm_decay=batch_norm_decay,
                 global_bn=global_bn, fine_tune_after_block=fine_tune_after_block, name=name)
+
+
+def conv_output_elements(depth: int, width_multiplier, cifar_stem: bool, image_size: int) -> int:
+  """Elements of the main convolutions' outputs for one image: a lower bound on the activations a
+  training step keeps for its backward pass (BN and ReLU outputs, SK/SE extras come on top)."""
+  bottleneck, group_sizes = _DEPTHS[depth]
+  half = lambda size: -(-size // 2)  # stride 2 with fixed or 'same' padding: ceil(size / 2)
+  stem_width = scaled_width(64, width_multiplier)
+  if cifar_stem:
+    size, total = image_size, image_size ** 2 * stem_width
+  else:
+    conv = half(image_size)
+    size = half(conv)  # the max-pool
+    total = conv ** 2 * stem_width
+  for i, (base, blocks) in enumerate(zip((64, 128, 256, 512), group_sizes)):
+    filters = scaled_width(base, width_multiplier)
+    for b in range(blocks):
+      before, size = size, (half(size) if i > 0 and b == 0 else size)
+      if bottleneck:  # 1x1 at the input size, strided 3x3, 1x1 to 4x; projection shortcut
+        total += before ** 2 * filters + size ** 2 * (filters + 4 * filters * (2 if b == 0 else 1))
+      else:  # strided 3x3, 3x3; projection shortcut
+        total += size ** 2 * filters * (3 if b == 0 else 2)
+  return total

@@ -14,9 +14,14 @@ from typing import Dict, Optional, Sequence
 import tensorflow as tf
 
 from tf_simclr import losses
+from tf_simclr.errors import UserError
 from tf_simclr.train import tasks
 
 log = logging.getLogger(__name__)
+
+
+class ResultsNotWrittenError(UserError, OSError):
+  """Evaluation ran but model_dir is not writable: the results are logged, not stored."""
 
 TOP1 = 'eval/label_top_1_accuracy'
 TOP5 = 'eval/label_top_5_accuracy'
@@ -76,8 +81,18 @@ def write_results(model_dir: str, result: Dict[str, float], global_step: int,
   stored = {k: float(v) for k, v in result.items()}
   stored['global_step'] = float(global_step)
   for name in ('result.json', f'result_{global_step}.json'):
-    with tf.io.gfile.GFile(os.path.join(model_dir, name), 'w') as f:
-      json.dump(stored, f, indent=2, sort_keys=True)
+    try:
+      with tf.io.gfile.GFile(os.path.join(model_dir, name), 'w') as f:
+        json.dump(stored, f, indent=2, sort_keys=True)
+    except (tf.errors.OpError, OSError) as e:
+      log.warning('Eval results at step %d: %s', global_step,
+                  ', '.join(f'{k}={v:.6g}' for k, v in sorted(stored.items())))
+      text = str(e).strip().splitlines()
+      raise ResultsNotWrittenError(
+          f'Evaluated step {global_step} (results in the line above) but cannot write '
+          f'{os.path.join(model_dir, name)} ({type(e).__name__}: {text[0] if text else ""}): '
+          f'--model_dir={model_dir} is not writable. Make it writable, or evaluate a copy of '
+          'the run.') from e
   writer = tf.summary.create_file_writer(summary_dir or model_dir)
   with writer.as_default():
     for key, value in stored.items():

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from tf_simclr import config as config_lib
 from tf_simclr import distribute
+from tf_simclr import memory
 from tf_simclr import run_dir
 from tf_simclr import precision as precision_lib
 from tf_simclr.config import Config, Steps, resolve_steps
@@ -50,6 +51,7 @@ class Context:
   # Readouts on frozen features (train/probe.py), made on first use; the random-init baseline.
   readout: Optional[probe.Readout] = None
   baseline: Dict[str, float] = dataclasses.field(default_factory=dict)
+  optimizer_changed: bool = False  # resumed with another --optimizer (--allow_flag_changes)
 
 
 TRAINING_MODES = ('train', 'train_then_eval')
@@ -73,8 +75,24 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
   needs_train = train.mode in TRAINING_MODES
   run_dir.check_usable(train.model_dir, create=False)  # Only refuses a file; creates nothing.
   stored = run_dir.read_flags(train.model_dir)
-  if stored is not None and weights_source.find_checkpoints(train.model_dir):
+  checkpoints = weights_source.find_checkpoints(train.model_dir)
+  optimizer_changed = False
+  if stored is not None and checkpoints:
+    if needs_train and flags_dict is not None:  # A resume: flags.json gets the history.
+      flags_dict, fixed = run_dir.check_resume_flags(
+          train.model_dir, stored, flags_dict, train.allow_flag_changes,
+          weights_source.checkpoint_step(checkpoints[0]))
+      optimizer_changed = 'optimizer' in fixed
     config_lib.check_same_architecture(config.model, stored, train.model_dir)
+  if needs_train:  # Weights paths that are missing or not checkpoints: named before the lock.
+    if train.checkpoint and not checkpoints:
+      weights_source.resolve(train.checkpoint)
+    teacher = config.distill.teacher_checkpoint
+    if train.train_mode == 'distill' and not weights_source.is_saved_model(teacher):
+      weights_source.resolve(teacher, flag='teacher_checkpoint')
+  if needs_train and not distribute.is_tpu(strategy) and not tf.config.list_logical_devices('GPU'):
+    # On CPUs, before the data is read, anything is built or the lock is taken.
+    memory.check_batch_fits(config, num_views=2 if train.train_mode == 'pretrain' else 1)
   if train.seed is not None:
     keras.utils.set_random_seed(train.seed)
   if train.mode == 'export':
@@ -107,7 +125,7 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
     raise
   return Context(config=config, strategy=strategy, source=source, steps=steps,
                  num_classes=num_classes, label_subset=label_subset, lock=lock,
-                 flags_dict=flags_dict)
+                 flags_dict=flags_dict, optimizer_changed=optimizer_changed)
 
 
 def _weights_path(config: Config) -> Optional[str]:
@@ -267,7 +285,8 @@ def assemble_trainer(config: Config, strategy, steps: Steps, num_classes: int, m
   model_dir = train_config.model_dir
   save_dir = distribute.write_dir(model_dir, strategy)
   state = weights_state.TrainState(model, optimizer, model_dir, train_config.keep_checkpoint_max,
-                                   save_dir=save_dir)
+                                   save_dir=save_dir,
+                                   allow_optimizer_change=train_config.allow_flag_changes)
   task = tasks.make_task(config, model, strategy, teacher=teacher)
   trainer = loop.Trainer(task, optimizer, state, strategy, steps, train_config.train_batch_size,
                          save_dir, learning_rate_fn=learning_rate,
@@ -314,6 +333,7 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
   built = assemble_trainer(config, ctx.strategy, ctx.steps, ctx.num_classes, model=model,
                            teacher=teacher, hooks=readouts_lib.knn_hook(ctx, model))
   task = built.task
+  built.state.optimizer_changed = ctx.optimizer_changed
   initialize_weights(config, model, built.state, init_fn=init_fn)
   if ctx.flags_dict is not None and distribute.is_chief(ctx.strategy):
     # Only now: the flags, the data, the lock and the restore (architecture) have all passed.
@@ -478,6 +498,7 @@ def load_for_reading(ctx: Context, model) -> int:
 
 
 PREEMPTED = loop.TrainingPreemptedError
+INTERRUPTED = loop.TrainingInterruptedError  # SIGINT after saving: exit status 130
 # Errors a user can cause (flags, files, data, a diverged run): exit 2 with the message alone.
 # Anything else, e.g. a TensorFlow tracing error, keeps its traceback.
 USER_ERRORS = (UserError,)

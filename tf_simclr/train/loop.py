@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -22,6 +23,7 @@ import tensorflow as tf
 
 from tf_simclr.config import Steps
 from tf_simclr.errors import UserError
+from tf_simclr.weights.source import checkpoint_step, find_checkpoints
 from tf_simclr.weights.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,48 @@ MAX_SUMMARY_IMAGES = 3
 
 
 class TrainingDivergedError(UserError, RuntimeError):
-  """The loss or the weights diverged; the last good checkpoint is kept, nothing is exported."""
+  """The loss or the weights diverged; checkpoints saved before are kept, nothing is exported."""
+
+
+class TrainingInterruptedError(RuntimeError):
+  """SIGINT (Ctrl-C) during training: a checkpoint was saved; rerun the same command to resume."""
+
+
+class _SignalsDeferred:
+  """SIGINT and SIGTERM wait while a checkpoint is written (main thread only; else a no-op).
+
+  `final` (the save before stopping): both are absorbed and logged. Otherwise a SIGINT raises
+  KeyboardInterrupt once the save is done and a SIGTERM goes to the earlier handler then (the
+  stop request), so a checkpoint is never left half-written by a signal.
+  """
+
+  def __init__(self, final: bool):
+    self.final = final
+    self.received: List[int] = []
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received.append(signum)
+    log.warning('%s during the checkpoint save: %s.', signal.Signals(signum).name,
+                'ignored, the save finishes first' if self.final else 'handled after the save')
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    if self.final or exc[0] is not None:
+      return False
+    if signal.SIGTERM in self.received and callable(self._previous.get(signal.SIGTERM)):
+      self._previous[signal.SIGTERM](signal.SIGTERM, None)
+    if signal.SIGINT in self.received:
+      raise KeyboardInterrupt
+    return False
 
 
 class TrainingPreemptedError(RuntimeError):
@@ -244,20 +287,27 @@ class Trainer:
         self._write_scalars(step, last_metrics)
         path = None
         if step % steps.checkpoint_steps == 0 or step >= steps.train_steps:
-          path = state.save()
+          with _SignalsDeferred(final=False):
+            path = state.save()
           log.info('Saved checkpoint %s', path)
         for every, hook in self.hooks:
           if step // every > (step - n) // every:
             hook(step)
         if step < steps.train_steps and stop.requested():
-          path = path or state.save()
+          with _SignalsDeferred(final=True):
+            path = path or state.save()
           raise TrainingPreemptedError(
               f'PREEMPTED: stopped on SIGTERM at step {step} of {steps.train_steps} after saving '
               f'{path}; rerun the same command to resume from step {step}.')
     except KeyboardInterrupt:
       log.warning('Interrupted at step %d: saving a checkpoint before exiting.', state.step)
-      state.save()
-      raise
+      with _SignalsDeferred(final=True):
+        saved = state.manager.latest_checkpoint
+        if not saved or checkpoint_step(saved) != state.step:  # not saved at this step yet
+          saved = state.save()
+      raise TrainingInterruptedError(
+          f'Interrupted (SIGINT) at step {state.step} of {steps.train_steps}: saved '
+          f'{os.path.basename(saved)}, rerun the same command to resume.') from None
     finally:
       stop.uninstall()
     total = time.time() - start_time
@@ -280,9 +330,16 @@ class Trainer:
     if bad:
       raise TrainingDivergedError(
           f'Training diverged at step {step}: {", ".join(bad)} (a loss above {LOSS_BOUND:g}, or '
-          f'NaN/inf, counts as divergence). Stopped without saving or exporting, so the last '
-          f'good checkpoint in {self.state.manager.directory} is kept. Lower --learning_rate, '
-          'check the data, or raise --temperature.')
+          f'NaN/inf, counts as divergence). Stopped without saving or exporting; '
+          f'{self._kept()}. Lower --learning_rate, check the data, or raise --temperature.')
+
+  def _kept(self) -> str:
+    """What a diverged run leaves: its last good checkpoint, or none."""
+    found = find_checkpoints(self.state.save_dir)
+    if found:
+      return f'the last good checkpoint {found[0]} is kept'
+    return (f'no checkpoint was saved before (none in {self.state.save_dir}), so a rerun '
+            'starts from the beginning')
 
   def _count_skipped(self, step, n, metrics):
     """Logs the loop's skipped steps, stops on a persistent non-finite loss, and returns the
@@ -294,9 +351,9 @@ class Trainer:
     if self._consecutive_skips >= self.max_consecutive_skips:
       raise TrainingDivergedError(
           f'Non-finite loss or gradients for {self._consecutive_skips} consecutive steps at step '
-          f'{step} (loss scale now {scale:g}); stopped without saving, so the last good '
-          f'checkpoint in {self.state.manager.directory} is kept. Lower --learning_rate, check '
-          'the data, or train with --precision=mixed_bfloat16 or float32.')
+          f'{step} (loss scale now {scale:g}); stopped without saving; {self._kept()}. Lower '
+          '--learning_rate, check the data, or train with --precision=mixed_bfloat16 or '
+          'float32.')
     if skipped:
       log.warning('%d of %d steps skipped (non-finite gradients under float16 loss scaling); '
                   'loss scale now %g.', skipped, n, scale)

@@ -152,7 +152,7 @@ def match(model, source: source_lib.Source, fresh_ok: Sequence[str] = (),
     except Exception:  # pylint: disable=broad-except  # the hint must not hide the error
       hint = f'Set the architecture flags ({ARCHITECTURE_FLAGS}) to its own.'
     if lead is None:
-      lead = (f'--checkpoint={source.path} ({source.origin} {source.kind} {source.prefix}) does '
+      lead = (f'--{source.flag}={source.path} ({source.origin} {source.kind} {source.prefix}) does '
               'not match the model built from the flags')
     raise CheckpointMismatchError(
         f'{lead}: ' + ' | '.join(problems) + '. ' + (f'{advice} ' if advice else '') + hint)
@@ -170,7 +170,7 @@ def load(model, path: Union[str, source_lib.Source], fresh_ok: Sequence[str] = (
   plan, fresh, ignored = match(model, source, fresh_ok, allow_extra_prefixes, lead=lead)
   if not source.has_values:
     raise CheckpointNotFoundError(
-        f'--checkpoint={source.path}: {source.prefix}.index has no readable values (its '
+        f'--{source.flag}={source.path}: {source.prefix}.index has no readable values (its '
         f'{source.prefix}.data-* files are missing); copy the whole checkpoint.')
   for var, key in plan:
     var.assign(source.reader.get_tensor(key))

@@ -18,9 +18,12 @@ import re
 from typing import Dict, List, Optional, Tuple
 
 import tensorflow as tf
+from google.protobuf import message
+from google.protobuf import text_format
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-from tf_simclr.errors import CheckpointMismatchError, CheckpointNotFoundError
+from tf_simclr.errors import (CheckpointMismatchError, CheckpointNotFoundError,
+                              CheckpointUnreadableError)
 from tf_simclr.weights import original
 
 OURS = 'tf-simclr'
@@ -85,26 +88,37 @@ def checkpoint_step(prefix: str) -> int:
   return int(prefix.rsplit('-', 1)[1])
 
 
-def checkpoint_prefix(path: str) -> Tuple[str, bool]:
-  """(checkpoint prefix, is a SavedModel) for a prefix, model_dir, SavedModel or export folder."""
+def latest_indexed(path: str) -> Optional[str]:
+  """The checkpoint the folder's `checkpoint` index file names (None if absent or unreadable)."""
+  try:
+    return tf.train.latest_checkpoint(path)
+  except (tf.errors.OpError, ValueError, UnicodeDecodeError, text_format.ParseError):
+    return None
+
+
+def checkpoint_prefix(path: str, flag: str = 'checkpoint') -> Tuple[str, bool]:
+  """(checkpoint prefix, is a SavedModel) for a prefix, model_dir, SavedModel or export folder.
+
+  `flag` names the flag that gave `path` in error messages (checkpoint, teacher_checkpoint).
+  """
   if tf.io.gfile.isdir(path):
     variables = os.path.join(path, 'variables', 'variables')
     if tf.io.gfile.exists(variables + '.index'):
       return variables, True  # A SavedModel directory: its variables form a checkpoint.
     found = find_checkpoints(path)
-    latest = tf.train.latest_checkpoint(path) or (found[0] if found else None)
+    latest = latest_indexed(path) or (found[0] if found else None)
     if latest is None:
       try:  # A folder of exports (model_dir/saved_model), or a model_dir holding one?
-        return checkpoint_prefix(resolve_export_path(path))
+        return checkpoint_prefix(resolve_export_path(path), flag)
       except CheckpointNotFoundError:
         pass
       raise CheckpointNotFoundError(
-          f'--checkpoint={path} is a directory without a checkpoint or SavedModel: point it at '
+          f'--{flag}={path} is a directory without a checkpoint or SavedModel: point it at '
           'a checkpoint prefix (e.g. model_dir/ckpt-1000), a model_dir, or a SavedModel folder.')
     return latest, False
   if not tf.io.gfile.exists(path + '.index'):
     raise CheckpointNotFoundError(
-        f'--checkpoint={path} not found: expected {path}.index (a checkpoint prefix such as '
+        f'--{flag}={path} not found: expected {path}.index (a checkpoint prefix such as '
         'model_dir/ckpt-1000), a model_dir, or a SavedModel folder.')
   return path, False
 
@@ -154,21 +168,34 @@ class Source:
   shapes: Dict[str, List[int]]  # checkpoint key -> shape
   has_values: bool  # False for an index file without its data shards
   reader: tf.train.CheckpointReader  # opened once; `match.load` reads the values through it
+  flag: str = 'checkpoint'  # the flag that named `path`, for messages
 
   @property
   def kind(self) -> str:
     return 'SavedModel' if self.saved_model else 'checkpoint'
 
 
-def resolve(path: str) -> Source:
-  """Reads what `path` holds (keys, shapes, structural paths); no values are loaded."""
-  prefix, saved_model = checkpoint_prefix(path)
-  reader = tf.train.load_checkpoint(prefix)
-  shapes = reader.get_variable_to_shape_map()
+def resolve(path: str, flag: str = 'checkpoint') -> Source:
+  """Reads what `path` holds (keys, shapes, structural paths); no values are loaded.
+
+  A file that is not a checkpoint (random bytes, a truncated index) raises
+  CheckpointUnreadableError naming `--<flag>=path`.
+  """
+  prefix, saved_model = checkpoint_prefix(path, flag)
+  try:
+    reader = tf.train.load_checkpoint(prefix)
+    shapes = reader.get_variable_to_shape_map()
+  except (tf.errors.OpError, ValueError, UnicodeDecodeError) as e:
+    text = str(e).strip().splitlines()
+    raise CheckpointUnreadableError(
+        f'--{flag}={path}: {prefix}.index cannot be read as a checkpoint ({type(e).__name__}: '
+        f'{text[0] if text else ""}). Point --{flag} at a checkpoint prefix (model_dir/ckpt-N), '
+        'a model_dir or a SavedModel folder; copy a damaged checkpoint again.') from e
   try:
     variables = variable_paths(reader, root_child='model')
     has_values = True
-  except (tf.errors.OpError, KeyError):  # index without data, or no object graph
+  except (tf.errors.OpError, KeyError, message.DecodeError, UnicodeDecodeError):
+    # index without data, or no (readable) object graph
     # Keys of model variables are their structural paths; optimizer slots sit below
     # `<variable>/.OPTIMIZER_SLOT/...`.
     variables = {key[:-len(VALUE_SUFFIX)]: key for key in shapes
@@ -181,11 +208,12 @@ def resolve(path: str) -> Source:
     origin = ORIGINAL
   else:
     raise CheckpointMismatchError(
-        f'--checkpoint={path}: {prefix} holds no model variables of tf-simclr or of '
+        f'--{flag}={path}: {prefix} holds no model variables of tf-simclr or of '
         'google-research/simclr\'s TF2 code (expected model/encoder/... or model/resnet_model/...; '
         'TF1 checkpoints of the original are not supported).')
   return Source(path=path, prefix=prefix, saved_model=saved_model, origin=origin,
-                variables=variables, shapes=shapes, has_values=has_values, reader=reader)
+                variables=variables, shapes=shapes, has_values=has_values, reader=reader,
+                flag=flag)
 
 
 def read_global_step(path) -> int:

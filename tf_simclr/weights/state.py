@@ -15,6 +15,7 @@ import time
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
+from google.protobuf import text_format
 
 from tf_simclr.errors import CheckpointMismatchError, UserError
 from tf_simclr.weights import match as match_lib
@@ -36,6 +37,10 @@ def _first_line(error: BaseException) -> str:
 
 class NoIntactCheckpointError(UserError, RuntimeError):
   """model_dir holds checkpoints of a run, but none can be read."""
+
+
+class OptimizerMismatchError(UserError, ValueError):
+  """A checkpoint's optimizer slots do not fit this run's optimizer (--optimizer changed)."""
 
 
 class CheckpointSaveError(UserError, RuntimeError):
@@ -62,13 +67,14 @@ def clean_temp_folders(model_dir: str) -> List[str]:
   return removed
 
 
-def _damaged_prefix(prefix: str) -> str:
-  """`damaged-ckpt-N` beside `prefix`, or `damaged-ckpt-N.2`, `.3`, ... when that name is taken:
-  the same step can be damaged again after a retrain, and each copy stays restorable by prefix."""
-  folder, base = os.path.split(prefix)
+def _damaged_name(path: str) -> str:
+  """A free name for a damaged file or checkpoint prefix beside it: `damaged-<name>`, else
+  `damaged-<name>.2`, `.3`, ... (the same step can be damaged again after a retrain); nothing
+  existing is named `<result>` or `<result>.*`, so each copy stays whole and restorable."""
+  folder, base = os.path.split(path)
   target = os.path.join(folder, 'damaged-' + base)
   copy = 1
-  while tf.io.gfile.glob(target + '.*'):
+  while tf.io.gfile.exists(target) or tf.io.gfile.glob(target + '.*'):
     copy += 1
     target = os.path.join(folder, f'damaged-{base}.{copy}')
   return target
@@ -77,7 +83,7 @@ def _damaged_prefix(prefix: str) -> str:
 def _set_aside(prefix: str) -> List[str]:
   """Renames the files of a damaged checkpoint to a damaged-ckpt-N prefix no other file has, so
   nothing overwrites them, an earlier damaged copy of the same step included."""
-  target = _damaged_prefix(prefix)
+  target = _damaged_name(prefix)
   moved = []
   for path in tf.io.gfile.glob(prefix + '.*'):
     moved.append(target + path[len(prefix):])
@@ -93,12 +99,17 @@ class TrainState:
   """
 
   def __init__(self, model, optimizer, model_dir: str, max_to_keep: int,
-               save_dir: Optional[str] = None):
+               save_dir: Optional[str] = None, allow_optimizer_change: bool = False):
     self.model = model
     self.optimizer = optimizer
     self.model_dir = model_dir
     self.save_dir = save_dir or model_dir
     self.max_to_keep = max_to_keep
+    # A resume whose optimizer slots differ (another --optimizer) restores the weights and the
+    # step only when allowed (--allow_flag_changes), else it is an OptimizerMismatchError.
+    # `optimizer_changed` (set from flags.json) also drops slots that happen to have the same paths.
+    self.allow_optimizer_change = allow_optimizer_change
+    self.optimizer_changed = False
     # The wrapped optimizer under loss scaling, so the optimizer slots sit at the same paths
     # whatever the precision; the loss scale is an extra, optional entry (see precision.py).
     inner = getattr(optimizer, 'inner_optimizer', optimizer)
@@ -108,10 +119,35 @@ class TrainState:
     self.checkpoint = tf.train.Checkpoint(**self._objects, **extra)
     self.manager = self._make_manager()
 
+  def _optimizer_mismatch(self, found: source_lib.Source) -> Optional[str]:
+    """Why the checkpoint's optimizer slots do not fit ours (None when they do)."""
+    if self.optimizer_changed:
+      return 'flags.json records another --optimizer'
+    saved = set(source_lib.variable_paths(found.reader, 'optimizer', skip_aliases=False))
+    ours = set(match_lib.object_variable_paths(self._objects['optimizer'], 'optimizer'))
+    if saved == ours:
+      return None
+    extra, missing = sorted(saved - ours), sorted(ours - saved)
+    return (f'its optimizer state has {len(saved)} variables, this run\'s optimizer {len(ours)}'
+            + (f' (e.g. {missing[0]} is not in the checkpoint)' if missing else '')
+            + (f' (e.g. {extra[0]} is not in this optimizer)' if extra and not missing else ''))
+
   def _make_manager(self) -> tf.train.CheckpointManager:
-    return tf.train.CheckpointManager(self.checkpoint, directory=self.save_dir,
-                                      max_to_keep=self.max_to_keep,
-                                      checkpoint_name=CHECKPOINT_NAME)
+    make = lambda: tf.train.CheckpointManager(self.checkpoint, directory=self.save_dir,
+                                              max_to_keep=self.max_to_keep,
+                                              checkpoint_name=CHECKPOINT_NAME)
+    try:
+      return make()
+    except (UnicodeDecodeError, text_format.ParseError, tf.errors.OpError) as e:
+      # An unreadable `checkpoint` index file: checkpoints are found by listing the folder.
+      index = os.path.join(self.save_dir, 'checkpoint')
+      if not tf.io.gfile.exists(index):
+        raise
+      aside = _damaged_name(index)  # Never overwrites an earlier damaged copy.
+      tf.io.gfile.rename(index, aside, overwrite=False)
+      log.warning('The checkpoint index file %s cannot be read (%s); renamed it to %s, the '
+                  'checkpoints are found by listing the folder.', index, type(e).__name__, aside)
+      return make()
 
   @property
   def step(self) -> int:
@@ -138,7 +174,7 @@ class TrainState:
     an error, not something to skip.
     """
     candidates = find_checkpoints(self.model_dir)
-    indexed = tf.train.latest_checkpoint(self.model_dir)
+    indexed = source_lib.latest_indexed(self.model_dir)
     if candidates and indexed != candidates[0]:
       log.warning('The checkpoint index file of %s %s; found %s by listing the folder.',
                   self.model_dir, f'names {indexed}' if indexed else 'is missing or unusable',
@@ -160,7 +196,20 @@ class TrainState:
           lead=f'--model_dir={self.model_dir} holds a run of another architecture ({path})',
           advice='Resume it with its own flags (its flags.json), or use a new --model_dir.')
       checkpoint = self.checkpoint
-      if self._loss_scale is not None and not source_lib.variable_paths(found.reader,
+      mismatch = self._optimizer_mismatch(found)
+      if mismatch and not self.allow_optimizer_change:
+        raise OptimizerMismatchError(
+            f'--model_dir={self.model_dir}: {path} was written with another optimizer '
+            f'({mismatch}); the checkpoint is intact. Resume with the run\'s own --optimizer (its '
+            'flags.json), start from these weights with --checkpoint=' + self.model_dir +
+            ' and a new --model_dir, or pass --allow_flag_changes to continue from its weights '
+            'and step with fresh optimizer state.')
+      if mismatch:
+        log.warning('Restoring %s without its optimizer state (%s; --allow_flag_changes): '
+                    'weights and step restored, optimizer slots start fresh.', path, mismatch)
+        objects = {k: v for k, v in self._objects.items() if k != 'optimizer'}
+        checkpoint = tf.train.Checkpoint(**objects)
+      elif self._loss_scale is not None and not source_lib.variable_paths(found.reader,
                                                                          'loss_scale'):
         # A float32/bfloat16 run resumed in float16: the loss scale starts at its initial value.
         checkpoint = tf.train.Checkpoint(**self._objects)
