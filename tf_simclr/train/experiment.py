@@ -229,6 +229,8 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
                            teacher=teacher, hooks=readouts_lib.knn_hook(ctx, model))
   task = built.task
   initialize_weights(config, model, built.state, init_fn=init_fn)
+  # Every worker restored from its own --model_dir path: they must be at the same step.
+  distribute.check_same_step(ctx.strategy, built.state.step, config.train.model_dir)
   if ctx.flags_dict is not None and distribute.is_chief(ctx.strategy):
     # Only now: the flags, the data, the lock and the restore (architecture) have all passed.
     run_dir.write_flags(config.train.model_dir, ctx.flags_dict)
@@ -409,6 +411,7 @@ def run(config: Config, flags_dict: Optional[Dict] = None,
   try:
     return _run_mode(ctx, export_fn or export_hook(config))
   finally:
+    distribute.remove_worker_dirs()  # A non-chief's throw-away checkpoints and summaries.
     if ctx.lock is not None:
       ctx.lock.release()
 

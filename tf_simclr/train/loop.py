@@ -47,7 +47,8 @@ class _StopRequest:
 
   The signal cannot interrupt a running tf.function: the loop in progress ends first, so a loop
   of --steps_per_loop steps must fit in the scheduler's grace period. Under multi-worker
-  strategies the workers agree (max over workers) so they all save and stop at the same step.
+  strategies the workers agree (a SUM of the 0/1 flags over all replicas, > 0: ReduceOp has no
+  MAX) so they all save and stop at the same step.
   """
 
   def __init__(self, strategy):
@@ -69,7 +70,7 @@ class _StopRequest:
       return self.signalled
     flag = 1.0 if self.signalled else 0.0
     per_replica = self.strategy.run(lambda: tf.constant(flag))
-    return float(self.strategy.reduce(tf.distribute.ReduceOp.MAX, per_replica, axis=None)) > 0
+    return float(self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)) > 0
 
   def uninstall(self) -> None:
     if self._previous is not None:
