@@ -261,6 +261,8 @@ class TrainConfig:
   eval_timeout: float = 3600
   # XLA-compile the train and eval steps (slower on CPU; see README).
   jit_compile: bool = False
+  # The model_dir LOCK's lease (run_dir.py): renewed every loop and every lease/4 seconds.
+  lock_lease_s: float = 300.0
 
   def __post_init__(self):
     _check(bool(self.model_dir), '--model_dir is required: the folder for checkpoints, '
@@ -282,6 +284,7 @@ class TrainConfig:
     _check(self.temperature > 0, f'--temperature={self.temperature} must be > 0.')
     _check(self.eval_timeout >= 0,
            f'--eval_timeout={self.eval_timeout} must be >= 0 (seconds; 0 waits forever).')
+    _check(self.lock_lease_s >= 1, f'--lock_lease_s={self.lock_lease_s} must be >= 1 (seconds).')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,7 +75,8 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
   if stored is not None and weights_source.find_checkpoints(train.model_dir):
     config_lib.check_same_architecture(config.model, stored, train.model_dir)
   # Only a training run's chief holds the lock, taken before anything is written.
-  lock = run_dir.RunLock(train.model_dir).acquire() if needs_train and chief else None
+  lock = (run_dir.RunLock(train.model_dir, lease_s=train.lock_lease_s).acquire()
+          if needs_train and chief else None)
   try:
     return _prepare_locked(config, flags_dict, strategy, lock)
   except BaseException:
@@ -225,8 +226,11 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
                                     ctx.strategy)
   model = build_model(ctx)
   readouts_lib.random_init_baseline(ctx, model)  # Before any restore: the seeded initialisation.
+  hooks = readouts_lib.knn_hook(ctx, model)
+  if ctx.lock is not None:  # Renew the lock's lease at every loop boundary.
+    hooks = hooks + [(1, lambda step: ctx.lock.refresh())]
   built = assemble_trainer(config, ctx.strategy, ctx.steps, ctx.num_classes, model=model,
-                           teacher=teacher, hooks=readouts_lib.knn_hook(ctx, model))
+                           teacher=teacher, hooks=hooks)
   task = built.task
   initialize_weights(config, model, built.state, init_fn=init_fn)
   # Every worker restored from its own --model_dir path: they must be at the same step.
