@@ -118,6 +118,11 @@ class MetricAccumulator:
     self._count.assign(0.0)
 
 
+def _xla(fn):
+  """`fn` as an XLA-compiled tf.function (nested in the multi-step function)."""
+  return tf.function(fn, jit_compile=True)
+
+
 def _format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
@@ -160,8 +165,8 @@ class Trainer:
     self._train_fn = None
     self._weights_finite = None
 
-  def _replica_step(self, batch):
-    """One optimisation step on one replica's batch (replica context, device work only)."""
+  def _gradients(self, batch):
+    """(gradients, metrics) of one replica's batch, cross-replica gather and BN included."""
     task, optimizer = self.task, self.optimizer
     variables = task.trainable_variables
     with tf.GradientTape() as tape:
@@ -170,7 +175,13 @@ class Trainer:
       # scale_loss multiplies by the dynamic loss scale under float16 (identity otherwise);
       # the optimizer divides the gradients by it again.
       scaled_loss = optimizer.scale_loss(loss / self.strategy.num_replicas_in_sync)
-    grads = tape.gradient(scaled_loss, variables)
+    return tape.gradient(scaled_loss, variables), logs
+
+  def _replica_step(self, batch, gradients=None):
+    """One optimisation step on one replica's batch (replica context, device work only)."""
+    task, optimizer = self.task, self.optimizer
+    variables = task.trainable_variables
+    grads, logs = (gradients or self._gradients)(batch)
     if self.loss_scaling:
       # The optimizer skips this step if any replica's gradients are non-finite (same verdict
       # everywhere); its metrics are zeroed so the host averages over the applied steps only.
@@ -199,8 +210,17 @@ class Trainer:
     """The multi-step tf.function; `num_steps` is a tensor so loop lengths never retrace."""
     strategy = self.strategy
     # The iterator's get-next runs on the host: only the replica step can be XLA-compiled.
-    step = tf.function(self._replica_step, jit_compile=True) if self.jit_compile else (
-        self._replica_step)
+    step = self._replica_step
+    if self.jit_compile and strategy.num_replicas_in_sync == 1:
+      step = _xla(self._replica_step)
+    elif self.jit_compile:
+      # Keras 3's optimizer step counter is an ONLY_FIRST_REPLICA variable: its update in
+      # replica context is a merge_call, which a nested (compiled) function cannot make under
+      # MirroredStrategy ("merge_call called while defining a new graph"). So XLA compiles
+      # the loss and gradients (the all-reduces of the NT-Xent gather and synchronized BN have
+      # a path without merge_call there on GPUs); the update runs outside it.
+      gradients = _xla(self._gradients)
+      step = lambda batch: self._replica_step(batch, gradients)
 
     @tf.function
     def train_steps(iterator, num_steps):
