@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Dict, List, Optional
 
+import keras
 import tensorflow as tf
 
 from tf_simclr.config import Steps
@@ -118,6 +119,35 @@ class MetricAccumulator:
     self._count.assign(0.0)
 
 
+def bn_statistics_averager(model, strategy):
+  """A function that sets every replica's copy of the moving statistics of the model's
+  unsynchronized BatchNormalization layers to their mean over all replicas (all workers), or
+  None when there is nothing to average.
+
+  Keras 3 keeps one copy per replica (aggregation NONE) and checkpoints replica 0's; the
+  original's (Keras 2, aggregation MEAN) were averaged at every update. Both are linear moving
+  averages from the same start, so averaging the copies gives the original's values.
+  """
+  if strategy.num_replicas_in_sync < 2:
+    return None
+  variables = [v for layer in model._flatten_layers()  # pylint: disable=protected-access
+               if isinstance(layer, keras.layers.BatchNormalization) and not layer.synchronized
+               for v in (layer.moving_mean, layer.moving_variance)]
+  if not variables:
+    return None
+
+  def replica_fn():
+    context = tf.distribute.get_replica_context()
+    means = context.all_reduce(tf.distribute.ReduceOp.MEAN, [v.value for v in variables])
+    for v, mean in zip(variables, means):
+      v.assign(mean)
+
+  @tf.function
+  def average():
+    strategy.run(replica_fn)
+  return average
+
+
 def _xla(fn):
   """`fn` as an XLA-compiled tf.function (nested in the multi-step function)."""
   return tf.function(fn, jit_compile=True)
@@ -164,6 +194,9 @@ class Trainer:
     self._images: Optional[tf.Variable] = None
     self._train_fn = None
     self._weights_finite = None
+    # --global_bn=False on several replicas: one average of the BN moving statistics per loop,
+    # so every save, readout and evaluation sees the same (mean) statistics on every replica.
+    self._average_bn = bn_statistics_averager(state.model, strategy)
 
   def _gradients(self, batch):
     """(gradients, metrics) of one replica's batch, cross-replica gather and BN included."""
@@ -256,6 +289,8 @@ class Trainer:
           train_steps(iterator, tf.constant(n, tf.int32))
         step = state.step
         elapsed = time.time() - t0
+        if self._average_bn is not None:
+          self._average_bn()
         last_metrics = self._accumulator.result()
         self._accumulator.reset()
         if self.loss_scaling:
