@@ -142,7 +142,7 @@ def make_train_dataset(source: DatasetSource, data_config, batch_size: int, num_
   if ordered:
     ds = _indexed_source(source, split, label_subset, with_label_mask, input_context)
   else:
-    ds = source.as_dataset(split, shuffle_files=True, input_context=input_context)
+    ds = source.as_dataset(split, shuffle_files=True, input_context=input_context, seed=seed)
     if with_label_mask:
       ds = ds.map(lambda image, label: (image, label, tf.constant(1.0)))
   if data_config.cache_dataset:
