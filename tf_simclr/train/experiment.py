@@ -120,8 +120,9 @@ def _prepare_locked(config: Config, flags_dict: Optional[Dict], strategy,
            config.data.eval_split, source.num_classes)
   if needs_train:
     log.info('Steps: %d train (%d per epoch, %d warmup), checkpoint every %d, %d per loop; '
-             '%d eval steps.', steps.train_steps, steps.epoch_steps, steps.warmup_steps,
-             steps.checkpoint_steps, steps.steps_per_loop, steps.eval_steps)
+             '%s eval steps.', steps.train_steps, steps.epoch_steps, steps.warmup_steps,
+             steps.checkpoint_steps, steps.steps_per_loop,
+             train.eval_steps or f'all (about {steps.eval_steps})')
     if chief:
       weights_state.clean_temp_folders(train.model_dir)
       if label_subset is not None:
@@ -275,7 +276,8 @@ def evaluate(ctx: Context, model, global_step: int, export_fn: Optional[Callable
                                        config.optim.weight_decay,
                                        jit_compile=config.train.jit_compile)
     with _naming_bad_images(ctx, config.data.eval_split):
-      result = evaluator.evaluate(dataset, ctx.steps.eval_steps)
+      # --eval_steps=0: until each host's share is exhausted (hosts' shares may be uneven).
+      result = evaluator.evaluate(dataset, config.train.eval_steps)
   with _naming_bad_images(ctx, config.data.eval_split):
     result.update(readouts_lib.readouts(ctx, model, knn=readouts_lib.knn_enabled(ctx),
                                         linear=linear_probe))
