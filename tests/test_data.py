@@ -398,9 +398,10 @@ def test_feature_dataset_hosts_read_only_their_range_in_split_order(tiny_tfds, m
       ctx = tf.distribute.InputContext(num_input_pipelines=4, input_pipeline_id=i)
       ds = pipeline.make_feature_dataset(tiny_tfds, cfg, 'train', 3, indices=indices,
                                          input_context=ctx)
-      for index, images, labels in ds:
+      for index, images, labels, valid in ds:
+        assert index.shape == (3,)  # padded to the batch size
         got += [(int(j), int(round(float(im[0, 0, 0]) * 255)), int(l))
-                for j, im, l in zip(index, images, labels)]
+                for j, im, l, v in zip(index, images, labels, valid) if v]
     assert [j for j, _, _ in got] == expected  # disjoint, covering, in split order
     assert [(v, l) for _, v, l in got] == [whole[j] for j in expected]
     assert all(not decode for *_, decode in reads) and len(reads) == 4

@@ -89,3 +89,30 @@ def test_named_tpu_is_resolved_and_failures_are_reported(monkeypatch, no_local_t
   assert len(seen) == 2 and strategy.num_replicas_in_sync >= 1
   with pytest.raises(ConfigError, match='use_tpu'):
     distribute.make_strategy(DistributeConfig(strategy='tpu', allow_tpu=False), env={})
+
+
+def test_nvidia_gpu_that_tensorflow_does_not_see_is_a_warning(monkeypatch, tmp_path, caplog,
+                                                              no_local_tpu):
+  if tf.config.list_physical_devices('GPU'):
+    pytest.skip('this machine has a GPU TensorFlow sees')
+  driver = tmp_path / 'proc_driver_nvidia'
+  monkeypatch.setattr(distribute, '_NVIDIA_PATHS', (str(driver),))
+  monkeypatch.setattr(distribute.shutil, 'which', lambda name: None)
+  with caplog.at_level('WARNING'):
+    assert not distribute.warn_if_gpu_unused()  # no NVIDIA device here
+  assert 'sees no GPU' not in caplog.text
+  driver.mkdir()  # A faked driver folder, as /proc/driver/nvidia.
+  with caplog.at_level('WARNING'):
+    distribute.make_strategy(DistributeConfig(strategy='auto'), env={})
+  assert f'NVIDIA GPU ({driver}) but TensorFlow sees no GPU' in caplog.text
+  assert 'pip install "tensorflow[and-cuda]==' in caplog.text
+  caplog.clear()
+  driver.rmdir()
+  monkeypatch.setattr(distribute.shutil, 'which',
+                      lambda name: '/usr/bin/nvidia-smi' if name == 'nvidia-smi' else None)
+  with caplog.at_level('WARNING'):
+    assert distribute.warn_if_gpu_unused()
+  assert '(/usr/bin/nvidia-smi)' in caplog.text
+  monkeypatch.setattr(distribute.tf.config, 'list_physical_devices',
+                      lambda kind=None: ['GPU:0'] if kind == 'GPU' else [])
+  assert not distribute.warn_if_gpu_unused()  # TensorFlow sees it: nothing to say

@@ -1,8 +1,13 @@
 """Losses and metrics against independent numpy computations and a single-device run."""
 
+import contextlib
+from unittest import mock
+
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.python.distribute import distribute_lib
+from tensorflow.python.distribute import mirrored_strategy
 
 from tf_simclr import losses
 from tf_simclr import metrics
@@ -176,3 +181,77 @@ def test_metrics():
   np.testing.assert_array_equal(metrics.top_k_correct(onehot, logits_ab, 1).numpy(), [0, 0, 0])
   np.testing.assert_array_equal(metrics.top_k_correct(onehot, logits_ab, 2).numpy(), [1, 1, 0])
   np.testing.assert_allclose(metrics.top_k_accuracy(onehot, logits_ab, 3).numpy(), 1.0)
+
+
+@contextlib.contextmanager
+def _no_merge_call():
+  """MirroredStrategy as in an XLA-compiled step on GPUs (its replica-context all-reduce launches
+  collectives directly), with any merge_call an error."""
+  def forbidden(*args, **kwargs):
+    raise AssertionError('merge_call')
+  with mock.patch.object(mirrored_strategy.MirroredExtended, '_use_merge_call',
+                         lambda self: False), \
+       mock.patch.object(distribute_lib.ReplicaContext, 'merge_call', forbidden):
+    yield
+
+
+def test_cross_replica_concat_is_an_exact_gather(two_replica_strategy):
+  strategy = two_replica_strategy
+  rng = np.random.default_rng(3)
+  parts = [rng.normal(size=(3, 2, 5)).astype(np.float32) for _ in range(2)]
+  parts[1][0, 0, 0] = -0.0
+  values = strategy.experimental_distribute_values_from_function(
+      lambda ctx: tf.constant(parts[ctx.replica_id_in_sync_group]))
+
+  @tf.function
+  def gather(x):
+    return strategy.run(lambda v: losses.cross_replica_concat(
+        v, tf.distribute.get_replica_context()), args=(x,))
+
+  for local in strategy.experimental_local_results(gather(values)):
+    assert local.shape == (6, 2, 5)
+    np.testing.assert_array_equal(local.numpy(), np.concatenate(parts))  # bit for bit
+
+
+def test_nt_xent_gather_runs_without_merge_call(two_replica_strategy):
+  """The loss and gradients on 2 replicas with merge_call forbidden equal the single-device ones;
+  the all_gather it replaced cannot run that way."""
+  strategy = two_replica_strategy
+  rng = np.random.default_rng(4)
+  views1 = rng.normal(size=(8, 6)).astype(np.float32)
+  views2 = (views1 + 0.5 * rng.normal(size=(8, 6))).astype(np.float32)
+  weights = rng.normal(size=(6, 4)).astype(np.float32)
+  x_global = tf.constant(np.concatenate([views1, views2]))
+  w = tf.Variable(weights)
+  with tf.GradientTape() as tape:
+    expected_loss, _, _ = losses.nt_xent(x_global @ w, 0.2)
+  expected_grad = tape.gradient(expected_loss, w).numpy()
+
+  batches = _replica_batches(views1, views2, 2)
+  inputs = strategy.experimental_distribute_values_from_function(
+      lambda ctx: tf.constant(batches[ctx.replica_id_in_sync_group]))
+  w_local = tf.constant(weights)
+
+  @tf.function
+  def step(x):
+    def replica_fn(local):
+      with tf.GradientTape() as tape:
+        tape.watch(w_local)
+        loss, _, _ = losses.nt_xent(local @ w_local, 0.2, strategy=strategy)
+        scaled = loss / 2
+      return loss, tape.gradient(scaled, w_local)
+    return strategy.run(replica_fn, args=(x,))
+
+  with _no_merge_call():
+    loss, grad = step(inputs)
+  total = sum(v.numpy() for v in strategy.experimental_local_results(loss)) / 2
+  np.testing.assert_allclose(total, expected_loss.numpy(), rtol=1e-5)
+  summed = sum(g.numpy() for g in strategy.experimental_local_results(grad))
+  np.testing.assert_allclose(summed, expected_grad, rtol=1e-4, atol=1e-6)
+
+  @tf.function
+  def all_gather(x):
+    return strategy.run(lambda v: tf.distribute.get_replica_context().all_gather(v, 0),
+                        args=(x,))
+  with _no_merge_call(), pytest.raises(AssertionError, match='merge_call'):
+    all_gather(inputs)

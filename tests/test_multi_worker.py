@@ -1,17 +1,50 @@
-"""MultiWorkerMirroredStrategy chosen from TF_CONFIG: two worker processes on 127.0.0.1."""
+"""MultiWorkerMirroredStrategy chosen from TF_CONFIG: two worker processes on 127.0.0.1.
+
+Each worker runs `run.py` through a small wrapper that, after training, dumps the worker's own
+in-memory model variables to a file: the non-chief's checkpoints are throw-away (deleted), so this
+is how the test sees that both workers hold the same weights at the last step.
+"""
 
 import json
 import os
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
-import tensorflow as tf
 
 from tf_simclr import weights
 
 ROOT = __import__('conftest').PROJECT_ROOT
+
+TINY = ['--dataset=shapes10', '--image_size=16', '--resnet_depth=18', '--width_multiplier=0.125',
+        '--num_proj_layers=2', '--proj_out_dim=16', '--train_batch_size=8',
+        '--learning_rate=0.5', '--temperature=0.5', '--use_blur=True', '--seed=1',
+        '--eval_split=test']
+
+# Runs run.py as __main__; after Trainer.train returns, saves this worker's model variables.
+WRAPPER = '''
+import os, runpy, sys
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+sys.path.insert(0, os.getcwd())
+from tf_simclr import cpu_kernels
+cpu_kernels.default_onednn_on()
+import numpy as np
+from tf_simclr.train import loop
+_train = loop.Trainer.train
+def train(self, iterator):
+  result = _train(self, iterator)
+  values = {f'{i:04d} {v.path}': v.numpy() for i, v in enumerate(self.state.model.variables)}
+  np.savez(os.environ['DUMP_WEIGHTS'], step=result.final_step, **values)
+  return result
+loop.Trainer.train = train
+sys.argv[0] = 'run.py'
+runpy.run_path('run.py', run_name='__main__')
+'''
 
 
 def _free_ports(n):
@@ -24,42 +57,133 @@ def _free_ports(n):
   return ports
 
 
-def test_two_workers_train_in_lockstep_and_end_with_identical_weights(tmp_path):
+def _start_workers(tmp_path, flags, model_dirs, tag):
+  """Starts 2 workers (worker i on model_dirs[i]); returns [(Popen, log path, dump path)]."""
+  wrapper = tmp_path / 'wrapper.py'
+  wrapper.write_text(WRAPPER)
   workers = [f'127.0.0.1:{p}' for p in _free_ports(2)]
-  model_dir = tmp_path / 'run'
-  argv = [sys.executable, 'run.py', '--dataset=shapes10', '--eval_split=test',
-          '--image_size=16', '--resnet_depth=18', '--num_proj_layers=2', '--proj_out_dim=16',
-          '--train_batch_size=8', '--train_steps=2', '--checkpoint_steps=2',
-          '--learning_rate=0.5', '--temperature=0.5', '--use_blur=True', '--mode=train',
-          f'--model_dir={model_dir}']
-  procs = []
+  started = []
   for index in range(2):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', TF_CONFIG=json.dumps(
-        {'cluster': {'worker': workers}, 'task': {'type': 'worker', 'index': index}}))
-    log = open(tmp_path / f'worker{index}.log', 'w')
-    procs.append((subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT), log))
-  for proc, log in procs:
-    proc.wait(timeout=400)
-    log.close()
-  logs = [open(tmp_path / f'worker{i}.log').read() for i in range(2)]
-  for i, (proc, _) in enumerate(procs):
-    assert proc.returncode == 0, logs[i][-3000:]
+    dump = tmp_path / f'{tag}_weights{index}.npz'
+    worker_tmp = tmp_path / f'{tag}_tmp{index}'
+    worker_tmp.mkdir()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='',
+               DUMP_WEIGHTS=str(dump), TMPDIR=str(worker_tmp), TF_CONFIG=json.dumps(
+                   {'cluster': {'worker': workers}, 'task': {'type': 'worker', 'index': index}}))
+    log_path = tmp_path / f'{tag}_worker{index}.log'
+    with open(log_path, 'w') as log:
+      proc = subprocess.Popen([sys.executable, str(wrapper), *TINY, *flags,
+                               f'--model_dir={model_dirs[index]}'],
+                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    started.append((proc, log_path, dump))
+  return started
+
+
+def _finish(started, timeout=900):
+  out = []
+  for proc, log_path, _ in started:
+    try:
+      proc.wait(timeout=timeout)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+    out.append((proc.returncode, open(log_path).read()))
+  return out
+
+
+def _worker_tmp_left(tmp_path, tag):
+  """Files left in the workers' TMPDIRs (the non-chief's temporary checkpoints must be gone)."""
+  return [os.path.join(d, f) for i in range(2) for d, _, files in
+          os.walk(tmp_path / f'{tag}_tmp{i}') for f in files]
+
+
+def test_two_workers_train_several_loops_in_lockstep_with_identical_weights(tmp_path):
+  """3 training loops with a kNN readout after the 1st and 2nd, then eval: every collective
+  (SIGTERM agreement, metrics, eval sums, readout gathers, restored-step agreement) runs
+  more than once, and both workers end at step 6 with the same weights as ckpt-6."""
+  model_dir = tmp_path / 'run'
+  flags = ['--mode=train_then_eval', '--train_split=train[:16]', '--eval_split=test[:16]',
+           '--eval_batch_size=8', '--train_steps=6', '--checkpoint_steps=2',
+           '--knn_every_epochs=1', '--knn_monitor=True', '--linear_probe=False']
+  started = _start_workers(tmp_path, flags, [model_dir, model_dir], 'loops')
+  results = _finish(started)
+  for rc, log in results:
+    assert rc == 0, log[-4000:]
+  logs = [log for _, log in results]
   assert 'MultiWorkerMirroredStrategy, 2 replicas' in logs[0]
-  chief = tf.train.latest_checkpoint(str(model_dir))
-  other = tf.train.latest_checkpoint(str(model_dir / '.workers' / 'worker_1'))
-  assert chief.endswith('ckpt-2') and other.endswith('ckpt-2')
-  values = []
-  for path in (chief, other):
-    reader = tf.train.load_checkpoint(path)
-    paths = weights.source.variable_paths(reader, root_child='model')
-    values.append({p: reader.get_tensor(k) for p, k in paths.items()})
-  assert values[0].keys() == values[1].keys() and len(values[0]) > 50
-  initial_kernel_changed = False
-  for path, value in values[0].items():
-    np.testing.assert_array_equal(values[1][path], value, err_msg=path)
-    initial_kernel_changed |= path.endswith('moving_mean') and np.any(value != 0)
-  assert initial_kernel_changed  # they trained (BN statistics moved), identically
-  # Only the chief writes the shared outputs.
-  assert (model_dir / 'flags.json').exists()
-  assert not (model_dir / '.workers' / 'worker_1' / 'flags.json').exists()
+  for log in logs:
+    assert len(re.findall(r'step [246]/6 ', log)) == 3, log[-4000:]
+    assert 'Training complete at step 6' in log
+  dumps = [np.load(dump) for _, _, dump in started]
+  assert int(dumps[0]['step']) == int(dumps[1]['step']) == 6
+  names = [k for k in dumps[0].files if k != 'step']
+  assert names == [k for k in dumps[1].files if k != 'step'] and len(names) > 50
+  for name in names:
+    np.testing.assert_array_equal(dumps[1][name], dumps[0][name], err_msg=name)
+  # The chief's ckpt-6 holds those weights (the dumps are the last step's).
+  reader = tf_reader(model_dir / 'ckpt-6')
+  paths = weights.source.variable_paths(reader, root_child='model')
+  saved = sorted(np.asarray(reader.get_tensor(k)).tobytes() for k in paths.values())
+  dumped = sorted(dumps[0][n].tobytes() for n in names)
+  assert saved == dumped
+  assert any(n.endswith('moving_mean') and np.any(dumps[0][n] != 0) for n in names)  # trained
+  # Only the chief writes the shared outputs; nothing of the other worker stays behind.
+  result = json.load(open(model_dir / 'result.json'))
+  assert result['global_step'] == 6 and 'eval/knn_top_1_accuracy' in result, result
+  assert sorted(os.listdir(model_dir)).count('.workers') == 0
+  assert not _worker_tmp_left(tmp_path, 'loops')
+
+
+def tf_reader(path):
+  import tensorflow as tf
+  return tf.train.load_checkpoint(str(path))
+
+
+def test_sigterm_to_one_worker_stops_both_at_the_same_saved_step(tmp_path):
+  model_dir = tmp_path / 'run'
+  flags = ['--mode=train', '--train_steps=100000', '--checkpoint_steps=2', '--eval_split=test']
+  started = _start_workers(tmp_path, flags, [model_dir, model_dir], 'term')
+  end = time.time() + 600
+  while not weights.source.find_checkpoints(str(model_dir)):
+    assert all(p.poll() is None for p, _, _ in started), _finish(started)
+    assert time.time() < end, 'no checkpoint after 600 s'
+    time.sleep(0.1)
+  started[1][0].send_signal(signal.SIGTERM)  # The non-chief only: the chief must follow.
+  results = _finish(started)
+  steps = []
+  for rc, log in results:
+    assert rc == 3, log[-4000:]
+    m = re.search(r'PREEMPTED: stopped on SIGTERM at step (\d+) of 100000', log)
+    assert m, log[-4000:]
+    steps.append(int(m.group(1)))
+  assert steps[0] == steps[1] and steps[0] % 2 == 0 and steps[0] >= 2, steps
+  newest = weights.source.find_checkpoints(str(model_dir))[0]
+  assert weights.source.checkpoint_step(newest) == steps[0]
+  assert not _worker_tmp_left(tmp_path, 'term')
+
+
+def test_restart_with_a_folder_per_worker_at_different_steps_is_refused(tmp_path):
+  """Worker 0's --model_dir holds ckpt-4, worker 1's ckpt-2 (a folder per machine): both stop
+  with exit 2 naming both steps before training a step."""
+  first, second = tmp_path / 'worker0_dir', tmp_path / 'worker1_dir'
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
+  env.pop('TF_CONFIG', None)
+  single = subprocess.run(  # One process (default strategy) writes ckpt-2 and ckpt-4.
+      [sys.executable, 'run.py', *TINY, '--mode=train', '--train_steps=4',
+       '--checkpoint_steps=2', f'--model_dir={first}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
+  shutil.copytree(first, second)
+  for path in second.glob('ckpt-4.*'):
+    path.unlink()
+  started = _start_workers(tmp_path, ['--mode=train', '--train_steps=6', '--checkpoint_steps=2'],
+                           [first, second], 'restart')
+  for rc, log in _finish(started):
+    assert rc == 2, log[-4000:]
+    assert 'restored different training steps: 2 and 4' in log, log[-4000:]
+    assert '--model_dir must be one shared location' in log
+    assert 'Traceback' not in log
+  assert [weights.source.checkpoint_step(p)
+          for p in weights.source.find_checkpoints(str(first))] == [4, 2]
+  assert not (first / 'LOCK').exists()
+  assert not _worker_tmp_left(tmp_path, 'restart')

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from tf_simclr import config as cfg
 from tf_simclr.data import datasets
+from tf_simclr.data import pipeline as pipeline_lib
 from tf_simclr.models import resnet
 from tf_simclr.train import probe
 
@@ -175,3 +176,32 @@ def test_pretrain_then_eval_and_probe_mode_write_the_readouts(tmp_path):
   assert probed['eval/knn_top_1_accuracy'] == stored['eval/knn_top_1_accuracy']
   assert probed['eval/label_top_1_accuracy'] == stored['eval/label_top_1_accuracy']  # kept
   assert not (tmp_path / 'flags.json').exists()
+
+
+def test_feature_batches_are_padded_and_only_images_reach_the_replicas(two_replica_strategy):
+  """21 examples, global batch 8 on 2 replicas: every replica computation sees a full static
+  [4, 32, 32, 3] float image batch and nothing else; padded rows (last batch: 1 real + 3) never
+  come out; features equal per-channel means computed from the raw images in numpy."""
+  strategy = two_replica_strategy
+  source = datasets.resolve_dataset('shapes10')
+  data = cfg.DataConfig(dataset='shapes10', eval_split='test', image_size=32)
+  seen = []
+
+  def encoder(images, training):
+    assert not training
+    seen.append((tuple(images.shape), images.dtype))
+    return tf.reduce_mean(images, axis=[1, 2])
+
+  readout = probe.Readout(source, data, strategy, 8, 10)
+  features, labels = readout.features(encoder, 'test[:21]')
+  assert set(seen) == {((4, 32, 32, 3), tf.float32)}  # traced once per replica
+  raw = np.stack([image for image, _ in source.as_dataset('test[:21]').as_numpy_iterator()])
+  np.testing.assert_allclose(features, raw.astype(np.float64).mean(axis=(1, 2)) / 255,
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(labels, source.labels('test[:21]'))
+  dataset = pipeline_lib.build_feature_dataset(source, data, 'test[:21]', 8, strategy)
+  batches = list(dataset)
+  valid = [v.numpy() for b in batches for v in strategy.experimental_local_results(b[3])]
+  assert [int(v.sum()) for v in valid] == [4, 4, 4, 4, 4, 1] and all(len(v) == 4 for v in valid)
+  index = [i.numpy() for b in batches for i in strategy.experimental_local_results(b[0])]
+  assert index[0].dtype == np.int32 and list(index[-1]) == [20, -1, -1, -1]

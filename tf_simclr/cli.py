@@ -146,6 +146,10 @@ flags.DEFINE_enum('precision', 'float32', ['float32', 'mixed_bfloat16', 'mixed_f
                   'for GPUs.')
 flags.DEFINE_bool('jit_compile', False,
                   'XLA-compile the train and eval steps (TPUs always use XLA; slower on CPU).')
+flags.DEFINE_float('lock_lease_s', 300,
+                   'Lease of model_dir/LOCK in seconds: a training run renews it every loop and '
+                   'every lease/4 s; a lock not renewed for this long is taken over, from any '
+                   'host (its run is gone).')
 flags.DEFINE_integer('seed', None, 'Global random seed (None: nondeterministic).')
 flags.DEFINE_string('teacher_checkpoint', None,
                     'Distillation teacher: a fine-tuned checkpoint or model_dir of ours, or an '
@@ -238,7 +242,8 @@ def config_from_flags(flag_values) -> 'Config':
       lineareval_while_pretraining=f.lineareval_while_pretraining,
       zero_init_logits_layer=f.zero_init_logits_layer, eval_name=f.eval_name, seed=f.seed,
       eval_timeout=f.eval_timeout, jit_compile=f.jit_compile, embed_split=f.embed_split,
-      embed_endpoint=f.embed_endpoint, allow_flag_changes=f.allow_flag_changes)
+      embed_endpoint=f.embed_endpoint, allow_flag_changes=f.allow_flag_changes,
+      lock_lease_s=f.lock_lease_s)
   strategy = 'tpu' if f.use_tpu is True else f.distribution_strategy
   distribute = cfg.DistributeConfig(
       strategy=strategy, tpu_name=f.tpu_name, tpu_zone=f.tpu_zone, gcp_project=f.gcp_project,

@@ -274,6 +274,8 @@ class TrainConfig:
   embed_endpoint: str = 'final_avg_pool'
   # Resume although flags the checkpoints depend on changed (run_dir.check_resume_flags).
   allow_flag_changes: bool = False
+  # The model_dir LOCK's lease (run_dir.py): renewed every loop and every lease/4 seconds.
+  lock_lease_s: float = 300.0
 
   def __post_init__(self):
     _check(bool(self.model_dir), '--model_dir is required: the folder for checkpoints, '
@@ -296,6 +298,7 @@ class TrainConfig:
     _check_choice('embed_endpoint', self.embed_endpoint, ENDPOINTS)
     _check(self.eval_timeout >= 0,
            f'--eval_timeout={self.eval_timeout} must be >= 0 (seconds; 0 waits forever).')
+    _check(self.lock_lease_s >= 1, f'--lock_lease_s={self.lock_lease_s} must be >= 1 (seconds).')
 
 
 @dataclasses.dataclass(frozen=True)

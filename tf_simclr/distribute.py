@@ -11,11 +11,14 @@ worker and TPU initialisation require it).
 
 from __future__ import annotations
 
+import atexit
 import glob
 import importlib.util
 import json
 import os
-from typing import Mapping, Optional
+import shutil
+import tempfile
+from typing import Dict, Mapping, Optional
 
 from absl import logging
 import tensorflow as tf
@@ -86,6 +89,35 @@ def _tpu_strategy(config: DistributeConfig, target: str) -> tf.distribute.Strate
   return tf.distribute.TPUStrategy(resolver)
 
 
+# Signs of an NVIDIA GPU and its driver on this machine (besides nvidia-smi on the PATH).
+_NVIDIA_PATHS = ('/proc/driver/nvidia', '/dev/nvidia0')
+
+
+def nvidia_sign() -> Optional[str]:
+  """A path showing an NVIDIA GPU on this machine (driver folder, device, nvidia-smi), or None."""
+  for path in _NVIDIA_PATHS:
+    if os.path.exists(path):
+      return path
+  return shutil.which('nvidia-smi')
+
+
+def warn_if_gpu_unused() -> bool:
+  """Warns (and returns True) when this machine has an NVIDIA GPU that TensorFlow does not see.
+
+  Plain `pip install tensorflow` brings no CUDA libraries; TensorFlow's own "skipping GPU"
+  message is hidden by the log level run.py sets, so without this the run silently uses the CPU.
+  """
+  sign = nvidia_sign()
+  if sign is None or tf.config.list_physical_devices('GPU'):
+    return False
+  logging.warning('This machine has an NVIDIA GPU (%s) but TensorFlow sees no GPU, so this run '
+                  'uses the CPU. Install TensorFlow with its CUDA libraries: '
+                  'pip install "tensorflow[and-cuda]==%s" (README, "GPUs"); check with '
+                  'python -c "import tensorflow as tf; '
+                  'print(tf.config.list_physical_devices(\'GPU\'))".', sign, tf.__version__)
+  return True
+
+
 def make_strategy(config: DistributeConfig,
                   env: Optional[Mapping[str, str]] = None) -> tf.distribute.Strategy:
   """Creates the strategy for `config.strategy` (`auto`, `tpu`, `mirrored`, ...) and logs it."""
@@ -117,6 +149,8 @@ def make_strategy(config: DistributeConfig,
     strategy = tf.distribute.get_strategy()
   else:  # DistributeConfig checks the choice.
     raise ValueError(f'unknown strategy {choice!r}')
+  if not is_tpu(strategy):
+    warn_if_gpu_unused()
   logging.info('Distribution strategy: %s', describe(strategy))
   return strategy
 
@@ -164,13 +198,73 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
   return task_type == 'worker' and task_id == 0 and not has_chief
 
 
+class WorkersDisagreeError(ConfigError):
+  """The workers of one multi-worker run restored different training steps."""
+
+
+def restored_steps(strategy: tf.distribute.Strategy, step: int) -> tuple:
+  """(MIN, MAX) over all replicas of every worker of the step each restored.
+
+  ReduceOp has only SUM and MEAN: each replica places its step at its own index of a vector
+  (one-hot) and the vectors are summed across replicas, so every worker sees all steps. float32
+  holds steps exactly up to 2**24.
+  """
+  n = strategy.num_replicas_in_sync
+  if n < 2:
+    return step, step
+  value = float(step)
+
+  @tf.function
+  def place():
+    index = tf.distribute.get_replica_context().replica_id_in_sync_group
+    return tf.one_hot(index, n, dtype=tf.float32) * value
+
+  steps = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(place), axis=None).numpy()
+  return int(steps.min()), int(steps.max())
+
+
+def check_same_step(strategy: tf.distribute.Strategy, step: int, model_dir: str) -> None:
+  """Raises WorkersDisagreeError on every worker unless all restored the same step.
+
+  Each worker restores from its own --model_dir path; with a folder per machine a restarted run
+  would train the chief's step-N model against the others' step-0 models (and then hang).
+  """
+  low, high = restored_steps(strategy, step)
+  if low != high:
+    raise WorkersDisagreeError(
+        f'The workers of this run restored different training steps: {low} and {high} (this '
+        f'worker: step {step} from --model_dir={model_dir}). For multi-worker runs --model_dir '
+        'must be one shared location that every worker reads and writes (gs:// or a shared '
+        'filesystem), not a folder per machine.')
+
+
+# model_dir -> this non-chief process's temporary folder (removed by remove_worker_dirs).
+_WORKER_DIRS: Dict[str, str] = {}
+
+
 def write_dir(model_dir: str, strategy: tf.distribute.Strategy) -> str:
-  """Where this process saves checkpoints: model_dir for the chief, a private folder otherwise.
+  """Where this process saves checkpoints and summaries: model_dir for the chief, else a
+  temporary folder of its own.
 
   Every multi-worker process must take part in saving (it runs collectives), but only the
-  chief's files are kept: the others write below model_dir/.workers/ which they may delete.
+  chief's files are kept: the others write to a local temporary folder (one per model_dir and
+  process) that `remove_worker_dirs` deletes when the run ends, as TensorFlow's multi-worker
+  guide does, so nothing of theirs is left in model_dir.
   """
   if is_chief(strategy):
     return model_dir
-  resolver = strategy.cluster_resolver
-  return os.path.join(model_dir, '.workers', f'{resolver.task_type}_{resolver.task_id}')
+  path = _WORKER_DIRS.get(model_dir)
+  if path is None or not os.path.isdir(path):
+    resolver = strategy.cluster_resolver
+    path = tempfile.mkdtemp(prefix=f'tf_simclr_{resolver.task_type}{resolver.task_id}_')
+    _WORKER_DIRS[model_dir] = path
+  return path
+
+
+def remove_worker_dirs() -> None:
+  """Deletes the temporary folders `write_dir` made for this (non-chief) process."""
+  while _WORKER_DIRS:
+    shutil.rmtree(_WORKER_DIRS.popitem()[1], ignore_errors=True)
+
+
+atexit.register(remove_worker_dirs)

@@ -3,9 +3,12 @@
 `nt_xent` is the original's `add_contrastive_loss`, including its scale: the returned loss is the
 mean over local anchors of loss_a + loss_b, i.e. twice the paper's L, so the original recipes'
 learning rates carry over unchanged. Across replicas, each replica scores its own anchors
-against the negatives of every replica (gathered with `ReplicaContext.all_gather`, whose
-gradient sums the upstream gradients of all replicas), so dividing each replica's loss by the
-number of replicas and summing gradients reproduces the single-device gradient exactly.
+against the negatives of every replica, gathered as the original's `cross_replica_concat`: each
+replica places its rows in its own slot of a zero tensor (one-hot) and the slots are summed with
+`ReplicaContext.all_reduce`, whose gradient sums the upstream gradients of all replicas. So
+dividing each replica's loss by the number of replicas and summing gradients reproduces the
+single-device gradient exactly. Unlike `all_gather` (always a `merge_call`), `all_reduce` has a
+path without `merge_call`, the one MirroredStrategy takes in an XLA-compiled step on GPUs.
 """
 
 from __future__ import annotations
@@ -23,6 +26,20 @@ def _static_or_dynamic_rows(x: tf.Tensor):
   return x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
 
 
+def cross_replica_concat(tensor: tf.Tensor, context: tf.distribute.ReplicaContext) -> tf.Tensor:
+  """All replicas' `tensor` concatenated on axis 0, in replica order (replica context only).
+
+  A one-hot placement plus an all-reduce SUM (the original's objective.py): adding zeros is
+  exact, so the result equals an all-gather bit for bit.
+  """
+  replicas = context.num_replicas_in_sync
+  replica_id = tf.cast(context.replica_id_in_sync_group, tf.int32)
+  placed = tf.scatter_nd(indices=[[replica_id]], updates=[tensor],
+                         shape=tf.concat([[replicas], tf.shape(tensor)], 0))
+  placed = context.all_reduce(tf.distribute.ReduceOp.SUM, placed)
+  return tf.reshape(placed, [-1] + placed.shape.as_list()[2:])  # static where known (XLA)
+
+
 def _cross_replica_views(hidden1: tf.Tensor, hidden2: tf.Tensor,
                          strategy: Optional[tf.distribute.Strategy]):
   """Returns (hidden1_all, hidden2_all, offset): global views and this replica's first row."""
@@ -34,7 +51,8 @@ def _cross_replica_views(hidden1: tf.Tensor, hidden2: tf.Tensor,
         'nt_xent(strategy=...) with more than one replica must run inside strategy.run() (a '
         'replica context), where the other replicas\' projections can be gathered; call it from '
         'the per-replica step function, or pass strategy=None for a single-device loss.')
-  hidden1_all, hidden2_all = context.all_gather([hidden1, hidden2], axis=0)
+  both = cross_replica_concat(tf.stack([hidden1, hidden2], axis=1), context)  # one all-reduce
+  hidden1_all, hidden2_all = both[:, 0], both[:, 1]
   # Every replica has the same local batch (the pipelines drop remainders), as the original's
   # replica_id * batch_size: a static-shape offset, which XLA/TPU compilation needs.
   replica_id = tf.cast(context.replica_id_in_sync_group, tf.int32)

@@ -1,11 +1,14 @@
 """Guards of a model_dir: one training run at a time (a lock file), its flags.json, its checks.
 
 A model_dir belongs to one training run. Training takes `model_dir/LOCK` before
-it writes anything; the file names the holder (host, pid, start time). A second run on the same
-folder fails at once naming that holder; a lock whose process is dead on this host is taken over
-with a warning. On a local disk the lock is created atomically (a hard link that fails if the name
-exists); on gs:// and other remote file systems it is best effort: written, then read back, so two
-runs started within the same second may both proceed.
+it writes anything; the file names the holder (host, pid, start time) and is a lease: the holder
+rewrites its `refreshed` time at every loop boundary and from a background thread every quarter of
+`lease_s`. A second run on the same folder fails at once naming that holder; a lock whose process
+is dead on this host, or whose lease has expired (no refresh for `lease_s` seconds, by both the
+recorded time and the file's modification time), is taken over with a warning, whatever host wrote
+it. On a local disk the lock is created atomically (a hard link that fails if the name exists); on
+gs:// and other remote file systems it is best effort: written, then read back, so two runs started
+within the same second may both proceed.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import json
 import logging
 import os
 import socket
+import threading
+import time
 import uuid
 from typing import Dict, List, Optional, Tuple
 
@@ -26,6 +31,7 @@ from tf_simclr.config import ConfigError, same_value
 log = logging.getLogger(__name__)
 
 LOCK_FILE = 'LOCK'
+DEFAULT_LEASE_S = 300.0
 FLAGS_FILE = 'flags.json'
 
 
@@ -66,9 +72,19 @@ class Holder:
   pid: int
   started: str
   token: str = ''
+  # Lease: the holder's last refresh (unix time) and its lease length; 0 in old lock files.
+  refreshed: float = 0.0
+  lease_s: float = 0.0
 
   def describe(self) -> str:
     return f'host {self.host}, pid {self.pid}, started {self.started}'
+
+  def lease_expired(self, mtime: Optional[float], now: float) -> bool:
+    """True when neither the recorded refresh nor the file's mtime is within the lease."""
+    if self.lease_s <= 0:
+      return False  # A lock without a lease (older version): only the same-host pid rule.
+    last = max(self.refreshed, mtime or 0.0)
+    return now - last > self.lease_s
 
 
 def _pid_alive(pid: int) -> bool:
@@ -86,24 +102,43 @@ def _read_holder(path: str) -> Optional[Holder]:
     with tf.io.gfile.GFile(path) as f:
       record = json.load(f)
     return Holder(host=str(record['host']), pid=int(record['pid']),
-                  started=str(record['started']), token=str(record.get('token', '')))
+                  started=str(record['started']), token=str(record.get('token', '')),
+                  refreshed=float(record.get('refreshed', 0.0)),
+                  lease_s=float(record.get('lease_s', 0.0)))
   except (tf.errors.NotFoundError, FileNotFoundError):
     return None
   except (ValueError, KeyError, TypeError):
     return Holder(host='?', pid=-1, started='? (unreadable lock file)')
 
 
-class RunLock:
-  """model_dir/LOCK held by this process for one training run (a context manager)."""
+def _mtime(path: str) -> Optional[float]:
+  try:
+    return tf.io.gfile.stat(path).mtime_nsec / 1e9
+  except (tf.errors.OpError, OSError):
+    return None
 
-  def __init__(self, model_dir: str):
+
+class LockLostError(ModelDirError):
+  """Another run took over this run's lock (its lease expired while this run was alive)."""
+
+
+class RunLock:
+  """model_dir/LOCK held by this process for one training run (a context manager): a lease of
+  `lease_s` seconds, refreshed by `refresh()` (each loop) and by a background thread."""
+
+  def __init__(self, model_dir: str, lease_s: float = DEFAULT_LEASE_S):
     self.model_dir = model_dir
     self.path = os.path.join(model_dir, LOCK_FILE)
+    self.lease_s = float(lease_s)
     self.me = Holder(host=socket.gethostname(), pid=os.getpid(),
                      started=datetime.datetime.now(datetime.timezone.utc).isoformat(
                          timespec='seconds'),
-                     token=uuid.uuid4().hex)
+                     token=uuid.uuid4().hex, refreshed=time.time(), lease_s=self.lease_s)
     self.held = False
+    self.lost_to: Optional[Holder] = None
+    self._stop = threading.Event()
+    self._thread: Optional[threading.Thread] = None
+    self._write_lock = threading.Lock()
 
   def _payload(self) -> str:
     return json.dumps(dataclasses.asdict(self.me))
@@ -133,6 +168,7 @@ class RunLock:
       for _ in range(2):
         if self._create():
           self.held = True
+          self._start_renewing()
           return self
         holder = _read_holder(self.path)
         if holder is None:
@@ -146,17 +182,71 @@ class RunLock:
                       holder.describe())
           tf.io.gfile.remove(self.path)
           continue
+        mtime = _mtime(self.path)
+        if holder.lease_expired(mtime, time.time()):
+          last = max(holder.refreshed, mtime or 0.0)
+          log.warning('Taking over the lock %s: its lease expired (%s; last refreshed %.0f s '
+                      'ago, lease %g s), so that run is gone.', self.path, holder.describe(),
+                      time.time() - last, holder.lease_s)
+          if _read_holder(self.path) == holder:  # Not renewed or taken meanwhile.
+            tf.io.gfile.remove(self.path)
+          continue
         raise ModelDirError(
             f'--model_dir={self.model_dir} is in use by another training run ({holder.describe()}'
-            f'; lock file {self.path}). Wait for it to finish, use another --model_dir, or, if '
-            'that run is dead (e.g. on another machine), delete the lock file.')
+            f'; lock file {self.path}). Wait for it to finish or use another --model_dir. If that '
+            'run is dead, its lock is taken over once its lease has expired'
+            + (f' ({holder.lease_s:g} s after its last refresh)' if holder.lease_s > 0 else
+               ' (this lock has no lease: delete the lock file)') + '.')
     except (tf.errors.PermissionDeniedError, PermissionError, OSError,
             tf.errors.OpError) as e:
       raise ModelDirError(f'--model_dir={self.model_dir} is not writable: cannot create '
                           f'{self.path} ({type(e).__name__}: {_first_line(e)}).') from e
     raise ModelDirError(f'Could not take the lock {self.path}; try again.')
 
+  def refresh(self) -> None:
+    """Renews the lease (rewrites `refreshed`); raises LockLostError if another run holds it."""
+    if not self.held:
+      if self.lost_to is not None:
+        raise LockLostError(
+            f'--model_dir={self.model_dir}: another run took over the lock {self.path} '
+            f'({self.lost_to.describe()}) after this run failed to renew its lease of '
+            f'{self.lease_s:g} s; stopping so that two runs do not write one model_dir. Raise '
+            '--lock_lease_s if the file system stalls that long.')
+      return
+    with self._write_lock:
+      holder = _read_holder(self.path)
+      if holder is not None and holder.token != self.me.token:
+        self.held, self.lost_to = False, holder
+        return self.refresh()
+      self.me = dataclasses.replace(self.me, refreshed=time.time())
+      try:
+        if _is_local(self.path):
+          tmp = f'{self.path}.{self.me.token}'
+          with open(tmp, 'w') as f:
+            f.write(self._payload())
+          os.replace(tmp, self.path)  # Atomic: the lock never disappears meanwhile.
+        else:
+          with tf.io.gfile.GFile(self.path, 'w') as f:
+            f.write(self._payload())
+      except (tf.errors.OpError, OSError) as e:
+        log.warning('Could not renew the lease of %s (%s: %s).', self.path, type(e).__name__,
+                    _first_line(e))
+
+  def _keep_renewing(self) -> None:
+    while not self._stop.wait(self.lease_s / 4):
+      try:
+        self.refresh()
+      except LockLostError as e:
+        log.error('%s', e)  # The next loop boundary's refresh() raises it in the main thread.
+        return
+
+  def _start_renewing(self) -> None:
+    self._stop.clear()
+    self._thread = threading.Thread(target=self._keep_renewing, name='lock-lease', daemon=True)
+    self._thread.start()
+
   def release(self) -> None:
+    self._stop.set()
     if not self.held:
       return
     self.held = False

@@ -49,10 +49,11 @@ _FORMS = ('a TFDS image-classification name (e.g. cifar10, imagenet2012; catalog
 log = logging.getLogger(__name__)
 
 
-def _read_config(input_context=None) -> tfds.ReadConfig:
-  # Different workers read different files; interleave settings as the original.
+def _read_config(input_context=None, seed: Optional[int] = None) -> tfds.ReadConfig:
+  # Different workers read different files; interleave settings as the original. `seed` fixes
+  # the order in which shuffled files are read (--seed).
   return tfds.ReadConfig(interleave_cycle_length=32, interleave_block_length=1,
-                         input_context=input_context)
+                         input_context=input_context, shuffle_seed=seed)
 
 
 def host_range(num_examples: int, num_pipelines: int, pipeline_id: int) -> tuple:
@@ -144,41 +145,44 @@ class DatasetSource:
                for name, a, b in self._ranges(split))
 
   def as_dataset(self, split: str, shuffle_files: bool = False, input_context=None,
-                 decode: bool = True) -> tf.data.Dataset:
+                 decode: bool = True, seed: Optional[int] = None) -> tf.data.Dataset:
     """(image uint8 HxWxC, label int64) examples; fixed order unless shuffle_files.
 
     With an input_context each input pipeline reads only its own part of the split: whole
     files when the TFDS split has at least one file per pipeline (as the original), else a
     contiguous range of examples (`host_range`). With decode=False TFDS images stay encoded
-    (filter first, then `decode_image`).
+    (filter first, then `decode_image`). `seed` fixes the shuffled file order of TFDS datasets
+    (folder datasets shuffle their file list with TF's global seed).
     """
     num_pipelines, pipeline_id = input_pipelines(input_context)
     if num_pipelines > 1:
       files = self.num_files(split)
       if files is not None and files >= num_pipelines:
-        return self._read(split, shuffle_files, decode, input_context)
+        return self._read(split, shuffle_files, decode, input_context, seed)
       start, stop = host_range(self.num_examples(split), num_pipelines, pipeline_id)
       if files is not None:
         log.info('%s split %r has %d file(s) for %d input pipelines: sharding by example '
                  '(pipeline %d reads examples [%d, %d)).', self.name, split, files,
                  num_pipelines, pipeline_id, start, stop)
-      return self.read_range(split, start, stop, shuffle_files, decode)
-    return self._read(split, shuffle_files, decode)
+      return self.read_range(split, start, stop, shuffle_files, decode, seed)
+    return self._read(split, shuffle_files, decode, seed=seed)
 
-  def read_range(self, split, start, stop, shuffle_files=False, decode=True):
+  def read_range(self, split, start, stop, shuffle_files=False, decode=True, seed=None):
     """Examples [start, stop) of `split`, read without touching the rest."""
     spec = self.sub_split(split, start, stop)
     if spec is None:
       return self._read(split, False, decode).take(0)
-    return self._read(spec, shuffle_files, decode)
+    return self._read(spec, shuffle_files, decode, seed=seed)
 
-  def _read(self, split, shuffle_files, decode, input_context=None) -> tf.data.Dataset:
+  def _read(self, split, shuffle_files, decode, input_context=None,
+            seed=None) -> tf.data.Dataset:
     ranges = self._ranges(split)
     if self.kind == 'tfds':
       decoders = None if decode else {self.builder.info.supervised_keys[0]:
                                       tfds.decode.SkipDecoding()}
       return self.builder.as_dataset(split=split, shuffle_files=shuffle_files, as_supervised=True,
-                                     decoders=decoders, read_config=_read_config(input_context))
+                                     decoders=decoders,
+                                     read_config=_read_config(input_context, seed))
     if self.kind == 'images':
       paths = [p for _, a, b in ranges for p in self.files[a:b]]
       ds = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))

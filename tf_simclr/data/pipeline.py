@@ -142,7 +142,7 @@ def make_train_dataset(source: DatasetSource, data_config, batch_size: int, num_
   if ordered:
     ds = _indexed_source(source, split, label_subset, with_label_mask, input_context)
   else:
-    ds = source.as_dataset(split, shuffle_files=True, input_context=input_context)
+    ds = source.as_dataset(split, shuffle_files=True, input_context=input_context, seed=seed)
     if with_label_mask:
       ds = ds.map(lambda image, label: (image, label, tf.constant(1.0)))
   if data_config.cache_dataset:
@@ -211,8 +211,11 @@ def make_feature_dataset(source: DatasetSource, data_config, split: str, batch_s
                          indices=None, input_context=None) -> tf.data.Dataset:
   """One ordered pass over `split` (or its `indices`) with eval preprocessing, for readouts.
 
-  Elements are (example index in the split, image, integer label); the index lets features
-  gathered from any number of replicas be put back in split order.
+  Elements are batches (example index in the split, image, integer label, valid) of exactly
+  `batch_size` rows: the last batch is padded (index -1, zero image and label) and `valid` (int32
+  1/0) marks the real rows, so every replica sees one static shape (TPUStrategy needs it, and its gather
+  needs equal shapes on all replicas). Index and label are int32 (TPUs have no int64 path). The
+  index lets features gathered from any number of replicas be put back in split order.
   """
   # Each input pipeline reads and decodes only its own contiguous range of the split.
   start, stop, member_np = _host_share(source, split, indices, False, input_context)
@@ -224,14 +227,27 @@ def make_feature_dataset(source: DatasetSource, data_config, split: str, batch_s
 
   def prepare(index, example):
     image, label = example
-    return index, preprocess(to_rgb(source.decode_image(image))), label
+    return (tf.cast(index, tf.int32), preprocess(to_rgb(source.decode_image(image))),
+            tf.cast(label, tf.int32))
+
+  def pad(index, images, labels):
+    missing = batch_size - tf.shape(index)[0]
+    valid = tf.cast(tf.range(batch_size) < tf.shape(index)[0], tf.int32)  # gathers take no bool
+    index = tf.pad(index, [[0, missing]], constant_values=-1)
+    images = tf.pad(images, [[0, missing], [0, 0], [0, 0], [0, 0]])
+    labels = tf.pad(labels, [[0, missing]])
+    size = data_config.image_size
+    return (tf.ensure_shape(index, [batch_size]),
+            tf.ensure_shape(images, [batch_size, size, size, 3]),
+            tf.ensure_shape(labels, [batch_size]), valid)
   ds = ds.map(prepare, num_parallel_calls=AUTOTUNE)
-  return ds.batch(batch_size, drop_remainder=False).prefetch(AUTOTUNE)
+  ds = ds.batch(batch_size, drop_remainder=False).map(pad, num_parallel_calls=AUTOTUNE)
+  return ds.prefetch(AUTOTUNE)
 
 
 def build_feature_dataset(source: DatasetSource, data_config, split: str, global_batch_size: int,
                           strategy, indices=None):
-  """Distributed `make_feature_dataset` (one pass, last batches may be partial or empty)."""
+  """Distributed `make_feature_dataset` (one pass; last batches padded, see `valid`)."""
   config_lib.check_global_batch('eval_batch_size', global_batch_size,
                                 strategy.num_replicas_in_sync)
 

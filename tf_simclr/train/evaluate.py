@@ -53,18 +53,20 @@ class Evaluator:
     self._step = step
 
   def evaluate(self, dataset, eval_steps: int) -> Dict[str, float]:
-    """Runs at most `eval_steps` batches (the whole split when it is shorter)."""
+    """Runs at most `eval_steps` batches, or (0) until every host's data is exhausted, so every
+    example is scored exactly once even when the hosts' shares of the split are uneven (a fixed
+    ceil(examples / global batch) would stop the host with the larger share early)."""
     totals = {'top1_correct': 0.0, 'top5_correct': 0.0, 'count': 0.0}
     done = 0
     for batch in dataset:
-      if done >= eval_steps:
+      if eval_steps and done >= eval_steps:
         break
       out = self._step(batch)
       for k in totals:
         totals[k] += float(out[k].numpy())
       done += 1
       if done % 50 == 0:
-        log.info('Eval: %d / %d steps', done, eval_steps)
+        log.info('Eval: %d / %s steps', done, eval_steps or 'all')
     if totals['count'] == 0:
       # datasets.resolve_from_config already refuses an empty --eval_split (the user error).
       raise ValueError('Evaluator: the dataset produced no examples.')

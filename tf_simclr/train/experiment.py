@@ -107,7 +107,8 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
   # Training, probe and embed write into model_dir (probe/embed: result files only).
   run_dir.check_usable(train.model_dir, create=needs_train or train.mode in ('probe', 'embed'))
   # Only a training run's chief holds the lock, taken before anything is written.
-  lock = run_dir.RunLock(train.model_dir).acquire() if needs_train and chief else None
+  lock = (run_dir.RunLock(train.model_dir, lease_s=train.lock_lease_s).acquire()
+          if needs_train and chief else None)
   try:
     if needs_train and chief:
       weights_state.clean_temp_folders(train.model_dir)
@@ -235,8 +236,9 @@ def _validate_data(config: Config, strategy):
              data.train_split)
   if needs_train:
     log.info('Steps: %d train (%d per epoch, %d warmup), checkpoint every %d, %d per loop; '
-             '%d eval steps.', steps.train_steps, steps.epoch_steps, steps.warmup_steps,
-             steps.checkpoint_steps, steps.steps_per_loop, steps.eval_steps)
+             '%s eval steps.', steps.train_steps, steps.epoch_steps, steps.warmup_steps,
+             steps.checkpoint_steps, steps.steps_per_loop,
+             train.eval_steps or f'all (about {steps.eval_steps})')
   return config, source, steps, label_subset
 
 
@@ -330,11 +332,16 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
   precision_lib.warn_if_slow_on_cpu(config.model.precision, ctx.strategy)
   model = build_model(ctx)
   readouts_lib.random_init_baseline(ctx, model)  # Before any restore: the seeded initialisation.
+  hooks = readouts_lib.knn_hook(ctx, model)
+  if ctx.lock is not None:  # Renew the lock's lease at every loop boundary.
+    hooks = hooks + [(1, lambda step: ctx.lock.refresh())]
   built = assemble_trainer(config, ctx.strategy, ctx.steps, ctx.num_classes, model=model,
-                           teacher=teacher, hooks=readouts_lib.knn_hook(ctx, model))
+                           teacher=teacher, hooks=hooks)
   task = built.task
   built.state.optimizer_changed = ctx.optimizer_changed
   initialize_weights(config, model, built.state, init_fn=init_fn)
+  # Every worker restored from its own --model_dir path: they must be at the same step.
+  distribute.check_same_step(ctx.strategy, built.state.step, config.train.model_dir)
   if ctx.flags_dict is not None and distribute.is_chief(ctx.strategy):
     # Only now: the flags, the data, the lock and the restore (architecture) have all passed.
     run_dir.write_flags(config.train.model_dir, ctx.flags_dict)
@@ -375,7 +382,8 @@ def evaluate(ctx: Context, model, global_step: int, export_fn: Optional[Callable
                                        config.optim.weight_decay,
                                        jit_compile=config.train.jit_compile)
     with _naming_bad_images(ctx, config.data.eval_split):
-      result = evaluator.evaluate(dataset, ctx.steps.eval_steps)
+      # --eval_steps=0: until each host's share is exhausted (hosts' shares may be uneven).
+      result = evaluator.evaluate(dataset, config.train.eval_steps)
   with _naming_bad_images(ctx, config.data.eval_split):
     result.update(readouts_lib.readouts(ctx, model, knn=readouts_lib.knn_enabled(ctx),
                                         linear=linear_probe))
@@ -537,6 +545,7 @@ def run(config: Config, flags_dict: Optional[Dict] = None,
   try:
     return _run_mode(ctx, export_fn or export_hook(config))
   finally:
+    distribute.remove_worker_dirs()  # A non-chief's throw-away checkpoints and summaries.
     if ctx.lock is not None:
       ctx.lock.release()
 

@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Dict, List, Optional
 
+import keras
 import tensorflow as tf
 
 from tf_simclr.config import Steps
@@ -90,7 +91,8 @@ class _StopRequest:
 
   The signal cannot interrupt a running tf.function: the loop in progress ends first, so a loop
   of --steps_per_loop steps must fit in the scheduler's grace period. Under multi-worker
-  strategies the workers agree (max over workers) so they all save and stop at the same step.
+  strategies the workers agree (a SUM of the 0/1 flags over all replicas, > 0: ReduceOp has no
+  MAX) so they all save and stop at the same step.
   """
 
   def __init__(self, strategy):
@@ -112,7 +114,7 @@ class _StopRequest:
       return self.signalled
     flag = 1.0 if self.signalled else 0.0
     per_replica = self.strategy.run(lambda: tf.constant(flag))
-    return float(self.strategy.reduce(tf.distribute.ReduceOp.MAX, per_replica, axis=None)) > 0
+    return float(self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)) > 0
 
   def uninstall(self) -> None:
     if self._previous is not None:
@@ -160,6 +162,40 @@ class MetricAccumulator:
     self._count.assign(0.0)
 
 
+def bn_statistics_averager(model, strategy):
+  """A function that sets every replica's copy of the moving statistics of the model's
+  unsynchronized BatchNormalization layers to their mean over all replicas (all workers), or
+  None when there is nothing to average.
+
+  Keras 3 keeps one copy per replica (aggregation NONE) and checkpoints replica 0's; the
+  original's (Keras 2, aggregation MEAN) were averaged at every update. Both are linear moving
+  averages from the same start, so averaging the copies gives the original's values.
+  """
+  if strategy.num_replicas_in_sync < 2:
+    return None
+  variables = [v for layer in model._flatten_layers()  # pylint: disable=protected-access
+               if isinstance(layer, keras.layers.BatchNormalization) and not layer.synchronized
+               for v in (layer.moving_mean, layer.moving_variance)]
+  if not variables:
+    return None
+
+  def replica_fn():
+    context = tf.distribute.get_replica_context()
+    means = context.all_reduce(tf.distribute.ReduceOp.MEAN, [v.value for v in variables])
+    for v, mean in zip(variables, means):
+      v.assign(mean)
+
+  @tf.function
+  def average():
+    strategy.run(replica_fn)
+  return average
+
+
+def _xla(fn):
+  """`fn` as an XLA-compiled tf.function (nested in the multi-step function)."""
+  return tf.function(fn, jit_compile=True)
+
+
 def _format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
@@ -201,9 +237,12 @@ class Trainer:
     self._images: Optional[tf.Variable] = None
     self._train_fn = None
     self._weights_finite = None
+    # --global_bn=False on several replicas: one average of the BN moving statistics per loop,
+    # so every save, readout and evaluation sees the same (mean) statistics on every replica.
+    self._average_bn = bn_statistics_averager(state.model, strategy)
 
-  def _replica_step(self, batch):
-    """One optimisation step on one replica's batch (replica context, device work only)."""
+  def _gradients(self, batch):
+    """(gradients, metrics) of one replica's batch, cross-replica gather and BN included."""
     task, optimizer = self.task, self.optimizer
     variables = task.trainable_variables
     with tf.GradientTape() as tape:
@@ -212,7 +251,13 @@ class Trainer:
       # scale_loss multiplies by the dynamic loss scale under float16 (identity otherwise);
       # the optimizer divides the gradients by it again.
       scaled_loss = optimizer.scale_loss(loss / self.strategy.num_replicas_in_sync)
-    grads = tape.gradient(scaled_loss, variables)
+    return tape.gradient(scaled_loss, variables), logs
+
+  def _replica_step(self, batch, gradients=None):
+    """One optimisation step on one replica's batch (replica context, device work only)."""
+    task, optimizer = self.task, self.optimizer
+    variables = task.trainable_variables
+    grads, logs = (gradients or self._gradients)(batch)
     if self.loss_scaling:
       # The optimizer skips this step if any replica's gradients are non-finite (same verdict
       # everywhere); its metrics are zeroed so the host averages over the applied steps only.
@@ -241,8 +286,17 @@ class Trainer:
     """The multi-step tf.function; `num_steps` is a tensor so loop lengths never retrace."""
     strategy = self.strategy
     # The iterator's get-next runs on the host: only the replica step can be XLA-compiled.
-    step = tf.function(self._replica_step, jit_compile=True) if self.jit_compile else (
-        self._replica_step)
+    step = self._replica_step
+    if self.jit_compile and strategy.num_replicas_in_sync == 1:
+      step = _xla(self._replica_step)
+    elif self.jit_compile:
+      # Keras 3's optimizer step counter is an ONLY_FIRST_REPLICA variable: its update in
+      # replica context is a merge_call, which a nested (compiled) function cannot make under
+      # MirroredStrategy ("merge_call called while defining a new graph"). So XLA compiles
+      # the loss and gradients (the all-reduces of the NT-Xent gather and synchronized BN have
+      # a path without merge_call there on GPUs); the update runs outside it.
+      gradients = _xla(self._gradients)
+      step = lambda batch: self._replica_step(batch, gradients)
 
     @tf.function
     def train_steps(iterator, num_steps):
@@ -278,6 +332,8 @@ class Trainer:
           train_steps(iterator, tf.constant(n, tf.int32))
         step = state.step
         elapsed = time.time() - t0
+        if self._average_bn is not None:
+          self._average_bn()
         last_metrics = self._accumulator.result()
         self._accumulator.reset()
         if self.loss_scaling:

@@ -45,36 +45,41 @@ def random_init_key(key: str) -> str:
 
 
 def feature_step(encoder, strategy: tf.distribute.Strategy):
-  """A tf.function: distributed `(index, image, label)` batch -> the same, gathered, with features.
+  """A tf.function: distributed `(index, image, label, valid)` batch -> (index, features, label,
+  valid), each gathered across replicas.
 
-  `encoder(images, training=False)` maps images to features (inference mode: BN moving
-  statistics). Each replica's outputs are gathered across replicas (`strategy.gather`, so it also
+  Only the images enter the replica computation: `encoder(images, training=False)` maps them to
+  features (inference mode: BN moving statistics). Index, label and the padding mask (int32)
+  are gathered straight from the dataset's per-replica values (`strategy.gather`, so it also
   works across workers). Reuse the function across calls: tracing under a strategy is slow.
   """
 
-  def replica_fn(index, images, label):
-    return index, encoder(images, training=False), label
+  def replica_fn(images):
+    return encoder(images, training=False)
 
   @tf.function(reduce_retracing=True)
   def step(batch):
-    out = strategy.run(replica_fn, args=batch)
-    return tuple(strategy.gather(v, axis=0) for v in out)
+    index, images, label, valid = batch
+    features = strategy.run(replica_fn, args=(images,))
+    return tuple(strategy.gather(v, axis=0) for v in (index, features, label, valid))
 
   return step
 
 
 def extract_features(step, dataset) -> Tuple[np.ndarray, np.ndarray]:
-  """Features and labels of a distributed `(index, image, label)` dataset, in index order.
+  """Features and labels of a distributed `(index, image, label, valid)` dataset, in index order.
 
-  `step` is a `feature_step`. The example indices put the gathered rows back in dataset order, so
-  the result is the same under any strategy and holds each example exactly once.
+  `step` is a `feature_step`. Padding rows (valid False) are dropped here, so they never reach a
+  kNN bank or a probe; the example indices put the gathered rows back in dataset order, so the
+  result is the same under any strategy and holds each example exactly once.
   """
   indices, features, labels = [], [], []
   for batch in dataset:
-    i, f, y = step(batch)
-    indices.append(i.numpy())
-    features.append(f.numpy())
-    labels.append(y.numpy())
+    i, f, y, valid = (v.numpy() for v in step(batch))
+    valid = valid.astype(bool)
+    indices.append(i[valid])
+    features.append(f[valid])
+    labels.append(y[valid])
   if not indices:
     raise ValueError('Feature extraction read no examples: the split is empty.')
   index = np.concatenate(indices)
