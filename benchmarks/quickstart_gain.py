@@ -23,7 +23,7 @@ kernel (see benchmarks/README.md for why this choice).
 Arm `pretrained_linear_eval`: exactly the `random_init` run (same flags, same head training, same
 budget) but with the encoder initialised from the `pretrained` arm's checkpoint (--checkpoint). It
 is the like-for-like comparison with `random_init`: both train a linear head, from zero
-(--zero_init_logits_layer), on a frozen encoder; only the encoder's weights differ. (The
+(--logits_layer_init=zeros), on a frozen encoder; only the encoder's weights differ. (The
 `pretrained` arm's own head is trained while the encoder still changes, on two jittered views,
 and under-fits.)
 
@@ -54,7 +54,7 @@ READOUTS = {'eval/knn_top_1_accuracy': 'knn_top1',
             'eval/random_init/knn_top_1_accuracy': 'random_init_knn_top1',
             'eval/random_init/linear_probe_top_1_accuracy': 'random_init_probe_top1'}
 RANDOM_INIT_FLAGS = ('--train_mode=finetune', '--fine_tune_after_block=4',
-                     '--zero_init_logits_layer=True')
+                     '--logits_layer_init=zeros')
 # Flags that define the budget; a reused pretrained run must match the flagfile on these.
 BUDGET_FLAGS = ('dataset', 'train_split', 'eval_split', 'image_size', 'resnet_depth',
                 'width_multiplier', 'train_batch_size', 'train_epochs', 'train_steps',

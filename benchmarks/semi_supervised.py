@@ -135,7 +135,7 @@ def main() -> None:
   labels = [f'--train_label_fraction={args.label_fraction}', '--label_fraction_seed=0']
   finetune = COMMON + labels + [
       # The pretrain run's linear head read the encoder output (selector 0): start a new one.
-      '--train_mode=finetune', '--ft_proj_selector=1', '--zero_init_logits_layer=True',
+      '--train_mode=finetune', '--ft_proj_selector=1', '--logits_layer_init=zeros',
       '--optimizer=lars',
       f'--learning_rate={args.finetune_learning_rate}', '--learning_rate_scaling=sqrt',
       '--weight_decay=0', '--warmup_epochs=0', f'--train_batch_size={args.finetune_batch_size}',

@@ -1,4 +1,4 @@
-"""Fine-tuning from our pretrain checkpoints: freezing, zero-init head, precedence, strict restore,
+"""Fine-tuning from our pretrain checkpoints: freezing, the head's initialisation, precedence, strict restore,
 label fractions. Tiny models (ResNet-18 CIFAR stem, 16 px shapes10, batch 8, a few steps)."""
 
 import json
@@ -75,23 +75,32 @@ def test_fine_tune_after_block_freezes_weights_and_bn_statistics(tmp_path, pretr
   assert head and not [p for p in head if changed[p]]
 
 
-def test_zero_init_logits_layer_zeroes_the_restored_head(tmp_path, pretrained):
-  head_before = {p: v for p, v in checkpoint_values(pretrained).items()
-                 if p.startswith('model/supervised_head')}
+@pytest.mark.parametrize('init', ['checkpoint', 'zeros', 'random'])
+def test_logits_layer_init_sets_the_head_after_the_restore(tmp_path, pretrained, init):
+  """checkpoint (default, the original's behaviour even with --zero_init_logits_layer=True, whose
+  zeroing the original ran before the head existed): the checkpoint's head; zeros; random: the
+  head's own N(0, 0.01) init (bias 0), not the checkpoint's."""
+  restored = checkpoint_values(pretrained)
+  head_before = {p: v for p, v in restored.items() if p.startswith('model/supervised_head')}
   assert any(np.any(v != 0) for v in head_before.values())
-  for zero in (False, True):
-    config = _finetune_config(tmp_path / str(zero), pretrained,
-                              train__zero_init_logits_layer=zero)
-    model, _, state = build_state(config, tmp_path / str(zero))
-    assert experiment.initialize_weights(config, model, state) == 'initialized'
-    ours = weights.match.object_variable_paths(model)
-    for path, value in head_before.items():
-      expected = np.zeros_like(value) if zero else value
-      np.testing.assert_array_equal(ours[path].numpy(), expected, err_msg=path)
-    stem = [p for p in ours if p.startswith('model/encoder/stem')]
-    restored = checkpoint_values(pretrained)
-    for p in stem:
-      np.testing.assert_array_equal(ours[p].numpy(), restored[p], err_msg=p)
+  config = _finetune_config(tmp_path, pretrained, train__zero_init_logits_layer=True,
+                            train__logits_layer_init=init)
+  model, _, state = build_state(config, tmp_path)
+  assert experiment.initialize_weights(config, model, state) == 'initialized'
+  ours = weights.match.object_variable_paths(model)
+  for path, value in head_before.items():
+    got = ours[path].numpy()
+    if init == 'checkpoint':
+      np.testing.assert_array_equal(got, value, err_msg=path)
+    elif init == 'zeros':
+      np.testing.assert_array_equal(got, np.zeros_like(value), err_msg=path)
+    elif path.endswith('kernel'):
+      assert not np.allclose(got, value) and 0.005 < got.std() < 0.02, path
+    else:
+      np.testing.assert_array_equal(got, np.zeros_like(value), err_msg=path)
+  stem = [p for p in ours if p.startswith('model/encoder/stem')]
+  for p in stem:
+    np.testing.assert_array_equal(ours[p].numpy(), restored[p], err_msg=p)
 
 
 def test_resume_from_model_dir_wins_over_checkpoint(tmp_path, pretrained, caplog):

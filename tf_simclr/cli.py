@@ -66,7 +66,12 @@ flags.DEFINE_string('checkpoint', None,
                     'Initialise from this checkpoint (ours, a SavedModel export, or weights '
                     'written by google-research/simclr) if model_dir has no checkpoint yet.')
 flags.DEFINE_bool('zero_init_logits_layer', False,
-                  'If True, zero initialize layers after avg_pool for supervised learning.')
+                  'Accepted for original command lines and, as in the original, without effect '
+                  '(its zeroing ran before the head existed); use --logits_layer_init=zeros.')
+flags.DEFINE_enum('logits_layer_init', 'checkpoint', ['checkpoint', 'zeros', 'random'],
+                  'Fine-tune/distill start of the supervised head: checkpoint (the original: '
+                  'the head --checkpoint holds when its shape fits, else a fresh N(0, 0.01) '
+                  'head), zeros (zeroed after the restore), random (always a fresh head).')
 flags.DEFINE_integer('fine_tune_after_block', -1,
                      'The layers after which block that we will fine-tune. -1 means fine-tuning '
                      'everything. 0 means fine-tuning after stem block. 4 means fine-tuning '
@@ -240,7 +245,8 @@ def config_from_flags(flag_values) -> 'Config':
       keep_checkpoint_max=f.keep_checkpoint_max, keep_hub_module_max=f.keep_hub_module_max,
       temperature=f.temperature, hidden_norm=f.hidden_norm,
       lineareval_while_pretraining=f.lineareval_while_pretraining,
-      zero_init_logits_layer=f.zero_init_logits_layer, eval_name=f.eval_name, seed=f.seed,
+      zero_init_logits_layer=f.zero_init_logits_layer,
+      logits_layer_init=f.logits_layer_init, eval_name=f.eval_name, seed=f.seed,
       eval_timeout=f.eval_timeout, jit_compile=f.jit_compile, embed_split=f.embed_split,
       embed_endpoint=f.embed_endpoint, allow_flag_changes=f.allow_flag_changes,
       lock_lease_s=f.lock_lease_s)

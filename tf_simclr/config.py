@@ -28,6 +28,8 @@ PRECISIONS = ('float32', 'mixed_bfloat16', 'mixed_float16')
 ENDPOINTS = ('initial_conv', 'initial_max_pool', 'block_group1', 'block_group2', 'block_group3',
              'block_group4', 'final_avg_pool', 'proj_head_input', 'proj_head_output',
              'logits_sup')
+# How a fine-tune/distill run starts its supervised head (see TrainConfig.logits_layer_init).
+LOGITS_LAYER_INITS = ('checkpoint', 'zeros', 'random')
 
 
 def _check(condition: bool, message: str) -> None:
@@ -263,6 +265,10 @@ class TrainConfig:
   hidden_norm: bool = True
   lineareval_while_pretraining: bool = True
   zero_init_logits_layer: bool = False
+  # checkpoint (the original): the head --checkpoint holds when its shape fits, else N(0, 0.01);
+  # --zero_init_logits_layer does nothing (the original zeroes before the variables exist).
+  # zeros: zeroed after the restore. random: the head's own seeded N(0, 0.01) init.
+  logits_layer_init: str = 'checkpoint'
   eval_name: Optional[str] = None
   seed: Optional[int] = None
   # --mode=eval: seconds to wait for each new checkpoint (0: forever).
@@ -282,6 +288,7 @@ class TrainConfig:
            'summaries and results (it is created if missing).')
     _check_choice('train_mode', self.train_mode, TRAIN_MODES)
     _check_choice('mode', self.mode, MODES)
+    _check_choice('logits_layer_init', self.logits_layer_init, LOGITS_LAYER_INITS)
     _check(self.train_batch_size >= 1, f'--train_batch_size={self.train_batch_size} must be >= 1.')
     _check(self.eval_batch_size >= 1, f'--eval_batch_size={self.eval_batch_size} must be >= 1.')
     _check(self.train_steps >= 0, f'--train_steps={self.train_steps} must be >= 0.')

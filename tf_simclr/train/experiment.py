@@ -296,29 +296,45 @@ def assemble_trainer(config: Config, strategy, steps: Steps, num_classes: int, m
   return Assembly(model=model, optimizer=optimizer, state=state, task=task, trainer=trainer)
 
 
-def _zero_supervised_head(model) -> None:
-  """--zero_init_logits_layer, applied after the restore so it really zeroes the head."""
+def _set_supervised_head(model, values, what: str) -> None:
+  """Assigns `values` (one array per head variable, or None for zeros) to the supervised head."""
   head_vars = model.supervised_head.trainable_variables
-  for v in head_vars:
-    v.assign(tf.zeros_like(v))
-  log.info('Zero-initialised the supervised head (%d variables).', len(head_vars))
+  for i, v in enumerate(head_vars):
+    v.assign(tf.zeros_like(v) if values is None else values[i])
+  log.info('Supervised head (%d variables): %s.', len(head_vars), what)
 
 
 def initialize_weights(config: Config, model, state: weights_state.TrainState,
                        init_fn: Optional[Callable] = None) -> str:
-  """Checkpoint precedence, then --zero_init_logits_layer; returns how the weights were set.
+  """Checkpoint precedence, then --logits_layer_init; returns how the weights were set.
 
-  The zeroing runs after the restore (the original's ran before the variables existed and zeroed
-  nothing) and never on a resume, which must continue from the saved head.
+  `checkpoint` (default) is the original's behaviour: the head --checkpoint holds is kept when
+  its shape fits (else the head stays at its N(0, 0.01) init), and --zero_init_logits_layer does
+  nothing, as in the original, whose zeroing ran before the variables existed. `zeros` zeroes the
+  head after the restore; `random` puts back the head's own seeded initialisation. A resume
+  always continues from the saved head.
   """
   train_config = config.train
   fresh_ok = (SUPERVISED_HEAD,) if train_config.train_mode != 'pretrain' else ()
   if init_fn is None:
     # Our checkpoints and exports, and weights written by google-research/simclr.
     init_fn = lambda path: weights_match.load(model, path, fresh_ok=fresh_ok)
+  head = model.supervised_head
+  initial = [v.numpy() for v in head.trainable_variables] if head is not None else None
   how = state.restore_or_initialize(train_config.checkpoint, fresh_ok=fresh_ok, init_fn=init_fn)
-  if how != 'resumed' and train_config.zero_init_logits_layer and model.supervised_head:
-    _zero_supervised_head(model)
+  if how != 'resumed' and head is not None:
+    init = train_config.logits_layer_init
+    if init == 'zeros':
+      _set_supervised_head(model, None, 'zero-initialised after the restore '
+                           '(--logits_layer_init=zeros)')
+    elif init == 'random' and how == 'initialized':
+      _set_supervised_head(model, initial, 'fresh N(0, 0.01) initialisation')
+    elif how == 'initialized':
+      log.info('Supervised head: kept as --checkpoint set it (the checkpoint\'s head when its '
+               'shape fits, else fresh), as the original%s.',
+               '; --zero_init_logits_layer has no effect, as in the original (use '
+               '--logits_layer_init=zeros to zero it)' if train_config.zero_init_logits_layer
+               else '')
   if how == 'scratch' and train_config.train_mode == 'finetune':
     log.warning('Fine-tuning without --checkpoint: training from random initialisation '
                 '(the supervised baseline).')
