@@ -43,6 +43,10 @@ def test_installed_command_equals_run_py(tmp_path):
   message = '--mode=export: no checkpoint in --model_dir='
   assert installed.returncode == clone.returncode == 2
   assert message in installed.stderr and message in clone.stderr
+  for command in ([str(venv / 'bin' / 'tf-simclr')], [sys.executable, 'run.py']):
+    usage = subprocess.run([*command, '--helpshort'], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert '--embed_endpoint' in usage.stdout and '--train_mode' in usage.stdout, command
   where = subprocess.run([str(venv / 'bin' / 'python'), '-c',
                           'import tf_simclr.cli, sys; print(tf_simclr.cli.__file__)'],
                          cwd=str(tmp_path), env=env, capture_output=True, text=True)

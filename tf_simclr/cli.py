@@ -326,6 +326,9 @@ def run() -> None:
   from tf_simclr import cpu_kernels
   cpu_kernels.default_onednn_on()
   std_logging.getLogger('tensorflow').setLevel(std_logging.ERROR)
+  # --help/--helpshort list the main program's flags: make these flags the program's own.
+  for flag in FLAGS.get_key_flags_for_module(__name__):
+    FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   app.run(main)
 
 
