@@ -1,8 +1,11 @@
 """tf-simclr command line: SimCLR v1/v2 pretraining, fine-tuning, distillation and export.
 
+`python run.py ...` (in a clone) and the installed `tf-simclr ...` command both run `run()`. This
+module is the CLI, the one module under tf_simclr/ that reads absl flags; the library never does.
+
 Every flag of google-research/simclr `tf2/run.py` is kept with its name, meaning and default, so an
-original command line works unchanged; the differences are listed in the README. This file is the
-only place that reads absl flags: it turns them into a frozen `tf_simclr.config.Config`.
+original command line works unchanged; the differences are listed in the README. It turns the flags
+into a frozen `tf_simclr.config.Config`.
 
   python run.py --flagfile=flags/quickstart.cfg
 """
@@ -350,10 +353,18 @@ def main(argv):
     sys.exit(2)
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The command: `python run.py` and the installed `tf-simclr` entry point."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   # Before TensorFlow loads: oneDNN kernels on x86-64 unless TF_ENABLE_ONEDNN_OPTS is set.
   from tf_simclr import cpu_kernels
   cpu_kernels.default_onednn_on()
   std_logging.getLogger('tensorflow').setLevel(std_logging.ERROR)
+  # --help/--helpshort list the main program's flags: make these flags the program's own.
+  for flag in FLAGS.get_key_flags_for_module(__name__):
+    FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

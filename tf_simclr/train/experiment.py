@@ -97,13 +97,14 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
     keras.utils.set_random_seed(train.seed)
   if train.mode == 'export':
     return _prepare_from_weights(config, strategy, 'export')
+  embed_classes = None
+  if train.mode == 'embed':  # No weights to read is the first thing to say.
+    config, embed_classes = _model_from_weights(config, 'embed')
   config, source, steps, label_subset = _validate_data(config, strategy)
-  num_classes = source.num_classes
+  num_classes = source.num_classes if embed_classes is None else embed_classes
   if not source.labelled and train.train_mode == 'distill':  # The teacher's classes.
     from tf_simclr.weights import original  # pylint: disable=g-import-not-at-top
     num_classes = original.describe(config.distill.teacher_checkpoint)['num_classes'] or 0
-  if train.mode == 'embed':
-    config, num_classes = _model_from_weights(config, 'embed')
   # Training, probe and embed write into model_dir (probe/embed: result files only).
   run_dir.check_usable(train.model_dir, create=needs_train or train.mode in ('probe', 'embed'))
   # Only a training run's chief holds the lock, taken before anything is written.
