@@ -248,3 +248,22 @@ def test_fill_from_record_rules():
   assert out['width_multiplier'] == 1.0  # 1 == 1.0: no contradiction.
   assert out['train_mode'] == 'finetune'  # A distilled student reads as a fine-tuned model.
   assert out['dataset'] == 'cifar10' and out['sk_ratio'] is None
+
+
+def test_distillation_trains_on_unlabelled_images(tmp_path, photos, original_fixture_dir):
+  """SimCLR v2's distillation needs no labels: the student learns the teacher's 10 classes."""
+  root, _ = photos
+  base = tiny_config(tmp_path / 'run', data__dataset=f'images:{root}', data__image_size=32,
+                     train__train_steps=2)
+  student = cfg.model_config('distill', 32, resnet_depth=18, width_multiplier=0.125,
+                             proj_out_dim=16, num_proj_layers=2)
+  teacher = cfg.teacher_model_config(student, resnet_depth=18, width_multiplier=1,
+                                     proj_out_dim=128, num_proj_layers=3)
+  config = dataclasses.replace(
+      base, model=student, train=dataclasses.replace(base.train, train_mode='distill'),
+      distill=cfg.DistillConfig(teacher=teacher,
+                                teacher_checkpoint=str(original_fixture_dir / 'saved_model')))
+  experiment.run(config, export_fn=experiment.no_export)
+  from tf_simclr.weights import original
+  assert (tmp_path / 'run' / 'ckpt-2.index').exists()
+  assert original.describe(str(tmp_path / 'run' / 'ckpt-2'))['num_classes'] == 10
