@@ -15,7 +15,7 @@ from PIL import Image
 from tf_simclr import config as cfg
 from tf_simclr import run_dir
 from tf_simclr.data import datasets
-from tf_simclr.errors import ConfigError, DatasetError
+from tf_simclr.errors import ConfigError, DatasetError, UserError
 from tf_simclr.models import simclr
 from tf_simclr.train import embed, experiment
 
@@ -106,10 +106,12 @@ def test_images_errors(tmp_path, photos):
     ({'data__dataset': 'images:/no/such/folder'}, 'does not exist'),
     ({'data__dataset': 'shapes1O'}, 'unknown'),
     ({'train__train_batch_size': 64, 'data__train_split': 'train[:10]'}, 'fewer than one'),
+    ({'train__checkpoint': '/no/such/ckpt-5'}, 'not found'),
+    ({'train__checkpoint': '/no/such/ckpt-5', 'train__mode': 'probe'}, 'not found'),
 ])
 def test_refused_training_leaves_no_model_dir(tmp_path, overrides, match):
   model_dir = tmp_path / 'new' / 'run'
-  with pytest.raises(DatasetError, match=match):
+  with pytest.raises(UserError, match=match):
     experiment.prepare(tiny_config(model_dir, **overrides))
   assert not (tmp_path / 'new').exists()
 

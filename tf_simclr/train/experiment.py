@@ -81,6 +81,8 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
     config, num_classes = reading.model_from_weights(config, 'export')
     return Context(config=config, strategy=strategy, source=None, steps=None,
                    num_classes=num_classes)
+  if train.checkpoint and not weights_source.find_checkpoints(train.model_dir):
+    weights_source.checkpoint_prefix(train.checkpoint)  # Exists? (before model_dir is created)
   embed_classes = None
   if train.mode == 'embed':  # No weights to read is the first thing to say.
     config, embed_classes = reading.model_from_weights(config, 'embed')
