@@ -269,3 +269,23 @@ def test_distillation_trains_on_unlabelled_images(tmp_path, photos, original_fix
   from tf_simclr.weights import original
   assert (tmp_path / 'run' / 'ckpt-2.index').exists()
   assert original.describe(str(tmp_path / 'run' / 'ckpt-2'))['num_classes'] == 10
+
+
+def test_embed_reads_the_originals_weights_from_checkpoint(tmp_path, original_fixture_dir):
+  """--mode=embed --checkpoint=<the original's SavedModel>: the model of those weights (its
+  10-class head found in the variables) computes the original's own features."""
+  from tf_simclr.train import reading
+  base = tiny_config(tmp_path / 'run', data__image_size=32, train__mode='embed',
+                     train__checkpoint=str(original_fixture_dir / 'saved_model'))
+  model_config = cfg.model_config('pretrain', 32, resnet_depth=18, width_multiplier=1,
+                                  proj_out_dim=128, num_proj_layers=3)
+  config, num_classes = reading.model_from_weights(dataclasses.replace(base, model=model_config),
+                                                   'embed')
+  assert num_classes == 10 and config.model.supervised_head
+  model = simclr.build_model(config.model, num_classes).build_for_size(32)
+  reading.load_weights(config, model)
+  expected = np.load(original_fixture_dir / 'expected_outputs.npz')
+  out = model(tf.constant(expected['images']), training=False)
+  # The fixture's bar for an importer of these weights (its README): max abs diff <= 1e-4.
+  for key in ('final_avg_pool', 'proj_head_output', 'logits_sup'):
+    assert np.max(np.abs(out[key].numpy() - expected[key])) <= 1e-4, key
