@@ -15,7 +15,7 @@ from PIL import Image
 from tf_simclr import config as cfg
 from tf_simclr import run_dir
 from tf_simclr.data import datasets
-from tf_simclr.errors import ConfigError, DatasetError
+from tf_simclr.errors import ConfigError, DatasetError, UserError
 from tf_simclr.models import simclr
 from tf_simclr.train import embed, experiment
 
@@ -106,10 +106,12 @@ def test_images_errors(tmp_path, photos):
     ({'data__dataset': 'images:/no/such/folder'}, 'does not exist'),
     ({'data__dataset': 'shapes1O'}, 'unknown'),
     ({'train__train_batch_size': 64, 'data__train_split': 'train[:10]'}, 'fewer than one'),
+    ({'train__checkpoint': '/no/such/ckpt-5'}, 'not found'),
+    ({'train__checkpoint': '/no/such/ckpt-5', 'train__mode': 'probe'}, 'not found'),
 ])
 def test_refused_training_leaves_no_model_dir(tmp_path, overrides, match):
   model_dir = tmp_path / 'new' / 'run'
-  with pytest.raises(DatasetError, match=match):
+  with pytest.raises(UserError, match=match):
     experiment.prepare(tiny_config(model_dir, **overrides))
   assert not (tmp_path / 'new').exists()
 
@@ -248,3 +250,42 @@ def test_fill_from_record_rules():
   assert out['width_multiplier'] == 1.0  # 1 == 1.0: no contradiction.
   assert out['train_mode'] == 'finetune'  # A distilled student reads as a fine-tuned model.
   assert out['dataset'] == 'cifar10' and out['sk_ratio'] is None
+
+
+def test_distillation_trains_on_unlabelled_images(tmp_path, photos, original_fixture_dir):
+  """SimCLR v2's distillation needs no labels: the student learns the teacher's 10 classes."""
+  root, _ = photos
+  base = tiny_config(tmp_path / 'run', data__dataset=f'images:{root}', data__image_size=32,
+                     train__train_steps=2)
+  student = cfg.model_config('distill', 32, resnet_depth=18, width_multiplier=0.125,
+                             proj_out_dim=16, num_proj_layers=2)
+  teacher = cfg.teacher_model_config(student, resnet_depth=18, width_multiplier=1,
+                                     proj_out_dim=128, num_proj_layers=3)
+  config = dataclasses.replace(
+      base, model=student, train=dataclasses.replace(base.train, train_mode='distill'),
+      distill=cfg.DistillConfig(teacher=teacher,
+                                teacher_checkpoint=str(original_fixture_dir / 'saved_model')))
+  experiment.run(config, export_fn=experiment.no_export)
+  from tf_simclr.weights import original
+  assert (tmp_path / 'run' / 'ckpt-2.index').exists()
+  assert original.describe(str(tmp_path / 'run' / 'ckpt-2'))['num_classes'] == 10
+
+
+def test_embed_reads_the_originals_weights_from_checkpoint(tmp_path, original_fixture_dir):
+  """--mode=embed --checkpoint=<the original's SavedModel>: the model of those weights (its
+  10-class head found in the variables) computes the original's own features."""
+  from tf_simclr.train import reading
+  base = tiny_config(tmp_path / 'run', data__image_size=32, train__mode='embed',
+                     train__checkpoint=str(original_fixture_dir / 'saved_model'))
+  model_config = cfg.model_config('pretrain', 32, resnet_depth=18, width_multiplier=1,
+                                  proj_out_dim=128, num_proj_layers=3)
+  config, num_classes = reading.model_from_weights(dataclasses.replace(base, model=model_config),
+                                                   'embed')
+  assert num_classes == 10 and config.model.supervised_head
+  model = simclr.build_model(config.model, num_classes).build_for_size(32)
+  reading.load_weights(config, model)
+  expected = np.load(original_fixture_dir / 'expected_outputs.npz')
+  out = model(tf.constant(expected['images']), training=False)
+  # The fixture's bar for an importer of these weights (its README): max abs diff <= 1e-4.
+  for key in ('final_avg_pool', 'proj_head_output', 'logits_sup'):
+    assert np.max(np.abs(out[key].numpy() - expected[key])) <= 1e-4, key

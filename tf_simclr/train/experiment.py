@@ -26,7 +26,7 @@ from tf_simclr.data import datasets, pipeline
 from tf_simclr.models import simclr
 from tf_simclr.optim import lars, schedule
 from tf_simclr.train import evaluate as evaluate_lib
-from tf_simclr.train import loop, probe, tasks
+from tf_simclr.train import loop, probe, reading, tasks
 from tf_simclr.train import readouts as readouts_lib
 from tf_simclr.weights import match as weights_match
 from tf_simclr.weights import source as weights_source
@@ -96,10 +96,14 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
   if train.seed is not None:
     keras.utils.set_random_seed(train.seed)
   if train.mode == 'export':
-    return _prepare_from_weights(config, strategy, 'export')
+    config, num_classes = reading.model_from_weights(config, 'export')
+    return Context(config=config, strategy=strategy, source=None, steps=None,
+                   num_classes=num_classes)
+  if train.checkpoint and not weights_source.find_checkpoints(train.model_dir):
+    weights_source.checkpoint_prefix(train.checkpoint)  # Exists? (before model_dir is created)
   embed_classes = None
   if train.mode == 'embed':  # No weights to read is the first thing to say.
-    config, embed_classes = _model_from_weights(config, 'embed')
+    config, embed_classes = reading.model_from_weights(config, 'embed')
   config, source, steps, label_subset = _validate_data(config, strategy)
   num_classes = source.num_classes if embed_classes is None else embed_classes
   if not source.labelled and train.train_mode == 'distill':  # The teacher's classes.
@@ -128,48 +132,6 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
   return Context(config=config, strategy=strategy, source=source, steps=steps,
                  num_classes=num_classes, label_subset=label_subset, lock=lock,
                  flags_dict=flags_dict, optimizer_changed=optimizer_changed)
-
-
-def _weights_path(config: Config) -> Optional[str]:
-  """What --mode=export/embed read: model_dir's newest checkpoint, else --checkpoint (export);
-  --checkpoint, else model_dir (embed, as probe); None when there is neither."""
-  train = config.train
-  in_dir = train.model_dir if weights_source.find_checkpoints(train.model_dir) else None
-  if train.mode == 'export':
-    return in_dir or train.checkpoint
-  return train.checkpoint or in_dir
-
-
-def _model_from_weights(config: Config, mode: str):
-  """(config, num_classes) of the model the weights to read hold: a supervised head only if they
-  have one, with their number of classes (weights.original.describe)."""
-  from tf_simclr.weights import original  # pylint: disable=g-import-not-at-top
-  path = _weights_path(config)
-  if path is None:
-    raise CheckpointNotFoundError(
-        f'--mode={mode}: no checkpoint in --model_dir={config.train.model_dir} and no '
-        '--checkpoint (ours, an export, or google-research/simclr\'s weights).')
-  num_classes = 0
-  # model_dir: the newest checkpoint whose index and object graph read (the restore then checks
-  # the values); none readable: no head, and the restore reports the damage.
-  for prefix in ([path] if path != config.train.model_dir
-                 else weights_source.find_checkpoints(path)):
-    try:
-      num_classes = original.describe(prefix)['num_classes'] or 0
-      break
-    except (UserError, ValueError, IndexError, tf.errors.OpError) as e:
-      if path != config.train.model_dir:
-        raise
-      log.warning('Cannot read %s (%s); trying an older checkpoint.', prefix, e)
-  model = dataclasses.replace(config.model, supervised_head=num_classes > 0)
-  return dataclasses.replace(config, model=model), num_classes
-
-
-def _prepare_from_weights(config: Config, strategy, mode: str) -> Context:
-  """--mode=export: the model of the weights, no dataset resolved or prepared."""
-  config, num_classes = _model_from_weights(config, mode)
-  return Context(config=config, strategy=strategy, source=None, steps=None,
-                 num_classes=num_classes)
 
 
 def _unlabelled_config(config: Config) -> Config:
@@ -420,7 +382,7 @@ def evaluate(ctx: Context, model, global_step: int, export_fn: Optional[Callable
   return stored
 
 
-_MODEL_DIR_LEAD = 'Checkpoint {} does not match the model built from the flags'
+_MODEL_DIR_LEAD = reading.MODEL_DIR_LEAD
 
 
 def follow_and_evaluate(ctx: Context, export_fn: Optional[Callable] = None,
@@ -501,27 +463,6 @@ def probe_checkpoint(ctx: Context) -> Dict[str, float]:
 
 
 
-def load_for_reading(ctx: Context, model) -> int:
-  """--mode=export/embed: restores (strictly) the weights `_weights_path` names; their step."""
-  path = _weights_path(ctx.config)
-  model_dir = ctx.config.train.model_dir
-  if path == model_dir:
-    loaded = weights_state.load_newest_intact(model, model_dir, lead=_MODEL_DIR_LEAD)
-    if loaded is None:
-      raise CheckpointNotFoundError(f'--mode={ctx.config.train.mode}: no intact checkpoint in '
-                                    f'--model_dir={model_dir}.')
-    log.info('Read %s (step %d).', loaded[0], loaded[1])
-    return loaded[1]
-  source = weights_source.resolve(path)
-  weights_match.load(model, source)
-  try:
-    step = weights_source.read_global_step(source)
-  except (ValueError, KeyError, tf.errors.OpError):
-    step = 0
-  log.info('Read --checkpoint=%s (%s of %s, step %d).', path, source.kind, source.origin, step)
-  return step
-
-
 PREEMPTED = loop.TrainingPreemptedError
 INTERRUPTED = loop.TrainingInterruptedError  # SIGINT after saving: exit status 130
 # Errors a user can cause (flags, files, data, a diverged run): exit 2 with the message alone.
@@ -576,12 +517,12 @@ def _run_mode(ctx: Context, export_fn: Callable) -> Optional[Dict[str, float]]:
     return follow_and_evaluate(ctx, export_fn, timeout=config.train.eval_timeout)
   if mode == 'export':
     model = build_model(ctx)
-    export_fn(model, load_for_reading(ctx, model))
+    export_fn(model, reading.load_weights(ctx.config, model))
     return None
   if mode == 'embed':
     from tf_simclr.train import embed  # pylint: disable=g-import-not-at-top
     model = build_model(ctx)
-    load_for_reading(ctx, model)
+    reading.load_weights(ctx.config, model)
     embed.embed_split(ctx, model)
     return None
   teacher = load_teacher(ctx) if config.train.train_mode == 'distill' else None
