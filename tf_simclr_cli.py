@@ -1,7 +1,8 @@
 """tf-simclr command line: SimCLR v1/v2 pretraining, fine-tuning, distillation and export.
 
 `python run.py ...` (in a clone) and the installed `tf-simclr ...` command both run `run()`. This
-module is the CLI, the one module under tf_simclr/ that reads absl flags; the library never does.
+module is the CLI, the one module that reads absl flags; it lives beside the tf_simclr package,
+which never does (a notebook uses the library without absl).
 
 Every flag of google-research/simclr `tf2/run.py` is kept with its name, meaning and default, so an
 original command line works unchanged; the differences are listed in the README. It turns the flags
