@@ -91,7 +91,8 @@ def test_run_survives_sigterm_kill_damage_and_concurrency(tmp_path):
   p2 = start(model_dir, tmp_path / 'p2.log', f'--train_steps={LONG}')
   wait_for(lambda: max(steps_saved(model_dir)) > stopped, p2, 'a checkpoint after the resume')
   before = digests(model_dir)
-  p3 = start(model_dir, tmp_path / 'p3.log', f'--train_steps={LONG}', '--temperature=0.3')
+  p3 = start(model_dir, tmp_path / 'p3.log', f'--train_steps={LONG}', '--temperature=0.3',
+             '--allow_flag_changes')  # passes the flags check, then meets the lock
   rc3, out3 = finish(p3, tmp_path / 'p3.log')
   assert p2.poll() is None, 'the first run ended before the second was refused'
   assert rc3 == 2, out3[-3000:]
