@@ -5,7 +5,9 @@ step) goes through, in order: SIGTERM (saves, exit 3) -> rerun resumes -> a conc
 is refused -> kill -9 mid-loop -> index file deleted, newest checkpoint truncated, an unfinished
 `ckpt-N_temp` folder (what a kill during a save leaves) -> rerun falls back to the newest intact
 checkpoint and ends at exactly --train_steps. Then a mistaken export, eval on a missing folder and
-a diverging run. The in-process tests below cover the pieces that need no training.
+a diverging run; resumes with changed flags, SIGINT and an unwritable result.json on copies of one
+2-step model_dir (a module fixture); bad inputs that must give one line and exit 2. The in-process
+tests below cover the pieces that need no training.
 """
 
 import hashlib
