@@ -5,7 +5,9 @@ step) goes through, in order: SIGTERM (saves, exit 3) -> rerun resumes -> a conc
 is refused -> kill -9 mid-loop -> index file deleted, newest checkpoint truncated, an unfinished
 `ckpt-N_temp` folder (what a kill during a save leaves) -> rerun falls back to the newest intact
 checkpoint and ends at exactly --train_steps. Then a mistaken export, eval on a missing folder and
-a diverging run. The in-process tests below cover the pieces that need no training.
+a diverging run; resumes with changed flags, SIGINT and an unwritable result.json on copies of one
+2-step model_dir (a module fixture); bad inputs that must give one line and exit 2. The in-process
+tests below cover the pieces that need no training.
 """
 
 import hashlib
@@ -91,7 +93,8 @@ def test_run_survives_sigterm_kill_damage_and_concurrency(tmp_path):
   p2 = start(model_dir, tmp_path / 'p2.log', f'--train_steps={LONG}')
   wait_for(lambda: max(steps_saved(model_dir)) > stopped, p2, 'a checkpoint after the resume')
   before = digests(model_dir)
-  p3 = start(model_dir, tmp_path / 'p3.log', f'--train_steps={LONG}', '--temperature=0.3')
+  p3 = start(model_dir, tmp_path / 'p3.log', f'--train_steps={LONG}', '--temperature=0.3',
+             '--allow_flag_changes')  # passes the flags check, then meets the lock
   rc3, out3 = finish(p3, tmp_path / 'p3.log')
   assert p2.poll() is None, 'the first run ended before the second was refused'
   assert rc3 == 2, out3[-3000:]
