@@ -40,6 +40,13 @@ def two_replica_strategy():
   return tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
 
 
+@pytest.fixture(scope='module')
+def run_module():
+  """run.py as a module (its flags defined): config_from_flags, fill_flags_from_record, ..."""
+  from helpers import run_cli  # pylint: disable=g-import-not-at-top
+  return run_cli()
+
+
 @pytest.fixture
 def original_fixture_dir():
   """shared/fixtures/original_tf2, present in CI beside the clone; skipped in a user's clone."""

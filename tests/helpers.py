@@ -1,7 +1,10 @@
 """Helpers shared by test modules (fixtures live in conftest.py): tiny configs and builders."""
 
 import dataclasses
+import pathlib
+import sys
 
+from absl import flags as absl_flags
 import numpy as np
 import tensorflow as tf
 
@@ -105,3 +108,21 @@ def assert_same_updates(got, want, initial, rtol=UPDATE_RTOL):
       worst.append(f'{path}: |update difference| {error:.3g} > {bound:.3g} '
                    f'(|update| {np.linalg.norm(d_want):.3g})')
   assert not worst, 'updates differ:\n' + '\n'.join(worst)
+
+
+def run_cli():
+  """The clone's run.py module (importing it defines the absl flags)."""
+  root = str(pathlib.Path(__file__).resolve().parents[1])
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  import run  # pylint: disable=g-import-not-at-top
+  return run
+
+
+def parse_flags(argv):
+  """Parses a run.py command line into absl's global flags (reset first, so tests do not leak)."""
+  run_cli()
+  fv = absl_flags.FLAGS
+  fv.unparse_flags()
+  fv(['run.py'] + list(argv))
+  return fv

@@ -9,6 +9,8 @@ from absl import flags as absl_flags
 
 from tf_simclr import config as cfg
 
+from helpers import parse_flags
+
 # Every flag of the original tf2/run.py with its default, transcribed from the reference
 # (commit 383d414). `use_tpu` is the one deliberate change: unset means automatic.
 ORIGINAL_FLAGS = {
@@ -35,19 +37,7 @@ ORIGINAL_CIFAR_COMMAND = [
     '--color_jitter_strength=0.5', '--model_dir=/tmp/simclr_test', '--use_tpu=False']
 
 
-@pytest.fixture(scope='module')
-def run_module():
-  sys.path.insert(0, str(__import__('conftest').PROJECT_ROOT))
-  import run  # noqa: F401  (defines the flags)
-  return run
-
-
-def _parse(argv):
-  """Parses a command line into the global flags (reset first, so tests do not leak)."""
-  fv = absl_flags.FLAGS
-  fv.unparse_flags()
-  fv(['run.py'] + argv)
-  return fv
+_parse = parse_flags
 
 
 def test_every_original_flag_exists_with_its_default(run_module):

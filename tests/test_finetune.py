@@ -3,13 +3,10 @@ label fractions. Tiny models (ResNet-18 CIFAR stem, 16 px shapes10, batch 8, a f
 
 import json
 import logging
-import os
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import flags as absl_flags
 
 from tf_simclr import weights
 from tf_simclr.errors import CheckpointMismatchError
@@ -19,7 +16,8 @@ from tf_simclr.data import synthetic
 from tf_simclr.models import simclr
 from tf_simclr.train import experiment
 
-from helpers import TINY_MODEL, build_state, checkpoint_values, tiny_config
+from helpers import (TINY_MODEL, build_state, checkpoint_values, parse_flags, run_cli,
+                     tiny_config)
 
 # Training runs here need no SavedModel export (tests/test_export.py covers it): no_export.
 
@@ -122,12 +120,7 @@ def test_resume_from_model_dir_wins_over_checkpoint(tmp_path, pretrained, caplog
 
 
 def _parse_run_flags(argv):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  import run  # noqa: F401  (defines the flags)
-  fv = absl_flags.FLAGS
-  fv.unparse_flags()
-  fv(['run.py'] + argv)
-  return run.config_from_flags(fv)
+  return run_cli().config_from_flags(parse_flags(argv))
 
 
 def test_finetune_without_checkpoint_on_label_fraction_from_run_flags(tmp_path, caplog):

@@ -4,12 +4,10 @@ and validation that leaves no debris (issue 17). In-process, no training."""
 import dataclasses
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import flags as absl_flags
 from PIL import Image
 
 from tf_simclr import config as cfg
@@ -19,7 +17,7 @@ from tf_simclr.errors import ConfigError, DatasetError, UserError
 from tf_simclr.models import simclr
 from tf_simclr.train import embed, experiment
 
-from helpers import tiny_config
+from helpers import parse_flags, tiny_config
 
 
 def _image(path, rgb, size=(19, 23), fmt=None):
@@ -186,18 +184,7 @@ def test_embed_files(tmp_path):
 
 # ---- Every reading mode fills flags from the run's record (item 3).
 
-@pytest.fixture(scope='module')
-def run_module():
-  sys.path.insert(0, str(__import__('conftest').PROJECT_ROOT))
-  import run  # noqa: F401  (defines the flags)
-  return run
-
-
-def _parse(argv):
-  fv = absl_flags.FLAGS
-  fv.unparse_flags()
-  fv(['run.py'] + argv)
-  return fv
+_parse = parse_flags
 
 
 RECORD = {'resnet_depth': 18, 'width_multiplier': 0.25, 'sk_ratio': 0.0, 'se_ratio': 0.0,
