@@ -64,3 +64,16 @@ def test_train_pipeline_passes_the_seed(sharded):
   first = labels(11)
   assert sorted(first) == list(range(60))  # one epoch, 60 examples in 10 batches
   assert labels(11) == first
+
+
+def test_labels_are_read_once_then_from_the_cache(sharded, monkeypatch):
+  """TFDS records hold the image with the label: the second call must not read them again."""
+  labels = sharded.labels('train[5:40]')
+  np.testing.assert_array_equal(labels, _order(sharded.as_dataset('train[5:40]')))
+
+  def no_reading(*args, **kwargs):
+    raise AssertionError('read the records again')
+  monkeypatch.setattr(sharded.builder, 'as_dataset', no_reading)
+  np.testing.assert_array_equal(sharded.labels('train[5:40]'), labels)
+  with pytest.raises(AssertionError, match='read the records again'):
+    sharded.labels('train[:5]')  # another split: not cached yet

@@ -231,12 +231,47 @@ class DatasetSource:
       to_id = self.builder.info.features['label'].str2int
       return np.concatenate([np.array([to_id(e.label) for e in examples[n][a:b]], np.int64)
                              for n, a, b in ranges])
+    cached = self._cached_labels(split)
+    if cached is not None:
+      return cached
     image_key = self.builder.info.supervised_keys[0]
     ds = self.builder.as_dataset(split=split, shuffle_files=False, as_supervised=True,
                                  decoders={image_key: tfds.decode.SkipDecoding()},
                                  read_config=_read_config())
     ds = ds.map(lambda image, label: label).batch(8192)
-    return np.concatenate([b.numpy() for b in ds] or [np.zeros([0])]).astype(np.int64)
+    labels = np.concatenate([b.numpy() for b in ds] or [np.zeros([0])]).astype(np.int64)
+    self._cache_labels(split, labels)
+    return labels
+
+  def _labels_cache_path(self, split: str) -> str:
+    """Beside the prepared TFDS files (one immutable version folder): labels-<split>.npy."""
+    safe = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in split)
+    return os.path.join(os.fspath(self.builder.data_dir), f'tf_simclr_labels-{safe}.npy')
+
+  def _cached_labels(self, split: str) -> Optional[np.ndarray]:
+    """The labels `_cache_labels` stored, if they are there and of the split's size."""
+    path = self._labels_cache_path(split)
+    try:
+      with tf.io.gfile.GFile(path, 'rb') as f:
+        labels = np.load(f)
+    except (tf.errors.OpError, OSError, ValueError):
+      return None
+    if labels.shape != (self.num_examples(split),):
+      return None
+    return labels.astype(np.int64)
+
+  def _cache_labels(self, split: str, labels: np.ndarray) -> None:
+    """TFDS records hold image and label together, so reading labels reads every image's bytes
+    (ImageNet: the whole split): store them once beside the data (best effort: a read-only
+    data_dir only logs)."""
+    path = self._labels_cache_path(split)
+    try:
+      with tf.io.gfile.GFile(path + '.tmp', 'wb') as f:
+        np.save(f, labels)
+      tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
+    except (tf.errors.OpError, OSError) as e:
+      log.info('Could not cache the labels of %s in %s (%s); they are read again next time.',
+               split, path, type(e).__name__)
 
 
 def validate_split(source: DatasetSource, split: str, flag: str = '--train_split') -> None:
