@@ -231,7 +231,7 @@ def test_no_network_fails_in_seconds(tmp_path, monkeypatch):
   def must_not_download(*args, **kwargs):
     raise AssertionError('download_and_prepare was called')
 
-  for var in datasets._PROXY_VARS:
+  for var in tfds_prepare._PROXY_VARS:
     monkeypatch.delenv(var, raising=False)
   monkeypatch.setattr(socket, 'create_connection', unreachable)
   monkeypatch.setattr('tensorflow_datasets.core.dataset_builder.DatasetBuilder.'

@@ -12,7 +12,7 @@ from PIL import Image
 
 from tf_simclr import config as cfg
 from tf_simclr import run_dir
-from tf_simclr.data import datasets
+from tf_simclr.data import datasets, image_files
 from tf_simclr.errors import ConfigError, DatasetError, UserError
 from tf_simclr.models import simclr
 from tf_simclr.train import embed, experiment
@@ -48,7 +48,7 @@ def photos(tmp_path):
 
 def test_images_folder_lists_recursively_and_skips(photos):
   root, colours = photos
-  paths, hidden, others = datasets.list_images(str(root))
+  paths, hidden, others = image_files.list_images(str(root))
   # Walk order: a folder's files (sorted), then its subfolders (sorted), as the fixture lists them.
   assert paths == list(colours) and (hidden, others) == (2, 1)
   source = datasets.resolve_dataset(f'images:{root}')

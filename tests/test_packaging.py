@@ -2,6 +2,7 @@
 LICENSE (Apache-2.0, as google-research/simclr) and NOTICE; the [gpu] extra pins TF with CUDA."""
 
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -31,8 +32,12 @@ def test_installed_command_equals_run_py(tmp_path):
   subprocess.run([sys.executable, '-m', 'venv', '--system-site-packages', str(venv)], check=True)
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
   env.update(TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
+  # From a copy: setuptools builds in the source tree (build/, *.egg-info), which must stay clean.
+  source = tmp_path / 'source'
+  shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+      '.git', 'build', '*.egg-info', '__pycache__', '.pytest_cache', 'runs'))
   pip = subprocess.run([str(venv / 'bin' / 'pip'), 'install', '-q', '--no-deps',
-                        '--no-build-isolation', ROOT], cwd=str(tmp_path), env=env,
+                        '--no-build-isolation', str(source)], cwd=str(tmp_path), env=env,
                        capture_output=True, text=True, timeout=300)
   assert pip.returncode == 0, pip.stderr[-3000:]
   flags = ['--mode=export', f'--model_dir={tmp_path / "empty"}']

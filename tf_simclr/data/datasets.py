@@ -20,9 +20,6 @@ import difflib
 import json
 import logging
 import os
-import socket
-import urllib.error
-import urllib.parse
 from typing import Any, Optional
 
 import numpy as np
@@ -30,14 +27,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tf_simclr import config as config_lib
-from tf_simclr.data import synthetic
+from tf_simclr.data import image_files, synthetic, tfds_prepare
 from tf_simclr.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
 FOLDER_PREFIX = 'folder:'
 IMAGES_PREFIX = 'images:'
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 UNLABELLED = -1  # The label of every example of an unlabelled dataset.
 LABEL_SUBSET_FILE = 'label_subset.json'
 _FORMS = ('a TFDS image-classification name (e.g. cifar10, imagenet2012; catalog: '
@@ -287,83 +283,21 @@ def _resolve_builtin(name: str) -> DatasetSource:
       class_names=synthetic.CLASS_NAMES)
 
 
-def find_bad_images(paths) -> list:
-  """The paths among `paths` that cannot be read and decoded as images (a parallel tf.data pass)."""
-  paths = list(paths)
-  if not paths:
-    return []
-  ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
-  ds = ds.map(lambda i, p: (i, tf.shape(tf.io.decode_image(tf.io.read_file(p), channels=3,
-                                                          expand_animations=False))),
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).ignore_errors()
-  good = np.zeros(len(paths), bool)
-  for batch, _ in ds.batch(4096):
-    good[batch.numpy()] = True
-  return [p for p, ok in zip(paths, good) if not ok]
-
-
 def bad_images_error(source: 'DatasetSource', split: str) -> Optional[DatasetError]:
   """For a folder: dataset whose reading failed: a DatasetError naming the bad files, or None."""
   if source.kind == 'images':
-    bad = find_bad_images(source.files)
+    bad = image_files.find_bad_images(source.files)
   else:
     examples = getattr(source.builder, '_split_examples', None)
     if source.kind != 'folder' or examples is None:
       return None
     names = sorted({n for n, _, _ in source._ranges(split)})
-    bad = find_bad_images(e.image_path for n in names for e in examples[n])
+    bad = image_files.find_bad_images(e.image_path for n in names for e in examples[n])
   if not bad:
     return None
   return DatasetError(
       f'--dataset={source.name}: {len(bad)} image file(s) cannot be decoded, first: '
       + ', '.join(bad[:5]) + '. Remove or fix them, or pass --skip_bad_images to leave them out.')
-
-
-def _drop_bad_images(builder, name: str) -> None:
-  """--skip_bad_images: removes undecodable files from every split of an ImageFolder."""
-  examples = builder._split_examples  # pylint: disable=protected-access
-  paths = [e.image_path for split in examples.values() for e in split]
-  bad = set(find_bad_images(paths))
-  if not bad:
-    log.info('--skip_bad_images: all %d images of --dataset=%s decode.', len(paths), name)
-    return
-  for split in examples:
-    examples[split][:] = [e for e in examples[split] if e.image_path not in bad]
-  log.warning('--skip_bad_images: left out %d of %d images of --dataset=%s that cannot be decoded '
-              '(first: %s).', len(bad), len(paths), name, ', '.join(sorted(bad)[:3]))
-
-
-def _empty_class_folders(path: str, builder) -> list:
-  """PATH/<split>/<class> folders that hold no image ImageFolder reads (sorted)."""
-  examples = builder._split_examples  # pylint: disable=protected-access
-  empty = []
-  for split in sorted(n.rstrip('/') for n in tf.io.gfile.listdir(path)):
-    if not tf.io.gfile.isdir(os.path.join(path, split)):
-      continue
-    used = {e.label for e in examples.get(split, ())}
-    for label in sorted(n.rstrip('/') for n in tf.io.gfile.listdir(os.path.join(path, split))):
-      if label not in used and tf.io.gfile.isdir(os.path.join(path, split, label)):
-        empty.append(os.path.join(path, split, label))
-  return empty
-
-
-def _drop_empty_classes(builder, name: str, path: str, skip: bool) -> None:
-  """An error naming class folders without images, or (`skip`) leaves them out of the classes."""
-  empty = _empty_class_folders(path, builder)
-  if not empty:
-    return
-  if not skip:
-    raise DatasetError(
-        f'--dataset={name}: {len(empty)} class folder(s) hold no images (.jpg/.jpeg/.png): '
-        + ', '.join(empty[:5]) + '. Add images, remove the folder(s), or pass '
-        '--skip_empty_classes to leave them out.')
-  label = builder.info.features['label']
-  kept = sorted({e.label for split in builder._split_examples.values() for e in split})  # pylint: disable=protected-access
-  if kept != list(label.names):
-    label._int2str, label._num_classes = None, None  # pylint: disable=protected-access
-    label.names = kept  # Class ids: the sorted names of the classes that have images.
-  log.warning('--skip_empty_classes: left out %d class folder(s) without images (first: %s); '
-              '%d classes.', len(empty), empty[0], len(kept))
 
 
 def _resolve_folder(name: str, skip_bad_images: bool = False,
@@ -373,9 +307,9 @@ def _resolve_folder(name: str, skip_bad_images: bool = False,
     raise DatasetError(f'--dataset={name}: folder {path!r} does not exist. Expected images in '
                        f'{path or "PATH"}/<split>/<class>/*.jpg|png.')
   builder = tfds.folder_dataset.ImageFolder(path)
-  _drop_empty_classes(builder, name, path, skip_empty_classes)
+  image_files.drop_empty_classes(builder, name, path, skip_empty_classes)
   if skip_bad_images:
-    _drop_bad_images(builder, name)
+    image_files.drop_bad_images(builder, name)
   split_sizes = {k: len(v) for k, v in builder._split_examples.items()}  # pylint: disable=protected-access
   if not split_sizes:
     raise DatasetError(f'--dataset={name}: no split folders with images found in {path!r}. '
@@ -387,38 +321,17 @@ def _resolve_folder(name: str, skip_bad_images: bool = False,
                        split_sizes=split_sizes, class_names=names, builder=builder)
 
 
-def list_images(root: str) -> tuple:
-  """(image paths under `root` in a stable sorted walk order, hidden entries, other files).
-
-  Streams the folder tree (os.walk; tf.io.gfile.walk for gs:// and other remote paths) without
-  opening any file. Hidden files and folders (a leading '.') are skipped.
-  """
-  walk = os.walk(root) if '://' not in root else tf.io.gfile.walk(root)
-  paths, hidden, others = [], 0, 0
-  for folder, subfolders, files in walk:
-    hidden += sum(name.startswith('.') for name in subfolders)
-    subfolders[:] = sorted(name.rstrip('/') for name in subfolders if not name.startswith('.'))
-    for name in sorted(files):
-      if name.startswith('.'):
-        hidden += 1
-      elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-        paths.append(os.path.join(folder, name))
-      else:
-        others += 1
-  return paths, hidden, others
-
-
 def _resolve_images(name: str, skip_bad_images: bool = False) -> DatasetSource:
   """images:PATH, unlabelled: every image under PATH, one split 'train'."""
   path = os.path.expanduser(name[len(IMAGES_PREFIX):])
   if not path or not tf.io.gfile.isdir(path):
     raise DatasetError(f'--dataset={name}: folder {path!r} does not exist. Expected a folder '
                        'with images (jpg, jpeg, png, bmp, gif) at any depth.')
-  paths, hidden, others = list_images(path)
+  paths, hidden, others = image_files.list_images(path)
   log.info('--dataset=%s: %d images; skipped %d hidden file(s)/folder(s) and %d non-image '
            'file(s).', name, len(paths), hidden, others)
   if skip_bad_images and paths:
-    bad = set(find_bad_images(paths))
+    bad = set(image_files.find_bad_images(paths))
     if bad:
       log.warning('--skip_bad_images: left out %d of %d images of --dataset=%s that cannot be '
                   'decoded (first: %s).', len(bad), len(paths), name, ', '.join(sorted(bad)[:3]))
@@ -430,86 +343,6 @@ def _resolve_images(name: str, skip_bad_images: bool = False) -> DatasetSource:
                        split_sizes={'train': len(paths)}, files=tuple(paths))
 
 
-def _is_network_error(error: Optional[BaseException]) -> bool:
-  """True if error (or anything in its cause chain) is a connection/download failure."""
-  network = (ConnectionError, TimeoutError, socket.gaierror, urllib.error.URLError,
-             tfds.download.DownloadError)
-  try:
-    import requests  # pylint: disable=g-import-not-at-top
-    network += (requests.exceptions.RequestException,)
-  except ImportError:
-    pass
-  seen = set()
-  while error is not None and id(error) not in seen:
-    if isinstance(error, network):
-      return True
-    seen.add(id(error))
-    error = error.__cause__ or error.__context__
-  return False
-
-
-_PROXY_VARS = ('HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy', 'ALL_PROXY',
-               'all_proxy')
-
-
-def _unreachable_download_hosts(builder, timeout: float = 5.0) -> Optional[str]:
-  """The download hosts of `builder`, when none of them answers a TCP connect; else None.
-
-  A quick probe so that a machine without network fails in seconds instead of after TFDS's
-  minutes of retries. Skipped (None) behind a proxy or when the builder lists no URLs.
-  """
-  if any(os.environ.get(v) for v in _PROXY_VARS):
-    return None
-  try:
-    urls = list(builder.url_infos or {})
-  except Exception:  # pylint: disable=broad-except
-    return None
-  hosts = []
-  for url in urls:
-    parsed = urllib.parse.urlparse(url)
-    if parsed.hostname and (parsed.hostname, parsed.port, parsed.scheme) not in hosts:
-      hosts.append((parsed.hostname, parsed.port, parsed.scheme))
-  if not hosts:
-    return None
-  for host, port, scheme in hosts[:3]:
-    try:
-      socket.create_connection((host, port or (443 if scheme == 'https' else 80)),
-                               timeout=timeout).close()
-      return None
-    except OSError:
-      continue
-  return ', '.join(h for h, _, _ in hosts[:3])
-
-
-def _prepare_tfds(builder, name: str) -> None:
-  """download_and_prepare with clear errors for manual downloads and network failures."""
-  if builder.is_prepared():
-    return
-  root = os.fspath(builder.data_dir_root)
-  manual_dir = os.path.join(root, 'downloads', 'manual')
-  pre_download = (f"On a machine with internet access run: python -c \"import tensorflow_datasets "
-                  f"as tfds; tfds.builder('{name}', data_dir='DIR').download_and_prepare()\" and "
-                  f"copy DIR to this machine, passing it as --data_dir (now {root}).")
-  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not (
-      tf.io.gfile.isdir(manual_dir) and tf.io.gfile.listdir(manual_dir)):
-    raise DatasetError(
-        f'--dataset={name} needs a manual download: put the files in {manual_dir} (that is '
-        f'<--data_dir>/downloads/manual) as TFDS describes below, then run again.\n'
-        f'{builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}')
-  unreachable = _unreachable_download_hosts(builder)
-  if unreachable:
-    raise DatasetError(f'--dataset={name} must be downloaded, but {unreachable} cannot be reached '
-                       '(no network?). ' + pre_download)
-  try:
-    builder.download_and_prepare()
-  except Exception as e:  # pylint: disable=broad-except
-    if _is_network_error(e):
-      raise DatasetError(f'--dataset={name} could not be downloaded ({type(e).__name__}: {e}). '
-                         + pre_download) from e
-    raise DatasetError(f'--dataset={name} could not be prepared in {root} '
-                       f'({type(e).__name__}: {e}). ' + pre_download) from e
-
-
 def _resolve_tfds(name: str, data_dir: Optional[str]) -> DatasetSource:
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -517,7 +350,7 @@ def _resolve_tfds(name: str, data_dir: Optional[str]) -> DatasetSource:
     close = difflib.get_close_matches(name, tfds.list_builders() + [synthetic.NAME], n=3)
     hint = f' Did you mean {" or ".join(close)}?' if close else ''
     raise DatasetError(f'--dataset={name!r} is unknown.{hint} Use {_FORMS}.') from None
-  _prepare_tfds(builder, name)
+  tfds_prepare.prepare(builder, name)
   info = builder.info
   keys = info.supervised_keys
   label = info.features[keys[1]] if keys and len(keys) == 2 else None

@@ -1,0 +1,195 @@
+"""Everything a run checks before it writes anything: strategy, model_dir, record, data, steps.
+
+`prepare(config)` validates the flags against the run's record and the data, before model_dir is
+created or locked (a refused command leaves nothing behind); training then takes the lock. Its
+`Context` is what every mode of `experiment.run` works from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Dict, Optional
+
+import keras
+import tensorflow as tf
+
+from tf_simclr import config as config_lib
+from tf_simclr import distribute
+from tf_simclr import memory
+from tf_simclr import run_dir
+from tf_simclr.config import Config, Steps, resolve_steps
+from tf_simclr.data import datasets
+from tf_simclr.train import probe, reading
+from tf_simclr.weights import source as weights_source
+from tf_simclr.weights import state as weights_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Context:
+  """What every mode needs: the strategy, the data source, the step counts, the model."""
+  config: Config
+  strategy: tf.distribute.Strategy
+  source: 'datasets.DatasetSource'
+  steps: Steps
+  num_classes: int
+  label_subset: Optional[object] = None
+  lock: Optional[run_dir.RunLock] = None  # held by a training run's chief
+  flags_dict: Optional[Dict] = None  # written to flags.json once training has its weights
+  # Readouts on frozen features (train/probe.py), made on first use; the random-init baseline.
+  readout: Optional[probe.Readout] = None
+  baseline: Dict[str, float] = dataclasses.field(default_factory=dict)
+  optimizer_changed: bool = False  # resumed with another --optimizer (--allow_flag_changes)
+
+
+TRAINING_MODES = ('train', 'train_then_eval')
+
+
+def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
+  """Validates model_dir, data and settings before any expensive work or any write.
+
+  Everything a user can get wrong (flags, dataset, splits, the model_dir's record) is checked
+  before model_dir is created or locked, so a refused command leaves nothing behind. Training
+  (and only training) then takes the model_dir lock and removes unfinished checkpoint folders;
+  `train()` writes flags.json once the weights are restored. Eval and export read model_dir and
+  never create or rewrite it; --mode=export reads no dataset at all.
+  """
+  train = config.train
+  # First: MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
+  strategy = distribute.make_strategy(config.distribute)
+  if distribute.is_tpu(strategy):  # Before anything is written or read.
+    config_lib.check_tpu_paths(config)
+  chief = distribute.is_chief(strategy)
+  needs_train = train.mode in TRAINING_MODES
+  run_dir.check_usable(train.model_dir, create=False)  # Only refuses a file; creates nothing.
+  stored = run_dir.read_flags(train.model_dir)
+  checkpoints = weights_source.find_checkpoints(train.model_dir)
+  optimizer_changed = False
+  if stored is not None and checkpoints:
+    if needs_train and flags_dict is not None:  # A resume: flags.json gets the history.
+      flags_dict, fixed = run_dir.check_resume_flags(
+          train.model_dir, stored, flags_dict, train.allow_flag_changes,
+          weights_source.checkpoint_step(checkpoints[0]))
+      optimizer_changed = 'optimizer' in fixed
+    config_lib.check_same_architecture(config.model, stored, train.model_dir)
+  if needs_train:  # Weights paths that are missing or not checkpoints: named before the lock.
+    if train.checkpoint and not checkpoints:
+      weights_source.resolve(train.checkpoint)
+    teacher = config.distill.teacher_checkpoint
+    if train.train_mode == 'distill' and not weights_source.is_saved_model(teacher):
+      weights_source.resolve(teacher, flag='teacher_checkpoint')
+  if needs_train and not distribute.is_tpu(strategy) and not tf.config.list_logical_devices('GPU'):
+    # On CPUs, before the data is read, anything is built or the lock is taken.
+    memory.check_batch_fits(config, num_views=2 if train.train_mode == 'pretrain' else 1)
+  if train.seed is not None:
+    keras.utils.set_random_seed(train.seed)
+  if train.mode == 'export':
+    config, num_classes = reading.model_from_weights(config, 'export')
+    return Context(config=config, strategy=strategy, source=None, steps=None,
+                   num_classes=num_classes)
+  if train.checkpoint and not weights_source.find_checkpoints(train.model_dir):
+    weights_source.checkpoint_prefix(train.checkpoint)  # Exists? (before model_dir is created)
+  embed_classes = None
+  if train.mode == 'embed':  # No weights to read is the first thing to say.
+    config, embed_classes = reading.model_from_weights(config, 'embed')
+  config, source, steps, label_subset = _validate_data(config, strategy)
+  num_classes = source.num_classes if embed_classes is None else embed_classes
+  if not source.labelled and train.train_mode == 'distill':  # The teacher's classes.
+    from tf_simclr.weights import original  # pylint: disable=g-import-not-at-top
+    num_classes = original.describe(config.distill.teacher_checkpoint)['num_classes'] or 0
+  # Training, probe and embed write into model_dir (probe/embed: result files only).
+  run_dir.check_usable(train.model_dir, create=needs_train or train.mode in ('probe', 'embed'))
+  # Only a training run's chief holds the lock, taken before anything is written.
+  lock = (run_dir.RunLock(train.model_dir, lease_s=train.lock_lease_s).acquire()
+          if needs_train and chief else None)
+  try:
+    if needs_train and chief:
+      weights_state.clean_temp_folders(train.model_dir)
+      if label_subset is not None:
+        data = config.data
+        path = datasets.write_label_subset(
+            train.model_dir, dataset=data.dataset, split=data.train_split,
+            fraction=data.train_label_fraction, seed=data.label_fraction_seed,
+            indices=label_subset)
+        log.info('Label fraction %.4g of %s: %d labelled examples (ids in %s).',
+                 data.train_label_fraction, data.train_split, len(label_subset), path)
+  except BaseException:
+    if lock is not None:
+      lock.release()
+    raise
+  return Context(config=config, strategy=strategy, source=source, steps=steps,
+                 num_classes=num_classes, label_subset=label_subset, lock=lock,
+                 flags_dict=flags_dict, optimizer_changed=optimizer_changed)
+
+
+def _unlabelled_config(config: Config) -> Config:
+  """Checks a run on an unlabelled dataset (images:PATH) and turns off what needs labels."""
+  train, mode = config.train, config.train.mode
+  name = config.data.dataset
+  if train.train_mode == 'finetune':
+    raise datasets.DatasetError(f'--train_mode=finetune needs labels, but --dataset={name} is '
+                                'unlabelled: use folder:PATH (PATH/<split>/<class>/...) or a '
+                                'TFDS dataset.')
+  if mode in ('eval', 'train_then_eval', 'probe'):
+    raise datasets.DatasetError(
+        f'--mode={mode} evaluates against labels, but --dataset={name} is unlabelled: use '
+        '--mode=train (pretraining), --mode=embed (features to files) or a labelled dataset.')
+  if train.train_mode == 'distill' and (config.distill.label_weight > 0 or
+                                        config.data.train_label_fraction < 1):
+    raise datasets.DatasetError(f'--distill_label_weight/--train_label_fraction need labels, but '
+                                f'--dataset={name} is unlabelled.')
+  if train.train_mode != 'pretrain' or mode not in TRAINING_MODES:
+    return config
+  if config.model.supervised_head or config.probe.knn or config.probe.linear_probe:
+    log.info('--dataset=%s is unlabelled: training the contrastive objective alone (no online '
+             'supervised head, kNN monitor or linear probe).', name)
+  return dataclasses.replace(
+      config, model=dataclasses.replace(config.model, supervised_head=False),
+      probe=dataclasses.replace(config.probe, knn=False, linear_probe=False))
+
+
+def _validate_data(config: Config, strategy):
+  """(config, source, steps, label subset): resolves and checks the data; writes nothing."""
+  train, data = config.train, config.data
+  needs_train = train.mode in TRAINING_MODES
+  source = datasets.resolve_from_config(data, eval_split=train.mode != 'embed')
+  if train.mode == 'embed':
+    source.validate_split(train.embed_split or data.train_split,
+                          '--embed_split' if train.embed_split else '--train_split')
+  if not source.labelled:
+    config = _unlabelled_config(config)
+  num_train = source.num_examples(data.train_split)
+  label_subset = None
+  if data.train_label_fraction < 1.0 and needs_train:
+    label_subset = datasets.label_subset_for(source, data.train_split,
+                                             data.train_label_fraction, data.label_fraction_seed)
+    if train.train_mode != 'distill':
+      num_train = len(label_subset)
+  num_eval = source.num_examples(data.eval_split) if source.labelled else 0
+  steps = resolve_steps(train, config.optim, num_train, num_eval)
+  replicas = strategy.num_replicas_in_sync
+  for flag, batch in (('train_batch_size', train.train_batch_size),
+                      ('eval_batch_size', train.eval_batch_size)):
+    config_lib.check_global_batch(flag, batch, replicas)
+  if needs_train and num_train < train.train_batch_size:
+    raise datasets.DatasetError(
+        f'--train_split={data.train_split} of --dataset={data.dataset} has {num_train} '
+        f'training examples{" (after --train_label_fraction)" if label_subset is not None else ""}'
+        f', fewer than one global batch (--train_batch_size={train.train_batch_size}): every '
+        'batch would repeat images (an image would be its own negative). Lower '
+        '--train_batch_size or use more data.')
+  if source.labelled:
+    log.info('Dataset %s: %d train examples (%s), %d eval examples (%s), %d classes.',
+             data.dataset, num_train, data.train_split, num_eval, data.eval_split,
+             source.num_classes)
+  else:
+    log.info('Dataset %s: %d unlabelled train examples (%s).', data.dataset, num_train,
+             data.train_split)
+  if needs_train:
+    log.info('Steps: %d train (%d per epoch, %d warmup), checkpoint every %d, %d per loop; '
+             '%s eval steps.', steps.train_steps, steps.epoch_steps, steps.warmup_steps,
+             steps.checkpoint_steps, steps.steps_per_loop,
+             train.eval_steps or f'all (about {steps.eval_steps})')
+  return config, source, steps, label_subset
