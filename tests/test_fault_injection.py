@@ -29,7 +29,7 @@ import helpers
 from tf_simclr import weights
 from tf_simclr import config as cfg
 from tf_simclr import run_dir
-from tf_simclr.data import datasets
+from tf_simclr.data import datasets, tfds_prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--dataset=shapes10', '--eval_split=test', '--eval_steps=1', '--eval_batch_size=16',
@@ -451,6 +451,31 @@ def _tiny_state(model_dir, optimizer):
                                optim__optimizer=optimizer)
   _, _, state = helpers.build_state(config, model_dir)
   return state, state.model.encoder.stem.convs[0].kernel
+
+
+def test_a_second_damaged_copy_of_a_step_never_overwrites_the_first(tmp_path):
+  """Damage ckpt-2, resume (set aside; step 2 is saved again), damage it again, resume: both
+  damaged copies are kept byte for byte under names of their own."""
+  state, _ = _tiny_state(tmp_path, 'momentum')
+  for step in (1, 2):
+    state.optimizer.iterations.assign(step)
+    state.save()
+  digest = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()
+  copies = []
+  for fraction in (3, 2):  # two different damages, so the two copies differ
+    data = tmp_path / 'ckpt-2.data-00000-of-00001'
+    with open(data, 'r+b') as f:
+      f.truncate(os.path.getsize(data) // fraction)
+    copies.append({suffix: digest(tmp_path / f'ckpt-2{suffix}')
+                   for suffix in ('.index', '.data-00000-of-00001')})
+    fresh, _ = _tiny_state(tmp_path, 'momentum')
+    assert fresh.restore_or_initialize(None) == 'resumed' and fresh.step == 1
+    fresh.optimizer.iterations.assign(2)
+    fresh.save()  # the retrained step 2
+  for prefix, expected in zip(('damaged-ckpt-2', 'damaged-ckpt-2.2'), copies):
+    for suffix, want in expected.items():
+      assert digest(tmp_path / f'{prefix}{suffix}') == want, prefix + suffix
+  assert copies[0] != copies[1]
 
 
 def test_unreadable_index_file_is_set_aside(tmp_path, caplog):
