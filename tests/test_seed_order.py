@@ -1,4 +1,4 @@
-"""--seed fixes the order in which a TFDS split's files are read (ReadConfig.shuffle_seed)."""
+"""--seed fixes the order in which a split's files are read (TFDS ReadConfig.shuffle_seed, images:)."""
 
 import numpy as np
 import pytest
@@ -77,3 +77,20 @@ def test_labels_are_read_once_then_from_the_cache(sharded, monkeypatch):
   np.testing.assert_array_equal(sharded.labels('train[5:40]'), labels)
   with pytest.raises(AssertionError, match='read the records again'):
     sharded.labels('train[:5]')  # another split: not cached yet
+
+
+def test_same_seed_shuffles_an_images_folder_the_same_way(tmp_path):
+  """images:PATH shuffles its file list with --seed (before: unseeded, a new order each run)."""
+  for i in range(12):
+    tf.io.write_file(str(tmp_path / f'{i:02d}.png'),
+                     tf.io.encode_png(np.full((2, 2, 1), i, np.uint8)))
+  source = datasets.resolve_dataset(f'images:{tmp_path}')
+
+  def order(seed):
+    ds = source.as_dataset('train', shuffle_files=True, seed=seed)
+    return [int(image[0, 0, 0]) for image, _ in ds.as_numpy_iterator()]
+
+  first = order(5)
+  assert sorted(first) == list(range(12))
+  assert all(order(5) == first for _ in range(3))  # unseeded: 1 in (12!)**3 by chance
+  assert len({tuple(order(s)) for s in range(6, 10)} | {tuple(first)}) > 1

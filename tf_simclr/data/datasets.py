@@ -148,7 +148,7 @@ class DatasetSource:
     files when the TFDS split has at least one file per pipeline (as the original), else a
     contiguous range of examples (`host_range`). With decode=False TFDS images stay encoded
     (filter first, then `decode_image`). `seed` fixes the shuffled file order of TFDS datasets
-    (folder datasets shuffle their file list with TF's global seed).
+    and images: datasets (folder: datasets shuffle their file list with TF's global seed).
     """
     num_pipelines, pipeline_id = input_pipelines(input_context)
     if num_pipelines > 1:
@@ -183,7 +183,7 @@ class DatasetSource:
       paths = [p for _, a, b in ranges for p in self.files[a:b]]
       ds = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
       if shuffle_files:
-        ds = ds.shuffle(len(paths), reshuffle_each_iteration=True)
+        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
       ds = ds.map(lambda path: (tf.io.read_file(path), tf.constant(UNLABELLED, tf.int64)))
       if decode:
         ds = ds.map(lambda image, label: (self.decode_image(image), label),
