@@ -80,13 +80,17 @@ def _start_workers(tmp_path, flags, model_dirs, tag):
 
 
 def _finish(started, timeout=900):
-  out = []
-  for proc, log_path, _ in started:
-    try:
-      proc.wait(timeout=timeout)
-    finally:
+  """(exit code, log) of each worker; kills every worker still running after `timeout` s."""
+  end, out = time.time() + timeout, []
+  try:
+    for proc, _, _ in started:
+      proc.wait(timeout=max(1.0, end - time.time()))
+  finally:
+    for proc, _, _ in started:
       if proc.poll() is None:
         proc.kill()
+        proc.wait()
+  for proc, log_path, _ in started:
     out.append((proc.returncode, open(log_path).read()))
   return out
 
@@ -187,3 +191,24 @@ def test_restart_with_a_folder_per_worker_at_different_steps_is_refused(tmp_path
           for p in weights.source.find_checkpoints(str(first))] == [4, 2]
   assert not (first / 'LOCK').exists()
   assert not _worker_tmp_left(tmp_path, 'restart')
+
+
+def test_a_chief_that_cannot_take_the_lock_stops_every_worker(tmp_path):
+  """A live run holds model_dir's LOCK: the chief refuses (exit 2, names the holder) and the
+  other worker stops too with exit 2 and says why (before: a traceback from its first
+  collective once the chief's coordination service was gone, exit 1)."""
+  model_dir = tmp_path / 'run'
+  model_dir.mkdir()
+  holder = {'host': 'another-host', 'pid': 4242, 'started': '2026-12-01T00:00:00+00:00',
+            'token': 'x', 'refreshed': time.time() + 3600, 'lease_s': 300}
+  (model_dir / 'LOCK').write_text(json.dumps(holder))
+  started = _start_workers(tmp_path, ['--mode=train', '--train_steps=2'],
+                           [model_dir, model_dir], 'locked')
+  (chief_rc, chief_log), (other_rc, other_log) = _finish(started, timeout=300)
+  assert chief_rc == 2 and 'is in use by another training run (host another-host' in chief_log, \
+      chief_log[-3000:]
+  assert other_rc == 2 and 'The chief of this multi-worker run could not start' in other_log, \
+      other_log[-3000:]
+  assert 'Traceback' not in chief_log + other_log
+  assert json.loads((model_dir / 'LOCK').read_text()) == holder  # The live run's lock stays.
+  assert sorted(os.listdir(model_dir)) == ['LOCK']

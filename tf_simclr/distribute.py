@@ -24,6 +24,7 @@ from absl import logging
 import tensorflow as tf
 
 from tf_simclr.config import ConfigError, DistributeConfig
+from tf_simclr.errors import UserError
 
 # Environment variables through which Cloud TPU tooling names a TPU.
 _TPU_ENV_VARS = ('TPU_NAME', 'KUBE_GOOGLE_CLOUD_TPU_ENDPOINTS', 'TPU_CONFIG')
@@ -236,6 +237,28 @@ def check_same_step(strategy: tf.distribute.Strategy, step: int, model_dir: str)
         f'worker: step {step} from --model_dir={model_dir}). For multi-worker runs --model_dir '
         'must be one shared location that every worker reads and writes (gs:// or a shared '
         'filesystem), not a folder per machine.')
+
+
+class AnotherWorkerFailedError(UserError):
+  """Another worker of this multi-worker run stopped before training (its log says why)."""
+
+
+def any_worker_failed(strategy: tf.distribute.Strategy, failed: bool) -> bool:
+  """Whether any worker of a multi-worker run reports `failed` (a SUM of 0/1 across replicas).
+
+  Work only the chief does before training (taking model_dir's lock, cleaning it) can fail on
+  the chief alone; without this agreement the other workers would wait at the first collective
+  forever. Every worker must call it at the same point. Single-process runs: `failed` as given.
+  """
+  if not _is_multi_worker(strategy) or strategy.num_replicas_in_sync < 2:
+    return failed
+  value = float(failed)
+
+  @tf.function
+  def flag():
+    return tf.constant(value)
+
+  return float(strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(flag), axis=None)) > 0
 
 
 # model_dir -> this non-chief process's temporary folder (removed by remove_worker_dirs).

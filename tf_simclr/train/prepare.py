@@ -102,10 +102,10 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
   # Training, probe and embed write into model_dir (probe/embed: result files only).
   run_dir.check_usable(train.model_dir, create=needs_train or train.mode in ('probe', 'embed'))
   # Only a training run's chief holds the lock, taken before anything is written.
-  lock = (run_dir.RunLock(train.model_dir, lease_s=train.lock_lease_s).acquire()
-          if needs_train and chief else None)
+  lock, failure = None, None
   try:
     if needs_train and chief:
+      lock = run_dir.RunLock(train.model_dir, lease_s=train.lock_lease_s).acquire()
       weights_state.clean_temp_folders(train.model_dir)
       if label_subset is not None:
         data = config.data
@@ -115,10 +115,22 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
             indices=label_subset)
         log.info('Label fraction %.4g of %s: %d labelled examples (ids in %s).',
                  data.train_label_fraction, data.train_split, len(label_subset), path)
+  except Exception as e:  # pylint: disable=broad-except
+    failure = e
   except BaseException:
     if lock is not None:
       lock.release()
     raise
+  # The other workers learn that the chief failed here, instead of waiting for it forever.
+  if distribute.any_worker_failed(strategy, failure is not None) and failure is None:
+    failure = distribute.AnotherWorkerFailedError(
+        f'The chief of this multi-worker run could not start training in '
+        f'--model_dir={train.model_dir} (for example, another run holds its lock); its log '
+        'says why. Stopping this worker too.')
+  if failure is not None:
+    if lock is not None:
+      lock.release()
+    raise failure
   return Context(config=config, strategy=strategy, source=source, steps=steps,
                  num_classes=num_classes, label_subset=label_subset, lock=lock,
                  flags_dict=flags_dict, optimizer_changed=optimizer_changed)
