@@ -159,7 +159,7 @@ def describe(strategy: tf.distribute.Strategy) -> str:
   """A short description, e.g. 'MirroredStrategy, 2 replicas (/cpu:0, /cpu:1)'."""
   n = strategy.num_replicas_in_sync
   name = type(strategy).__name__
-  if _is_multi_worker(strategy):
+  if is_multi_worker(strategy):
     name = 'MultiWorkerMirroredStrategy'  # its class is CollectiveAllReduceStrategy
   text = f'{name}, {n} replica{"s" if n != 1 else ""}'
   try:
@@ -176,7 +176,7 @@ def is_tpu(strategy: tf.distribute.Strategy) -> bool:
   return any(c.__name__ in ('TPUStrategy', 'TPUStrategyV2') for c in type(strategy).__mro__)
 
 
-def _is_multi_worker(strategy) -> bool:
+def is_multi_worker(strategy) -> bool:
   """MultiWorkerMirroredStrategy (class CollectiveAllReduceStrategy), by class name."""
   return any(c.__name__ in ('CollectiveAllReduceStrategy', 'MultiWorkerMirroredStrategy')
              for c in type(strategy).__mro__)
@@ -189,7 +189,7 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
   when the cluster has no chief task.
   """
   resolver = getattr(strategy, 'cluster_resolver', None)
-  if resolver is None or not _is_multi_worker(strategy):
+  if resolver is None or not is_multi_worker(strategy):
     return True
   task_type, task_id = resolver.task_type, resolver.task_id
   if task_type is None or task_type == 'chief':

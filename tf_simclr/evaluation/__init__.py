@@ -1,1 +1,1 @@
-"""The training loop, per-mode tasks and evaluation."""
+"""Reading a model out without training it: supervised eval, kNN, linear probe, features."""
