@@ -12,7 +12,6 @@ from tf_simclr import run_dir
 from tf_simclr import weights
 from tf_simclr.errors import CheckpointMismatchError
 from tf_simclr import config as cfg
-from tf_simclr.data import datasets
 from tf_simclr.data import synthetic
 from tf_simclr.models import simclr
 from tf_simclr.train import experiment

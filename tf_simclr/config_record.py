@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Dict, List, Optional, Tuple
 
 import tensorflow as tf
@@ -61,7 +60,7 @@ def read_record(model_dir: Optional[str], checkpoint: Optional[str] = None
   if model_dir:
     stored = run_dir.read_flags(model_dir)
     if stored is not None:
-      return stored, os.path.join(model_dir, run_dir.FLAGS_FILE)
+      return stored, run_dir.flags_path(model_dir)
   if not checkpoint:
     return None, ''
   path = run_dir.find_flags_json(checkpoint)

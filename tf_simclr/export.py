@@ -113,7 +113,7 @@ def export_step(model, model_dir: str, step: int, keep_hub_module_max: int) -> s
   `keep_hub_module_max` exports (0 keeps all), as the original's `save`, never deleting the one
   just written or a newer one. Returns the folder, which exists when this returns."""
   export_root = run_dir.export_root(model_dir)
-  export_dir = os.path.join(export_root, str(int(step)))
+  export_dir = run_dir.export_dir(model_dir, step)
   if tf.io.gfile.exists(export_dir):
     tf.io.gfile.rmtree(export_dir)
   tf.io.gfile.makedirs(export_root)

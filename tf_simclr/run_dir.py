@@ -266,9 +266,13 @@ class RunLock:
     self.release()
 
 
+def flags_path(model_dir: str) -> str:
+  return os.path.join(model_dir, FLAGS_FILE)
+
+
 def read_flags(model_dir: str) -> Optional[Dict]:
   """The flags.json of model_dir, or None."""
-  path = os.path.join(model_dir, FLAGS_FILE)
+  path = flags_path(model_dir)
   if not tf.io.gfile.exists(path):
     return None
   try:
@@ -280,7 +284,7 @@ def read_flags(model_dir: str) -> Optional[Dict]:
 
 
 def write_flags(model_dir: str, flags: Dict) -> str:
-  path = os.path.join(model_dir, FLAGS_FILE)
+  path = flags_path(model_dir)
   with tf.io.gfile.GFile(path, 'w') as f:
     json.dump(flags, f, indent=2, sort_keys=True)
   return path
@@ -340,6 +344,11 @@ SAVED_MODEL_FILE = 'saved_model.pb'
 
 def export_root(model_dir: str) -> str:
   return os.path.join(model_dir, EXPORT_SUBDIR)
+
+
+def export_dir(model_dir: str, step: int) -> str:
+  """model_dir/saved_model/<step>."""
+  return os.path.join(export_root(model_dir), str(int(step)))
 
 
 # ---- Evaluation: result.json (the latest) and result_<step>.json; summaries of a named eval

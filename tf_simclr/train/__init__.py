@@ -1,1 +1,1 @@
-"""Training only: assembling a run, the training loop and one task per --train_mode."""
+"""Training only: assembling a run, the training loop and one task per training mode."""

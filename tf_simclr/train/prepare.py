@@ -38,7 +38,7 @@ class Context:
   steps: Steps
   num_classes: int
   label_subset: Optional[object] = None
-  task_class: type = tasks.PretrainTask  # tasks.task_class(config): what differs by --train_mode
+  task_class: type = tasks.PretrainTask  # tasks.task_class(config): what differs by training mode
   lock: Optional[run_dir.RunLock] = None  # held by a training run's chief
   flags_dict: Optional[Dict] = None  # written to flags.json once training has its weights
   # Readouts on frozen features (evaluation/probe.py), made on first use; the random-init baseline.
