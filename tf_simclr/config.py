@@ -288,7 +288,7 @@ class TrainConfig:
   # --mode=embed: the split (None: --train_split) and the endpoint written to features.npy.
   embed_split: Optional[str] = None
   embed_endpoint: str = 'final_avg_pool'
-  # Resume although flags the checkpoints depend on changed (run_dir.check_resume_flags).
+  # Resume although flags the checkpoints depend on changed (config_record.check_resume_flags).
   allow_flag_changes: bool = False
   # The model_dir LOCK's lease (run_dir.py): renewed every loop and every lease/4 seconds.
   lock_lease_s: float = 300.0
@@ -320,7 +320,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ProbeConfig:
-  """Readouts on frozen features (train/probe.py): kNN monitor, linear probe, random-init baseline.
+  """Readouts on frozen features (evaluation/probe.py): kNN monitor, linear probe, random-init baseline.
 
   `knn` and `linear_probe` None mean automatic: the kNN runs when pretraining on a labelled dataset;
   the linear probe at the end of pretraining with --mode=train_then_eval (and always in

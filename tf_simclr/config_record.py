@@ -36,7 +36,7 @@ def recorded_value(name: str, value):
 
 def describe_flags(arch: Dict[str, object]) -> Dict[str, object]:
   """The flag values that build the architecture `weights.original.describe` found (unknowns
-  left out): the record of weights that come without a run's flags.json (`run_dir.read_record`)."""
+  left out): the record of weights that come without a run's flags.json (`read_record`)."""
   names = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio', 'proj_head_mode',
            'num_proj_layers', 'proj_out_dim')
   flags = {n: arch[n] for n in names if arch.get(n) is not None}
