@@ -112,12 +112,13 @@ def checkpoint_prefix(path: str, flag: str = 'checkpoint') -> Tuple[str, bool]:
         pass
       raise CheckpointNotFoundError(
           f'--{flag}={path} is a directory without a checkpoint or SavedModel: point it at '
-          'a checkpoint prefix (e.g. model_dir/ckpt-1000), a model_dir, or a SavedModel folder.')
+          f'a checkpoint prefix (e.g. model_dir/{run_dir.CHECKPOINT_NAME}-1000), a model_dir, or a '
+          'SavedModel folder.')
     return latest, False
   if not tf.io.gfile.exists(path + '.index'):
     raise CheckpointNotFoundError(
         f'--{flag}={path} not found: expected {path}.index (a checkpoint prefix such as '
-        'model_dir/ckpt-1000), a model_dir, or a SavedModel folder.')
+        f'model_dir/{run_dir.CHECKPOINT_NAME}-1000), a model_dir, or a SavedModel folder.')
   return path, False
 
 
@@ -187,7 +188,8 @@ def resolve(path: str, flag: str = 'checkpoint') -> Source:
     text = str(e).strip().splitlines()
     raise CheckpointUnreadableError(
         f'--{flag}={path}: {prefix}.index cannot be read as a checkpoint ({type(e).__name__}: '
-        f'{text[0] if text else ""}). Point --{flag} at a checkpoint prefix (model_dir/ckpt-N), '
+        f'{text[0] if text else ""}). Point --{flag} at a checkpoint prefix '
+        f'(model_dir/{run_dir.CHECKPOINT_NAME}-N), '
         'a model_dir or a SavedModel folder; copy a damaged checkpoint again.') from e
   try:
     variables = variable_paths(reader, root_child='model')
