@@ -20,6 +20,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
+# The flags' choice lists are config.py's (a light module: no TensorFlow, so --help stays fast).
+from tf_simclr import config as cfg
+
 FLAGS = flags.FLAGS
 # Exit status after a SIGTERM that saved a checkpoint (2: a user error, 1: a crash).
 EXIT_PREEMPTED = 3
@@ -28,7 +31,7 @@ EXIT_INTERRUPTED = 130
 
 # ---- Flags of the original tf2/run.py (same names, meanings and defaults). ----
 flags.DEFINE_float('learning_rate', 0.3, 'Initial learning rate per batch size of 256.')
-flags.DEFINE_enum('learning_rate_scaling', 'linear', ['linear', 'sqrt'],
+flags.DEFINE_enum('learning_rate_scaling', 'linear', list(cfg.LR_SCALINGS),
                   'How to scale the learning rate as a function of batch size.')
 flags.DEFINE_float('warmup_epochs', 10, 'Number of epochs of warmup.')
 flags.DEFINE_float('weight_decay', 1e-6, 'Amount of weight decay to use.')
@@ -52,8 +55,7 @@ flags.DEFINE_string('dataset', 'imagenet2012',
                     'PATH/<split>/<class>/*.{jpg,png}, or the built-in shapes10 (no download).')
 flags.DEFINE_bool('cache_dataset', False,
                   'Whether to cache the entire dataset in memory (good for small datasets).')
-flags.DEFINE_enum('mode', 'train',
-                  ['train', 'eval', 'train_then_eval', 'export', 'probe', 'embed'],
+flags.DEFINE_enum('mode', 'train', list(cfg.MODES),
                   'train, eval (follows new checkpoints in model_dir until the last step), '
                   'train_then_eval, export (SavedModel of the latest checkpoint, else of '
                   '--checkpoint), probe (kNN and linear probe on frozen features of --checkpoint, '
@@ -61,7 +63,7 @@ flags.DEFINE_enum('mode', 'train',
                   'or embed (features of every image of --embed_split to '
                   'model_dir/embeddings/<split>/). eval, export, probe and embed read the '
                   'architecture and data flags not given from the run\'s flags.json.')
-flags.DEFINE_enum('train_mode', 'pretrain', ['pretrain', 'finetune', 'distill'],
+flags.DEFINE_enum('train_mode', 'pretrain', list(cfg.TRAIN_MODES),
                   'The objective and trainable components: pretrain (contrastive), finetune '
                   '(supervised), distill (student learns a teacher).')
 flags.DEFINE_bool('lineareval_while_pretraining', True,
@@ -72,7 +74,7 @@ flags.DEFINE_string('checkpoint', None,
 flags.DEFINE_bool('zero_init_logits_layer', False,
                   'Accepted for original command lines and, as in the original, without effect '
                   '(its zeroing ran before the head existed); use --logits_layer_init=zeros.')
-flags.DEFINE_enum('logits_layer_init', 'checkpoint', ['checkpoint', 'zeros', 'random'],
+flags.DEFINE_enum('logits_layer_init', 'checkpoint', list(cfg.LOGITS_LAYER_INITS),
                   'Fine-tune/distill start of the supervised head: checkpoint (the original: '
                   'the head --checkpoint holds when its shape fits, else a fresh N(0, 0.01) '
                   'head), zeros (zeroed after the restore), random (always a fresh head).')
@@ -89,7 +91,7 @@ flags.DEFINE_bool('use_tpu', None,
 flags.DEFINE_string('tpu_name', None, 'The Cloud TPU to use (name or grpc:// address).')
 flags.DEFINE_string('tpu_zone', None, '[Optional] GCE zone where the Cloud TPU is located.')
 flags.DEFINE_string('gcp_project', None, '[Optional] Project name for the Cloud TPU project.')
-flags.DEFINE_enum('optimizer', 'lars', ['momentum', 'adam', 'lars'], 'Optimizer to use.')
+flags.DEFINE_enum('optimizer', 'lars', list(cfg.OPTIMIZERS), 'Optimizer to use.')
 flags.DEFINE_float('momentum', 0.9, 'Momentum parameter.')
 flags.DEFINE_string('eval_name', None, 'Name for eval (summaries go to model_dir/eval_<name>).')
 flags.DEFINE_integer('keep_checkpoint_max', 5, 'Maximum number of checkpoints to keep.')
@@ -97,7 +99,7 @@ flags.DEFINE_integer('keep_hub_module_max', 1, 'Maximum number of Hub modules to
 flags.DEFINE_float('temperature', 0.1, 'Temperature parameter for contrastive loss.')
 flags.DEFINE_boolean('hidden_norm', True,
                      'Whether to L2-normalise the hidden vectors in the contrastive loss.')
-flags.DEFINE_enum('proj_head_mode', 'nonlinear', ['none', 'linear', 'nonlinear'],
+flags.DEFINE_enum('proj_head_mode', 'nonlinear', list(cfg.PROJ_HEAD_MODES),
                   'How the head projection is done.')
 flags.DEFINE_integer('proj_out_dim', 128, 'Number of head projection dimension.')
 flags.DEFINE_integer('num_proj_layers', 3, 'Number of non-linear head layers.')
@@ -123,8 +125,7 @@ flags.DEFINE_integer('train_summary_steps', 0, 'Ignored (kept so original comman
 flags.DEFINE_string('variable_schema', None, 'Ignored (TF1 flag); see --fine_tune_after_block.')
 
 # ---- Flags added by tf-simclr. ----
-flags.DEFINE_enum('distribution_strategy', 'auto',
-                  ['auto', 'tpu', 'mirrored', 'multi_worker', 'default'],
+flags.DEFINE_enum('distribution_strategy', 'auto', list(cfg.STRATEGIES),
                   'auto: TPU if configured or found, else MultiWorkerMirrored when TF_CONFIG '
                   'names several workers, else Mirrored over local GPUs, else the default (CPU).')
 flags.DEFINE_bool('allow_local_paths_on_tpu', False,
@@ -133,7 +134,7 @@ flags.DEFINE_bool('allow_local_paths_on_tpu', False,
 flags.DEFINE_integer('steps_per_loop', 0,
                      'Steps run inside one tf.function between host-side logs/summaries. '
                      '0: same as the checkpoint interval (the original).')
-flags.DEFINE_enum('color_jitter_impl', 'simclrv2', ['simclrv1', 'simclrv2'],
+flags.DEFINE_enum('color_jitter_impl', 'simclrv2', list(cfg.COLOR_JITTER_IMPLS),
                   'Brightness jitter: simclrv1 additive, simclrv2 multiplicative.')
 flags.DEFINE_float('train_label_fraction', 1.0,
                    'Keep a class-balanced, seeded fraction of the train split as labelled data '
@@ -149,7 +150,7 @@ flags.DEFINE_integer('label_fraction_seed', 0, 'Seed for --train_label_fraction.
 flags.DEFINE_float('eval_timeout', 3600,
                    '--mode=eval: seconds to wait for each new checkpoint in model_dir before '
                    'stopping (an error if none came at all); 0 waits forever.')
-flags.DEFINE_enum('precision', 'float32', ['float32', 'mixed_bfloat16', 'mixed_float16'],
+flags.DEFINE_enum('precision', 'float32', list(cfg.PRECISIONS),
                   'Compute precision (Keras dtype policy; variables stay float32): mixed_bfloat16 '
                   'for TPUs and CPUs with bfloat16 units, mixed_float16 (dynamic loss scaling) '
                   'for GPUs.')
@@ -174,9 +175,9 @@ flags.DEFINE_integer('teacher_resnet_depth', None,
 flags.DEFINE_float('teacher_width_multiplier', None, 'Teacher width multiplier.')
 flags.DEFINE_float('teacher_sk_ratio', None, 'Teacher SK ratio.')
 flags.DEFINE_float('teacher_se_ratio', None, 'Teacher SE ratio.')
-flags.DEFINE_enum('teacher_proj_head_mode', None, ['none', 'linear', 'nonlinear'],
+flags.DEFINE_enum('teacher_proj_head_mode', None, list(cfg.PROJ_HEAD_MODES),
                   'Teacher projection head mode.')
-flags.DEFINE_enum('teacher_precision', None, ['float32', 'mixed_bfloat16', 'mixed_float16'],
+flags.DEFINE_enum('teacher_precision', None, list(cfg.PRECISIONS),
                   'Teacher compute precision (default: --precision).')
 flags.DEFINE_integer('teacher_num_proj_layers', None, 'Teacher projection head layers.')
 flags.DEFINE_integer('teacher_proj_out_dim', None, 'Teacher projection output dimension.')
@@ -216,12 +217,10 @@ flags.DEFINE_bool('random_init_baseline', False,
 
 def config_from_flags(flag_values) -> 'Config':
   """Turns parsed flags into a frozen, validated Config (the only FLAGS reader)."""
-  from tf_simclr import config as cfg  # Imported late so --help stays fast.
-  from tf_simclr import teacher as teacher_lib
+  from tf_simclr import teacher as teacher_lib  # Imported late so --help stays fast.
   f = flag_values
-  train_mode = f.train_mode
   model = cfg.model_config(
-      train_mode, f.image_size, lineareval_while_pretraining=f.lineareval_while_pretraining,
+      f.train_mode, f.image_size, lineareval_while_pretraining=f.lineareval_while_pretraining,
       fine_tune_after_block=f.fine_tune_after_block,
       resnet_depth=f.resnet_depth, width_multiplier=f.width_multiplier,
       sk_ratio=f.sk_ratio, se_ratio=f.se_ratio,
@@ -241,7 +240,7 @@ def config_from_flags(flag_values) -> 'Config':
       learning_rate_scaling=f.learning_rate_scaling, warmup_epochs=f.warmup_epochs,
       weight_decay=f.weight_decay, momentum=f.momentum)
   train = cfg.TrainConfig(
-      model_dir=f.model_dir or '', train_mode=train_mode, mode=f.mode,
+      model_dir=f.model_dir or '', train_mode=f.train_mode, mode=f.mode,
       train_batch_size=f.train_batch_size, train_epochs=f.train_epochs,
       train_steps=f.train_steps, eval_steps=f.eval_steps, eval_batch_size=f.eval_batch_size,
       checkpoint_epochs=f.checkpoint_epochs, checkpoint_steps=f.checkpoint_steps,
@@ -259,16 +258,15 @@ def config_from_flags(flag_values) -> 'Config':
       strategy=strategy, tpu_name=f.tpu_name, tpu_zone=f.tpu_zone, gcp_project=f.gcp_project,
       master=f.master, allow_tpu=f.use_tpu is not False,
       allow_local_paths_on_tpu=f.allow_local_paths_on_tpu)
-  distill = cfg.DistillConfig()
-  if train_mode == 'distill':
-    overrides = {name: getattr(f, f'teacher_{name}') for name in teacher_lib.ARCHITECTURE_FIELDS
-                 if getattr(f, f'teacher_{name}') is not None}
-    if f.teacher_precision is not None:
-      overrides['precision'] = f.teacher_precision
-    teacher_model = teacher_lib.teacher_model_config(model, f.teacher_checkpoint, overrides)
-    distill = cfg.DistillConfig(
-        teacher=teacher_model, teacher_checkpoint=f.teacher_checkpoint,
-        temperature=f.distill_temperature, label_weight=f.distill_label_weight)
+  overrides = {name: getattr(f, f'teacher_{name}') for name in teacher_lib.ARCHITECTURE_FIELDS
+               if getattr(f, f'teacher_{name}') is not None}
+  if f.teacher_precision is not None:
+    overrides['precision'] = f.teacher_precision
+  distill = cfg.distill_config(
+      f.train_mode,
+      lambda: teacher_lib.teacher_model_config(model, f.teacher_checkpoint, overrides),
+      teacher_checkpoint=f.teacher_checkpoint, temperature=f.distill_temperature,
+      label_weight=f.distill_label_weight)
   probe = cfg.ProbeConfig(
       knn=f.knn_monitor, knn_k=f.knn_k, knn_temperature=f.knn_temperature,
       knn_every_epochs=f.knn_every_epochs, knn_max_bank_size=f.knn_max_bank_size,
@@ -280,18 +278,18 @@ def config_from_flags(flag_values) -> 'Config':
 
 def fill_flags_from_record(flag_values) -> None:
   """--mode=eval|export|probe|embed: flags not given explicitly come from the run's record
-  (model_dir's flags.json, else --checkpoint's; see run_dir.read_record)."""
-  from tf_simclr import config as cfg
-  from tf_simclr import run_dir
+  (model_dir's flags.json, else --checkpoint's; see config_record.read_record)."""
+  from tf_simclr import config_record
   f = flag_values
   if f.mode not in cfg.READING_MODES:
     return
-  record, where = run_dir.read_record(f.model_dir, f.checkpoint)
+  record, where = config_record.read_record(f.model_dir, f.checkpoint)
   if record is None:
     return
-  names = run_dir.RECORD_MUST_AGREE + run_dir.RECORD_FILLS
+  names = config_record.RECORD_MUST_AGREE + config_record.RECORD_FILLS
   given = {name for name in names if f[name].present}
-  values = run_dir.fill_from_record(record, {name: f[name].value for name in names}, given, where)
+  values = config_record.fill_from_record(record, {name: f[name].value for name in names}, given,
+                                          where)
   filled = sorted(name for name in names if name not in given and values[name] != f[name].value)
   for name in filled:
     f[name].value = values[name]

@@ -1,7 +1,7 @@
 """Does the quickstart's pretraining help? Linear eval of the pretrained vs a random encoder.
 
 Every arm also reports the readouts on frozen features that run.py writes to result.json (kNN
-monitor and linear probe, tf_simclr/train/probe.py); the pretrained arm's run includes the
+monitor and linear probe, tf_simclr/evaluation/probe.py); the pretrained arm's run includes the
 random-init encoder's readouts when the flagfile sets --random_init_baseline (the quickstart does).
 
   python benchmarks/quickstart_gain.py                                  # runs all three arms
@@ -47,7 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, 'benchmarks', 'results')
 TOP1 = 'eval/label_top_1_accuracy'
 TOP5 = 'eval/label_top_5_accuracy'
-# Readouts on frozen features (train/probe.py): result.json key -> column name.
+# Readouts on frozen features (evaluation/probe.py): result.json key -> column name.
 READOUTS = {'eval/knn_top_1_accuracy': 'knn_top1',
             'eval/linear_probe_top_1_accuracy': 'probe_top1',
             'eval/linear_probe_top_5_accuracy': 'probe_top5',

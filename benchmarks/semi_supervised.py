@@ -20,7 +20,7 @@ Arms, each a `run.py` subprocess with its own --model_dir under --work_dir:
   supervised      the fine-tune arm without --checkpoint: the same labels, steps, optimizer and
                   schedule from random initialisation (the supervised baseline).
 Every arm evaluates top-1/top-5 on the 2000-image test split, and the readouts of its encoder's
-frozen features (tf_simclr/train/probe.py): the kNN monitor and the linear probe, which use the
+frozen features (tf_simclr/evaluation/probe.py): the kNN monitor and the linear probe, which use the
 labels of the whole train split (they measure the representation, not the 10%-label protocol).
 Prints a table and writes benchmarks/results/semi_supervised.json.
 """

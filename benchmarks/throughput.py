@@ -382,10 +382,11 @@ def main(argv=None):
   if args.steps < 0:
     parser.error('--steps must be >= 0.')
   precisions = [p.strip() for p in args.precisions.split(',') if p.strip()]
-  bad = [p for p in precisions if p not in ('float32', 'mixed_bfloat16', 'mixed_float16')]
+  from tf_simclr.config import PRECISIONS  # No TensorFlow import.
+  bad = [p for p in precisions if p not in PRECISIONS]
   xla_modes = [{'off': False, 'on': True}.get(x.strip()) for x in args.xla.split(',')]
   if bad or not precisions or None in xla_modes:
-    parser.error('--precisions takes float32/mixed_bfloat16/mixed_float16, --xla off/on.')
+    parser.error(f'--precisions takes {"/".join(PRECISIONS)}, --xla off/on.')
 
   from tf_simclr import cpu_kernels  # TensorFlow is imported after this point.
   if args.onednn == 'run_py':

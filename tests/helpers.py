@@ -126,3 +126,12 @@ def parse_flags(argv):
   fv.unparse_flags()
   fv(['run.py'] + list(argv))
   return fv
+
+
+def config_from_argv(argv):
+  """A run.py command line -> the Config run.py's main() would run (flags parsed, a reading mode's
+  flags filled from the run's record, then validated into a Config)."""
+  cli = run_cli()
+  fv = parse_flags(argv)
+  cli.fill_flags_from_record(fv)
+  return cli.config_from_flags(fv)

@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tf_simclr.config import DataConfig
-from tf_simclr.data import datasets, pipeline, synthetic
+from tf_simclr.data import datasets, pipeline, subsets, synthetic
 from tf_simclr.data.datasets import DatasetError
 
 
@@ -275,24 +275,24 @@ def test_pipeline_label_subset_follows_tfds_order(tiny_tfds):
 def test_label_subset_is_class_balanced():
   labels = np.repeat([0, 1, 2, 3], [100, 50, 7, 1])
   np.random.default_rng(0).shuffle(labels)
-  ids = datasets.select_label_subset(labels, 0.1, seed=3)
+  ids = subsets.select_label_subset(labels, 0.1, seed=3)
   assert np.all(np.diff(ids) > 0)  # Sorted, unique.
   np.testing.assert_array_equal(np.bincount(labels[ids], minlength=4), [10, 5, 1, 1])
-  half = datasets.select_label_subset(labels, 0.5, seed=3)
+  half = subsets.select_label_subset(labels, 0.5, seed=3)
   np.testing.assert_array_equal(np.bincount(labels[half], minlength=4), [50, 25, 4, 1])
-  np.testing.assert_array_equal(datasets.select_label_subset(labels, 1.0, seed=3),
+  np.testing.assert_array_equal(subsets.select_label_subset(labels, 1.0, seed=3),
                                 np.arange(len(labels)))
 
 
 def test_label_subset_determinism():
   labels = np.arange(1000) % 10
-  a = datasets.select_label_subset(labels, 0.05, seed=1)
-  b = datasets.select_label_subset(labels, 0.05, seed=1)
-  c = datasets.select_label_subset(labels, 0.05, seed=2)
+  a = subsets.select_label_subset(labels, 0.05, seed=1)
+  b = subsets.select_label_subset(labels, 0.05, seed=1)
+  c = subsets.select_label_subset(labels, 0.05, seed=2)
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c) and len(a) == len(c) == 50
   with pytest.raises(DatasetError, match='--train_label_fraction'):
-    datasets.select_label_subset(labels, 0.0, seed=1)
+    subsets.select_label_subset(labels, 0.0, seed=1)
 
 
 def test_label_subset_for_source_and_json(tmp_path):

@@ -13,6 +13,7 @@ from tf_simclr import config as cfg
 from tf_simclr import teacher as teacher_lib
 from tf_simclr.data import pipeline
 from tf_simclr.models import simclr
+from tf_simclr.evaluation import evaluate
 from tf_simclr.train import experiment
 
 from helpers import TINY_MODEL, checkpoint_values, tiny_config
@@ -76,7 +77,7 @@ def test_distill_trains_student_only_and_evaluates_the_student(tmp_path, teacher
     assert moved, suffix
   assert 'labeled_fraction' in result.metrics and 0 <= result.metrics['labeled_fraction'] <= 1
   # Eval reports the student's top-1/top-5, checked with numpy on the same 50 test images.
-  stored = experiment.evaluate(ctx, model, result.final_step)
+  stored = evaluate.evaluate(ctx, model, result.final_step)
   images, labels = next(iter(pipeline.build_eval_dataset(ctx.source, config.data, 50,
                                                          ctx.strategy)))
   student = simclr.build_model(config.model, 10)

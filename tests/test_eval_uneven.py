@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from tf_simclr import config as cfg
 from tf_simclr.data import datasets, pipeline
 from tf_simclr.models import simclr
-from tf_simclr.train import evaluate
+from tf_simclr.evaluation import evaluate
 
 
 class TinyFiveFileDataset(tfds.core.GeneratorBasedBuilder):

@@ -15,6 +15,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from tf_simclr import weights
 from tf_simclr import export
+from tf_simclr import run_dir
 from tf_simclr.config import ModelConfig
 from tf_simclr.models import simclr
 
@@ -106,7 +107,7 @@ def exported(tmp_path_factory):
     model = simclr.build_model(config, NUM_CLASSES).build_for_size(16)
   _randomize_batch_norm(model)
   model_dir = tmp_path_factory.mktemp('model_dir')
-  root = model_dir / export.EXPORT_SUBDIR
+  root = model_dir / run_dir.EXPORT_SUBDIR
   for name in ('10', '20', 'notes', str(STEP)):
     (root / name).mkdir(parents=True)
   (root / str(STEP) / 'stale.txt').write_text('from an earlier run')
@@ -150,7 +151,7 @@ def child_result(exported, tmp_path_factory):
 
 
 def test_export_step_replaces_and_prunes(exported):
-  root = exported['model_dir'] / export.EXPORT_SUBDIR
+  root = exported['model_dir'] / run_dir.EXPORT_SUBDIR
   assert exported['export_dir'] == str(root / str(STEP))
   assert sorted(os.listdir(root)) == ['20', str(STEP), 'notes']  # 10 pruned, 'notes' kept
   assert (root / str(STEP) / 'saved_model.pb').exists()
@@ -211,7 +212,7 @@ def test_export_has_no_custom_gradient_all_reduce(exported):
       export.IMAGES_SPEC)
   assert [op for op in plain.graph.get_operations() if '_gradient_op_type' in op.node_def.attr]
   saved = saved_model_pb2.SavedModel()
-  saved.ParseFromString((exported['model_dir'] / export.EXPORT_SUBDIR / str(STEP) /
+  saved.ParseFromString((exported['model_dir'] / run_dir.EXPORT_SUBDIR / str(STEP) /
                          'saved_model.pb').read_bytes())
   functions = saved.meta_graphs[0].graph_def.library.function
   assert any(node.op == 'FusedBatchNormV3' or node.op == 'Mean'
@@ -226,7 +227,7 @@ def test_load_pretrained_restores_own_export_and_checkpoint_exactly(exported):
   """--checkpoint accepts our export (SavedModel folder or model_dir/saved_model), our checkpoint
   prefix and our model_dir; every variable, BN statistics included, comes back bit for bit."""
   model = simclr.build_model(exported['config'], NUM_CLASSES).build_for_size(16)
-  root = str(exported['model_dir'] / export.EXPORT_SUBDIR)
+  root = str(exported['model_dir'] / run_dir.EXPORT_SUBDIR)
   for path in (exported['export_dir'], root, exported['ckpt'], str(exported['model_dir'])):
     for v in model.variables:
       v.assign(tf.zeros_like(v))

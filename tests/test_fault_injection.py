@@ -28,6 +28,7 @@ import tensorflow as tf
 import helpers
 from tf_simclr import weights
 from tf_simclr import config as cfg
+from tf_simclr import config_record
 from tf_simclr import run_dir
 from tf_simclr.data import datasets, tfds_prepare
 
@@ -524,17 +525,17 @@ def test_check_resume_flags_names_changes_and_keeps_history():
   stored.pop('new_in_this_version')  # an older record: flags it lacks are not compared
   given = {'train_mode': 'pretrain', 'train_steps': 20, 'learning_rate': 0.30000000000000004,
            'width_multiplier': 1.0, 'eval_steps': 5, 'new_in_this_version': 3}
-  record, fixed = run_dir.check_resume_flags('D', stored, given, False, 10)
+  record, fixed = config_record.check_resume_flags('D', stored, given, False, 10)
   assert fixed == [] and record['history'] == [
       {'checkpoint_step': 10, 'flags': {'eval_steps': 0, 'train_steps': 10}}]
   changed = dict(given, train_mode='finetune', learning_rate=0.1, width_multiplier=2)
-  with pytest.raises(run_dir.FlagChangeError) as e:
-    run_dir.check_resume_flags('D', record, changed, False, 20)
+  with pytest.raises(config_record.FlagChangeError) as e:
+    config_record.check_resume_flags('D', record, changed, False, 20)
   message = str(e.value)
   assert ("--train_mode 'pretrain' -> 'finetune', --learning_rate 0.30000000000000004 -> 0.1, "
           '--width_multiplier 1.0 -> 2') in message
   assert 'use --checkpoint=D' in message and '--allow_flag_changes' in message
-  again, fixed = run_dir.check_resume_flags('D', record, changed, True, 20)
+  again, fixed = config_record.check_resume_flags('D', record, changed, True, 20)
   assert fixed == ['train_mode', 'learning_rate', 'width_multiplier']
   assert again['history'][0] == record['history'][0] and again['train_mode'] == 'finetune'
   assert again['history'][1] == {'checkpoint_step': 20, 'flags': {

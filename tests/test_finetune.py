@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tf_simclr import run_dir
 from tf_simclr import weights
 from tf_simclr.errors import CheckpointMismatchError
 from tf_simclr import config as cfg
-from tf_simclr.data import datasets
 from tf_simclr.data import synthetic
 from tf_simclr.models import simclr
 from tf_simclr.train import experiment
@@ -131,7 +131,7 @@ def test_finetune_without_checkpoint_on_label_fraction_from_run_flags(tmp_path, 
           '--eval_split=test', '--use_blur=False', f'--model_dir={tmp_path}']
   config = _parse_run_flags(argv)
   ctx = experiment.prepare(config)
-  subset = json.load(open(tmp_path / datasets.LABEL_SUBSET_FILE))
+  subset = json.load(open(tmp_path / run_dir.LABEL_SUBSET_FILE))
   labels = synthetic.load_split('train')[1]
   indices = np.asarray(subset['indices'])
   # 10000 examples, 1000 per class -> exactly 100 per class, no duplicates, seeded.
@@ -142,11 +142,11 @@ def test_finetune_without_checkpoint_on_label_fraction_from_run_flags(tmp_path, 
   assert ctx.steps.train_steps == 250 and ctx.steps.epoch_steps == 125
   again = _parse_run_flags(argv[:-1] + [f'--model_dir={tmp_path / "again"}'])
   experiment.prepare(again)
-  same = json.load(open(tmp_path / 'again' / datasets.LABEL_SUBSET_FILE))['indices']
+  same = json.load(open(tmp_path / 'again' / run_dir.LABEL_SUBSET_FILE))['indices']
   assert same == subset['indices']
   other = _parse_run_flags(argv[:-2] + ['--label_fraction_seed=4', f'--model_dir={tmp_path}/o'])
   experiment.prepare(other)
-  assert json.load(open(tmp_path / 'o' / datasets.LABEL_SUBSET_FILE))['indices'] != same
+  assert json.load(open(tmp_path / 'o' / run_dir.LABEL_SUBSET_FILE))['indices'] != same
   # The from-scratch baseline says so in the log (2 steps only).
   caplog.set_level(logging.INFO)
   short = tiny_config(tmp_path / 'scratch', train__train_mode='finetune',

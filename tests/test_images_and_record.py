@@ -11,11 +11,13 @@ import tensorflow as tf
 from PIL import Image
 
 from tf_simclr import config as cfg
+from tf_simclr import config_record
 from tf_simclr import run_dir
 from tf_simclr.data import datasets, image_files
 from tf_simclr.errors import ConfigError, DatasetError, UserError
 from tf_simclr.models import simclr
-from tf_simclr.train import embed, experiment
+from tf_simclr.evaluation import embed
+from tf_simclr.train import experiment
 
 from helpers import parse_flags, tiny_config
 
@@ -229,9 +231,9 @@ def test_given_architecture_flag_contradicting_the_record_is_an_error(tmp_path, 
 
 
 def test_fill_from_record_rules():
-  values = {n: None for n in run_dir.RECORD_MUST_AGREE + run_dir.RECORD_FILLS}
+  values = {n: None for n in config_record.RECORD_MUST_AGREE + config_record.RECORD_FILLS}
   values.update(width_multiplier=1.0, dataset='imagenet2012', train_mode='pretrain')
-  out = run_dir.fill_from_record({'width_multiplier': 1, 'train_mode': 'distill',
+  out = config_record.fill_from_record({'width_multiplier': 1, 'train_mode': 'distill',
                                   'dataset': 'cifar10', 'sk_ratio': None},
                                  values, {'width_multiplier'}, 'here')
   assert out['width_multiplier'] == 1.0  # 1 == 1.0: no contradiction.
@@ -253,15 +255,15 @@ def test_distillation_trains_on_unlabelled_images(tmp_path, photos, original_fix
       distill=cfg.DistillConfig(teacher=teacher,
                                 teacher_checkpoint=str(original_fixture_dir / 'saved_model')))
   experiment.run(config, export_fn=experiment.no_export)
-  from tf_simclr.weights import original
+  from tf_simclr import weights
   assert (tmp_path / 'run' / 'ckpt-2.index').exists()
-  assert original.describe(str(tmp_path / 'run' / 'ckpt-2'))['num_classes'] == 10
+  assert weights.describe(str(tmp_path / 'run' / 'ckpt-2'))['num_classes'] == 10
 
 
 def test_embed_reads_the_originals_weights_from_checkpoint(tmp_path, original_fixture_dir):
   """--mode=embed --checkpoint=<the original's SavedModel>: the model of those weights (its
   10-class head found in the variables) computes the original's own features."""
-  from tf_simclr.train import reading
+  from tf_simclr.evaluation import reading
   base = tiny_config(tmp_path / 'run', data__image_size=32, train__mode='embed',
                      train__checkpoint=str(original_fixture_dir / 'saved_model'))
   model_config = cfg.model_config('pretrain', 32, resnet_depth=18, width_multiplier=1,

@@ -8,10 +8,10 @@ import numpy as np
 import tensorflow as tf
 
 from tf_simclr import config as cfg
-from tf_simclr.data import datasets
+from tf_simclr.data import datasets, subsets
 from tf_simclr.data import pipeline as pipeline_lib
 from tf_simclr.models import resnet
-from tf_simclr.train import probe
+from tf_simclr.evaluation import probe
 
 from helpers import tiny_config
 
@@ -56,12 +56,12 @@ def test_knn_matches_numpy_with_ties():
 
 def test_select_bank_is_class_balanced_and_seeded():
   labels = np.repeat(np.arange(5), [50, 40, 30, 20, 3])
-  idx = probe.select_bank(labels, 40, seed=1)
+  idx = subsets.select_bank(labels, 40, seed=1)
   counts = np.bincount(labels[idx], minlength=5)
   assert len(idx) == 40 and len(np.unique(idx)) == 40
   assert counts[4] == 3 and counts[:4].max() - counts[:4].min() <= 1
-  np.testing.assert_array_equal(idx, probe.select_bank(labels, 40, seed=1))
-  assert not np.array_equal(idx, probe.select_bank(labels, 40, seed=2))
+  np.testing.assert_array_equal(idx, subsets.select_bank(labels, 40, seed=1))
+  assert not np.array_equal(idx, subsets.select_bank(labels, 40, seed=2))
 
 
 def numpy_newton_logistic(x, y, num_classes, l2, iterations=30):

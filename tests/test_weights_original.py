@@ -167,14 +167,14 @@ def test_layout_keys_map_onto_our_variables(name, original_fixture_dir):
   assert len({id(var) for var, _ in plan}) == len(model.variables)  # every variable of ours
   for var, key in plan:
     assert list(var.shape) == keys[key], key
-  arch = weights.original.describe(prefix)
+  arch = weights.describe(prefix)
   for field, value in LAYOUTS[name].items():
     assert arch[field] == value, (field, arch)
   assert arch['num_classes'] == 1000 and arch['num_proj_layers'] == 3
 
 
 def test_describe_original_saved_model(original_fixture_dir):
-  assert weights.original.describe(str(original_fixture_dir / 'saved_model')) == dict(
+  assert weights.describe(str(original_fixture_dir / 'saved_model')) == dict(
       resnet_depth=18, width_multiplier=1, cifar_stem=True, sk_ratio=0.0, se_ratio=0.0,
       proj_head_mode='nonlinear', num_proj_layers=3, proj_out_dim=128, num_classes=10)
 

@@ -22,7 +22,8 @@ from tf_simclr import config as cfg
 from tf_simclr.data import augment
 from tf_simclr.models import simclr
 from tf_simclr.optim import lars
-from tf_simclr.train import evaluate, loop, tasks
+from tf_simclr.evaluation import evaluate
+from tf_simclr.train import loop, tasks
 
 from helpers import assert_same_updates
 

@@ -30,6 +30,8 @@ ENDPOINTS = ('initial_conv', 'initial_max_pool', 'block_group1', 'block_group2',
              'logits_sup')
 # How a fine-tune/distill run starts its supervised head (see TrainConfig.logits_layer_init).
 LOGITS_LAYER_INITS = ('checkpoint', 'zeros', 'random')
+# The built-in dataset (data/synthetic.py): generated in memory, no download.
+BUILTIN_DATASET = 'shapes10'
 
 
 def _check(condition: bool, message: str) -> None:
@@ -219,6 +221,14 @@ class DistillConfig:
            f'--distill_label_weight={self.label_weight} must be in [0, 1].')
 
 
+def distill_config(train_mode: str, resolve_teacher, **fields) -> DistillConfig:
+  """The DistillConfig of a run: the default unless distilling; then `resolve_teacher()` (the
+  teacher's ModelConfig, which may read its flags.json) and `fields` (DistillConfig's others)."""
+  if train_mode != 'distill':
+    return DistillConfig()
+  return DistillConfig(teacher=resolve_teacher(), **fields)
+
+
 @dataclasses.dataclass(frozen=True)
 class DistributeConfig:
   """How to pick the tf.distribute strategy (see distribute.py)."""
@@ -278,7 +288,7 @@ class TrainConfig:
   # --mode=embed: the split (None: --train_split) and the endpoint written to features.npy.
   embed_split: Optional[str] = None
   embed_endpoint: str = 'final_avg_pool'
-  # Resume although flags the checkpoints depend on changed (run_dir.check_resume_flags).
+  # Resume although flags the checkpoints depend on changed (config_record.check_resume_flags).
   allow_flag_changes: bool = False
   # The model_dir LOCK's lease (run_dir.py): renewed every loop and every lease/4 seconds.
   lock_lease_s: float = 300.0
@@ -310,7 +320,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ProbeConfig:
-  """Readouts on frozen features (train/probe.py): kNN monitor, linear probe, random-init baseline.
+  """Readouts on frozen features (evaluation/probe.py): kNN monitor, linear probe, random-init baseline.
 
   `knn` and `linear_probe` None mean automatic: the kNN runs when pretraining on a labelled dataset;
   the linear probe at the end of pretraining with --mode=train_then_eval (and always in
@@ -371,7 +381,6 @@ def check_tpu_paths(config: 'Config') -> None:
   """
   if config.distribute.allow_local_paths_on_tpu:
     return
-  from tf_simclr.data import synthetic  # pylint: disable=g-import-not-at-top (config is first)
   hint = ('On a TPU every host reads and writes these paths: use a Cloud Storage bucket '
           '(gs://BUCKET/...), or pass --allow_local_paths_on_tpu on a single-host TPU VM.')
   _check(config.train.model_dir.startswith('gs://'),
@@ -381,7 +390,7 @@ def check_tpu_paths(config: 'Config') -> None:
     _check(not path or path.startswith('gs://'),
            f'{flag}={path!r} is local but the strategy is a TPU. {hint}')
   dataset = config.data.dataset
-  if dataset == synthetic.NAME:  # Generated in memory on every host.
+  if dataset == BUILTIN_DATASET:  # Generated in memory on every host.
     return
   if dataset.startswith(('folder:', 'images:')):
     _check(dataset.split(':', 1)[1].startswith('gs://'),

@@ -160,7 +160,7 @@ def describe(strategy: tf.distribute.Strategy) -> str:
   """A short description, e.g. 'MirroredStrategy, 2 replicas (/cpu:0, /cpu:1)'."""
   n = strategy.num_replicas_in_sync
   name = type(strategy).__name__
-  if _is_multi_worker(strategy):
+  if is_multi_worker(strategy):
     name = 'MultiWorkerMirroredStrategy'  # its class is CollectiveAllReduceStrategy
   text = f'{name}, {n} replica{"s" if n != 1 else ""}'
   try:
@@ -177,7 +177,7 @@ def is_tpu(strategy: tf.distribute.Strategy) -> bool:
   return any(c.__name__ in ('TPUStrategy', 'TPUStrategyV2') for c in type(strategy).__mro__)
 
 
-def _is_multi_worker(strategy) -> bool:
+def is_multi_worker(strategy) -> bool:
   """MultiWorkerMirroredStrategy (class CollectiveAllReduceStrategy), by class name."""
   return any(c.__name__ in ('CollectiveAllReduceStrategy', 'MultiWorkerMirroredStrategy')
              for c in type(strategy).__mro__)
@@ -190,7 +190,7 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
   when the cluster has no chief task.
   """
   resolver = getattr(strategy, 'cluster_resolver', None)
-  if resolver is None or not _is_multi_worker(strategy):
+  if resolver is None or not is_multi_worker(strategy):
     return True
   task_type, task_id = resolver.task_type, resolver.task_id
   if task_type is None or task_type == 'chief':
@@ -250,7 +250,7 @@ def any_worker_failed(strategy: tf.distribute.Strategy, failed: bool) -> bool:
   the chief alone; without this agreement the other workers would wait at the first collective
   forever. Every worker must call it at the same point. Single-process runs: `failed` as given.
   """
-  if not _is_multi_worker(strategy) or strategy.num_replicas_in_sync < 2:
+  if not is_multi_worker(strategy) or strategy.num_replicas_in_sync < 2:
     return failed
   value = float(failed)
 

@@ -25,7 +25,8 @@ from typing import Dict, Iterator, List
 import keras
 import tensorflow as tf
 
-from tf_simclr.weights.source import EXPORT_SUBDIR, exported_steps, resolve_export_path
+from tf_simclr import run_dir
+from tf_simclr.weights.source import exported_steps, resolve_export_path
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,8 @@ def export_step(model, model_dir: str, step: int, keep_hub_module_max: int) -> s
   """Exports to `model_dir/saved_model/<step>` (replacing it) and keeps the newest
   `keep_hub_module_max` exports (0 keeps all), as the original's `save`, never deleting the one
   just written or a newer one. Returns the folder, which exists when this returns."""
-  export_root = os.path.join(model_dir, EXPORT_SUBDIR)
-  export_dir = os.path.join(export_root, str(int(step)))
+  export_root = run_dir.export_root(model_dir)
+  export_dir = run_dir.export_dir(model_dir, step)
   if tf.io.gfile.exists(export_dir):
     tf.io.gfile.rmtree(export_dir)
   tf.io.gfile.makedirs(export_root)

@@ -23,6 +23,7 @@ import keras
 import tensorflow as tf
 
 from tf_simclr import cpu_kernels
+from tf_simclr import distribute
 from tf_simclr.config import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,12 @@ def inner_optimizer(optimizer):
   return getattr(optimizer, 'inner_optimizer', optimizer)
 
 
+def loss_scale(optimizer):
+  """The dynamic loss-scale variable of an optimizer `wrap_optimizer` wrapped, else None (the one
+  test of "is this run loss-scaled", for the loop and the checkpoint)."""
+  return optimizer.dynamic_scale if inner_optimizer(optimizer) is not optimizer else None
+
+
 def cpu_advice(precision: str, bfloat16_units, onednn) -> str:
   """Why `precision` is slow on this CPU ('' where it is the fast choice), from whether the CPU
   has bfloat16 units (avx512_bf16/amx_bf16; None: unknown) and whether oneDNN is on.
@@ -107,8 +114,7 @@ def cpu_advice(precision: str, bfloat16_units, onednn) -> str:
 
 def warn_if_slow_on_cpu(precision: str, strategy) -> None:
   """Warns when training on a CPU in a precision that is slow there (see `cpu_advice`)."""
-  on_cpu = (not tf.config.list_physical_devices('GPU')
-            and not isinstance(strategy, tf.distribute.TPUStrategy))
+  on_cpu = not tf.config.list_physical_devices('GPU') and not distribute.is_tpu(strategy)
   if not on_cpu:
     return
   advice = cpu_advice(precision, cpu_kernels.has_bfloat16_units(), cpu_kernels.onednn_enabled())

@@ -1,4 +1,5 @@
-"""Guards of a model_dir: one training run at a time (a lock file), its flags.json, its checks.
+"""The layout of a model_dir (every file and folder name in it, and the functions that build
+those paths), and its guards: one training run at a time (a lock file), its flags.json.
 
 A model_dir belongs to one training run. Training takes `model_dir/LOCK` before
 it writes anything; the file names the holder (host, pid, start time) and is a lease: the holder
@@ -18,15 +19,16 @@ import datetime
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
 import uuid
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional
 
 import tensorflow as tf
 
-from tf_simclr.config import ConfigError, same_value
+from tf_simclr.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -264,9 +266,13 @@ class RunLock:
     self.release()
 
 
+def flags_path(model_dir: str) -> str:
+  return os.path.join(model_dir, FLAGS_FILE)
+
+
 def read_flags(model_dir: str) -> Optional[Dict]:
   """The flags.json of model_dir, or None."""
-  path = os.path.join(model_dir, FLAGS_FILE)
+  path = flags_path(model_dir)
   if not tf.io.gfile.exists(path):
     return None
   try:
@@ -278,72 +284,108 @@ def read_flags(model_dir: str) -> Optional[Dict]:
 
 
 def write_flags(model_dir: str, flags: Dict) -> str:
-  path = os.path.join(model_dir, FLAGS_FILE)
+  path = flags_path(model_dir)
   with tf.io.gfile.GFile(path, 'w') as f:
     json.dump(flags, f, indent=2, sort_keys=True)
   return path
 
 
-# ---- The run's record for --mode=eval|export|probe|embed (README, "What lands in --model_dir").
-# Architecture and head flags: filled from the record when not given; a given value must agree.
-RECORD_MUST_AGREE = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio', 'proj_head_mode',
-                     'proj_out_dim', 'num_proj_layers', 'ft_proj_selector')
-# The rest of the model and the data: filled from the record when not given; a given value wins
-# (e.g. --dataset=images:OTHER to embed another folder, --eval_split=test).
-RECORD_FILLS = ('train_mode', 'lineareval_while_pretraining', 'image_size', 'batch_norm_decay',
-                'global_bn', 'precision', 'dataset', 'data_dir', 'train_split', 'eval_split',
-                'skip_bad_images', 'color_jitter_impl')
+def find_flags_json(path: Optional[str]) -> Optional[str]:
+  """flags.json of the run that wrote `path` (a checkpoint prefix, a model_dir or an export)."""
+  if not path:
+    return None
+  candidates = []
+  path = path.rstrip('/')
+  for _ in range(4):  # prefix -> model_dir; model_dir/saved_model/<step> -> model_dir
+    candidates.append(path if tf.io.gfile.isdir(path) else os.path.dirname(path))
+    path = os.path.dirname(path)
+  for folder in candidates:
+    flags_path = os.path.join(folder, FLAGS_FILE)
+    if folder and tf.io.gfile.exists(flags_path):
+      return flags_path
+  return None
+
+
+# ---- Checkpoints: model_dir/ckpt-N.{index,data-*}; a save in progress writes ckpt-N_temp*; a
+# damaged checkpoint is set aside as damaged-ckpt-N.* (then damaged-ckpt-N.2.*, ...).
+CHECKPOINT_NAME = 'ckpt'
+_CHECKPOINT_INDEX_RE = re.compile(rf'^{CHECKPOINT_NAME}-(\d+)\.index$')
+_TEMP_RE = re.compile(rf'^{CHECKPOINT_NAME}-\d+_temp')
+TEMP_GLOB = f'{CHECKPOINT_NAME}-*_temp'
+DAMAGED_PREFIX = 'damaged-'
+CHECKPOINT_INDEX_FILE = 'checkpoint'  # tf.train.CheckpointManager's index of the newest
+
+
+def checkpoint_index_file(model_dir: str) -> str:
+  return os.path.join(model_dir, CHECKPOINT_INDEX_FILE)
+
+
+def checkpoint_index_step(name: str) -> Optional[int]:
+  """N of a file named `ckpt-N.index`, else None."""
+  m = _CHECKPOINT_INDEX_RE.match(name)
+  return int(m.group(1)) if m else None
+
+
+def is_unfinished_save(name: str) -> bool:
+  """Whether a model_dir entry is the `ckpt-N_temp*` folder of a save that did not finish."""
+  return bool(_TEMP_RE.match(name))
+
+
+def damaged_name(path: str, copy: int = 1) -> str:
+  """`damaged-<name>` beside `path` (copy 1), else `damaged-<name>.<copy>`."""
+  folder, base = os.path.split(path)
+  return os.path.join(folder, DAMAGED_PREFIX + base + (f'.{copy}' if copy > 1 else ''))
+
+
+# ---- Exports: model_dir/saved_model/<step>/saved_model.pb.
+EXPORT_SUBDIR = 'saved_model'
+SAVED_MODEL_FILE = 'saved_model.pb'
+
+
+def export_root(model_dir: str) -> str:
+  return os.path.join(model_dir, EXPORT_SUBDIR)
+
+
+def export_dir(model_dir: str, step: int) -> str:
+  """model_dir/saved_model/<step>."""
+  return os.path.join(export_root(model_dir), str(int(step)))
+
+
+# ---- Evaluation: result.json (the latest) and result_<step>.json; summaries of a named eval
+# (--eval_name) in eval_<name>/.
+RESULT_FILE = 'result.json'
+
+
+def result_path(model_dir: str, step: Optional[int] = None) -> str:
+  """model_dir/result.json, or model_dir/result_<step>.json."""
+  return os.path.join(model_dir, RESULT_FILE if step is None else f'result_{step}.json')
+
+
+def eval_summary_dir(model_dir: str, eval_name: str = '') -> str:
+  """Where eval summaries go: model_dir, or model_dir/eval_<name> for a named eval."""
+  return os.path.join(model_dir, f'eval_{eval_name}') if eval_name else model_dir
+
+
+# ---- The labelled subset a --train_label_fraction run chose (label_subset.json), and the labels
+# cache a TFDS split keeps in its dataset folder (outside model_dir).
+LABEL_SUBSET_FILE = 'label_subset.json'
+
+
+def label_subset_path(model_dir: str) -> str:
+  return os.path.join(model_dir, LABEL_SUBSET_FILE)
+
+
+def labels_cache_path(dataset_dir: str, split: str) -> str:
+  """<TFDS dataset folder>/tf_simclr_labels-<split>.npy (the split's labels, read once)."""
+  safe = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in split)
+  return os.path.join(dataset_dir, f'tf_simclr_labels-{safe}.npy')
+
+
+# ---- --mode=embed: model_dir/embeddings/<split>/{features.npy, labels.npy, paths.txt}.
 EMBEDDINGS_DIR = 'embeddings'
 FEATURES_FILE = 'features.npy'
 LABELS_FILE = 'labels.npy'
 PATHS_FILE = 'paths.txt'
-
-
-def read_record(model_dir: Optional[str], checkpoint: Optional[str] = None
-                ) -> Tuple[Optional[Dict], str]:
-  """(flag values the run recorded, where from) for a mode that reads a run (not training).
-
-  In order: model_dir's flags.json; the flags.json of the run that wrote --checkpoint; the
-  architecture read off --checkpoint's variables (`weights.original.describe`, works for ours and
-  the original's weights). (None, '') when there is nothing to read.
-  """
-  if model_dir:
-    stored = read_flags(model_dir)
-    if stored is not None:
-      return stored, os.path.join(model_dir, FLAGS_FILE)
-  if not checkpoint:
-    return None, ''
-  from tf_simclr import teacher  # pylint: disable=g-import-not-at-top (imports config, models)
-  from tf_simclr.weights import original  # pylint: disable=g-import-not-at-top
-  path = teacher.find_flags_json(checkpoint)
-  if path:
-    with tf.io.gfile.GFile(path) as f:
-      return json.load(f), path
-  return original.describe_flags(original.describe(checkpoint)), f'the variables of {checkpoint}'
-
-
-def fill_from_record(record: Dict, values: Dict, given, where: str) -> Dict:
-  """The flag values to use: `values` with every record flag not in `given` taken from `record`.
-
-  `values`: current values of the flags (defaults included); `given`: names set explicitly on
-  the command line or a flagfile. Raises ConfigError naming both values when a given
-  architecture/head flag contradicts the record.
-  """
-  out = dict(values)
-  wrong = []
-  for name in RECORD_MUST_AGREE + RECORD_FILLS:
-    if name not in record or record[name] is None:
-      continue
-    if name not in given:
-      # A distilled student is read as a fine-tuned model (same heads), without its teacher.
-      out[name] = 'finetune' if (name, record[name]) == ('train_mode', 'distill') else record[name]
-    elif name in RECORD_MUST_AGREE and not same_value(record[name], values[name]):
-      wrong.append(f'--{name}={values[name]!r} here but {record[name]!r} in the run')
-  if wrong:
-    raise ConfigError(
-        f'The flags contradict the run recorded in {where}: ' + '; '.join(wrong) +
-        '. Drop these flags (they are read from the record), or use another --model_dir.')
-  return out
 
 
 def embeddings_dir(model_dir: str, split: str) -> str:
@@ -351,58 +393,3 @@ def embeddings_dir(model_dir: str, split: str) -> str:
   return os.path.join(model_dir, EMBEDDINGS_DIR, split.replace('/', '_'))
 
 
-# Flags a resumed training run must keep (the weights, optimizer state and step were made with
-# them): changing one is an error unless --allow_flag_changes. Any other flag (--train_steps /
-# --train_epochs, eval, logging, export and checkpoint intervals, paths) may change and is logged.
-RESUME_FIXED_FLAGS = (
-    'train_mode', 'dataset', 'train_split', 'train_label_fraction', 'label_fraction_seed',
-    'train_batch_size', 'optimizer', 'momentum', 'learning_rate', 'learning_rate_scaling',
-    'warmup_epochs', 'weight_decay', 'temperature', 'hidden_norm', 'distill_temperature',
-    'distill_label_weight',
-    # Architecture.
-    'image_size', 'resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio', 'proj_head_mode',
-    'proj_out_dim', 'num_proj_layers', 'ft_proj_selector', 'fine_tune_after_block',
-    'lineareval_while_pretraining', 'batch_norm_decay', 'global_bn')
-HISTORY_KEY = 'history'
-# Not compared: the record's own history and the override itself.
-_NOT_COMPARED = (HISTORY_KEY, 'allow_flag_changes')
-
-
-class FlagChangeError(ConfigError):
-  """A resumed training run was given other values of flags its checkpoints depend on."""
-
-
-def check_resume_flags(model_dir: str, stored: Dict, given: Dict, allow_changes: bool,
-                       step: int) -> Tuple[Dict, List[str]]:
-  """Compares a resumed run's flags with its flags.json (`stored`); the one place that does.
-
-  Logs every differing flag (old -> new). Raises FlagChangeError naming each changed
-  RESUME_FIXED_FLAGS entry unless `allow_changes`. Returns (the record to write: `given` plus
-  the history of earlier values, each entry {'checkpoint_step': step, 'flags': {name: old}}, the
-  names of the changed fixed flags). Flags absent from `stored` (an older record) are skipped.
-  """
-  changed = {name: (stored[name], value) for name, value in given.items()
-             if name not in _NOT_COMPARED and name in stored
-             and not same_value(stored[name], value)}
-  for name, (old, new) in sorted(changed.items()):
-    log.info('Resuming with a changed flag: --%s %r -> %r', name, old, new)
-  fixed = [name for name in RESUME_FIXED_FLAGS if name in changed]
-  if fixed and not allow_changes:
-    listed = ', '.join(f'--{n} {changed[n][0]!r} -> {changed[n][1]!r}' for n in fixed)
-    raise FlagChangeError(
-        f'--model_dir={model_dir} holds checkpoints (up to step {step}) of a run made with other '
-        f'values of flags it cannot change on a resume: {listed} (its {FLAGS_FILE} vs this '
-        f'command). To start from these weights use --checkpoint={model_dir} with a new '
-        '--model_dir; to continue anyway pass --allow_flag_changes; to resume the run, drop '
-        'the changed flags.')
-  if fixed:
-    log.warning('Continuing with changed flags (--allow_flag_changes): %s; %s keeps the earlier '
-                'values under "%s".', ', '.join(f'--{n}' for n in fixed), FLAGS_FILE, HISTORY_KEY)
-  record = dict(given)
-  history = list(stored.get(HISTORY_KEY) or [])
-  if changed:
-    history.append({'checkpoint_step': step,
-                    'flags': {name: old for name, (old, _) in sorted(changed.items())}})
-  if history:
-    record[HISTORY_KEY] = history
-  return record, fixed

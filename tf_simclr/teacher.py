@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Callable, Dict, Optional
 
 import tensorflow as tf
 
 from tf_simclr import config
+from tf_simclr import run_dir
 from tf_simclr.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -22,27 +22,11 @@ ARCHITECTURE_FIELDS = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio
                        'proj_head_mode', 'num_proj_layers', 'proj_out_dim', 'ft_proj_selector')
 
 
-def find_flags_json(checkpoint: Optional[str]) -> Optional[str]:
-  """flags.json of the run that wrote `checkpoint` (a prefix, a model_dir or an export)."""
-  if not checkpoint:
-    return None
-  candidates = []
-  path = checkpoint.rstrip('/')
-  for _ in range(4):  # prefix -> model_dir; model_dir/saved_model/<step> -> model_dir
-    candidates.append(path if tf.io.gfile.isdir(path) else os.path.dirname(path))
-    path = os.path.dirname(path)
-  for folder in candidates:
-    flags_path = os.path.join(folder, 'flags.json')
-    if folder and tf.io.gfile.exists(flags_path):
-      return flags_path
-  return None
-
-
 def teacher_model_config(student: ModelConfig, teacher_checkpoint: Optional[str],
                          overrides: Dict[str, object]) -> ModelConfig:
   """The teacher's ModelConfig: overrides, else its flags.json, else the student's values."""
   values = {}
-  flags_path = find_flags_json(teacher_checkpoint)
+  flags_path = run_dir.find_flags_json(teacher_checkpoint)
   if flags_path:
     with tf.io.gfile.GFile(flags_path) as f:
       saved = json.load(f)

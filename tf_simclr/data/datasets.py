@@ -15,6 +15,7 @@ Every form yields (image uint8 HxWxC, label int64) and accepts TFDS split slicin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -26,8 +27,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from tf_simclr import config as config_lib
-from tf_simclr.data import image_files, synthetic, tfds_prepare
+from tf_simclr import run_dir
+from tf_simclr.data import image_files, subsets, synthetic, tfds_prepare
 from tf_simclr.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 FOLDER_PREFIX = 'folder:'
 IMAGES_PREFIX = 'images:'
 UNLABELLED = -1  # The label of every example of an unlabelled dataset.
-LABEL_SUBSET_FILE = 'label_subset.json'
 _FORMS = ('a TFDS image-classification name (e.g. cifar10, imagenet2012; catalog: '
           'https://www.tensorflow.org/datasets/catalog), folder:PATH (images in '
           'PATH/<split>/<class>/*.jpg|png), images:PATH (unlabelled: every image under PATH), or the '
@@ -241,8 +241,7 @@ class DatasetSource:
 
   def _labels_cache_path(self, split: str) -> str:
     """Beside the prepared TFDS files (one immutable version folder): labels-<split>.npy."""
-    safe = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in split)
-    return os.path.join(os.fspath(self.builder.data_dir), f'tf_simclr_labels-{safe}.npy')
+    return run_dir.labels_cache_path(os.fspath(self.builder.data_dir), split)
 
   def _cached_labels(self, split: str) -> Optional[np.ndarray]:
     """The labels `_cache_labels` stored, if they are there and of the split's size."""
@@ -298,6 +297,18 @@ def bad_images_error(source: 'DatasetSource', split: str) -> Optional[DatasetErr
   return DatasetError(
       f'--dataset={source.name}: {len(bad)} image file(s) cannot be decoded, first: '
       + ', '.join(bad[:5]) + '. Remove or fix them, or pass --skip_bad_images to leave them out.')
+
+
+@contextlib.contextmanager
+def naming_bad_images(source: 'DatasetSource', split: str):
+  """Turns a decode failure inside a folder: pipeline into an error naming the bad files."""
+  try:
+    yield
+  except tf.errors.InvalidArgumentError as e:
+    error = bad_images_error(source, split)
+    if error is None:
+      raise
+    raise error from e
 
 
 def _resolve_folder(name: str, skip_bad_images: bool = False,
@@ -400,32 +411,16 @@ def resolve_from_config(data_config, eval_split: bool = True) -> DatasetSource:
   return source
 
 
-def select_label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-  """Sorted example indices keeping round(fraction * count) of every class (at least 1).
-
-  Deterministic for a given (labels, fraction, seed); round half up. fraction 1 keeps all.
-  """
-  config_lib.check_label_fraction(fraction)
-  labels = np.asarray(labels)
-  rng = np.random.Generator(np.random.PCG64(seed))
-  chosen = []
-  for cls in np.unique(labels):
-    members = np.flatnonzero(labels == cls)
-    keep = min(len(members), max(1, int(np.floor(fraction * len(members) + 0.5))))
-    chosen.append(rng.permutation(members)[:keep])
-  return np.sort(np.concatenate(chosen or [np.zeros([0], np.int64)])).astype(np.int64)
-
-
 def label_subset_for(source: DatasetSource, split: str, fraction: float, seed: int) -> np.ndarray:
   """Indices (in `as_dataset(split)` order) of the class-balanced labelled subset of `split`."""
-  return select_label_subset(source.labels(split), fraction, seed)
+  return subsets.select_label_subset(source.labels(split), fraction, seed)
 
 
 def write_label_subset(directory: str, *, dataset: str, split: str, fraction: float, seed: int,
                        indices: np.ndarray) -> str:
   """Writes the chosen ids to <directory>/label_subset.json so a run can be reproduced."""
   tf.io.gfile.makedirs(directory)
-  path = os.path.join(directory, LABEL_SUBSET_FILE)
+  path = run_dir.label_subset_path(directory)
   record = {'dataset': dataset, 'split': split, 'fraction': fraction, 'seed': seed,
             'num_examples': int(len(indices)), 'indices': [int(i) for i in indices]}
   with tf.io.gfile.GFile(path, 'w') as f:

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_simclr import config as config_lib
+from tf_simclr import run_dir
 from tf_simclr.data import augment
 from tf_simclr.data.datasets import DatasetError, DatasetSource, host_range, input_pipelines
 
@@ -61,7 +62,7 @@ def _membership(source: DatasetSource, split: str, label_subset) -> np.ndarray:
   if indices.min() < 0 or indices.max() >= n:
     raise DatasetError(f'Label subset indices must lie in [0, {n}) for --train_split={split!r} '
                        f'of --dataset={source.name}; got [{indices.min()}, {indices.max()}]. '
-                       'Was label_subset.json written for another split or dataset?')
+                       f'Was {run_dir.LABEL_SUBSET_FILE} written for another split or dataset?')
   member = np.zeros([n], dtype=bool)
   member[indices] = True
   return member

@@ -25,7 +25,9 @@ import functools
 
 import numpy as np
 
-NAME = 'shapes10'
+from tf_simclr import config as config_lib
+
+NAME = config_lib.BUILTIN_DATASET
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
 CLASS_NAMES = ('circle', 'square', 'triangle', 'cross', 'ring', 'star', 'horizontal_bars',

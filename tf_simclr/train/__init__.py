@@ -1,1 +1,1 @@
-"""The training loop, per-mode tasks and evaluation."""
+"""Training only: assembling a run, the training loop and one task per training mode."""

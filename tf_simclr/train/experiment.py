@@ -1,15 +1,13 @@
-"""One run from a `Config`: data, model, optimizer, checkpoints, training, evaluation, export.
+"""One run from a `Config`: data, model, optimizer, checkpoints, training; then evaluation and
+export (tf_simclr/evaluation/, export.py) for the modes that ask for them.
 
 This is what `run.py` calls after turning flags into a Config; notebooks can call `run()` too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
-import os
 from typing import Callable, Dict, Optional
 
 import tensorflow as tf
@@ -18,21 +16,19 @@ from tf_simclr import distribute
 from tf_simclr import run_dir
 from tf_simclr import precision as precision_lib
 from tf_simclr.config import Config, Steps
-from tf_simclr.errors import CheckpointNotFoundError, UserError
+from tf_simclr.errors import UserError
 from tf_simclr.data import datasets, pipeline
+from tf_simclr.evaluation import evaluate as evaluate_lib
+from tf_simclr.evaluation import probe, reading
+from tf_simclr.evaluation import readouts as readouts_lib
 from tf_simclr.models import simclr
 from tf_simclr.optim import lars, schedule
-from tf_simclr.train import evaluate as evaluate_lib
-from tf_simclr.train import loop, probe, reading, tasks
+from tf_simclr.train import loop, tasks
 from tf_simclr.train import prepare as prepare_lib
-from tf_simclr.train import readouts as readouts_lib
-from tf_simclr.weights import match as weights_match
-from tf_simclr.weights import source as weights_source
 from tf_simclr.weights import state as weights_state
 
 log = logging.getLogger(__name__)
 
-SUPERVISED_HEAD = 'supervised_head'
 # What every mode starts from (validated before anything is written): see prepare.py.
 Context, TRAINING_MODES, prepare = prepare_lib.Context, prepare_lib.TRAINING_MODES, prepare_lib.prepare
 
@@ -99,8 +95,7 @@ def _set_supervised_head(model, values, what: str) -> None:
   log.info('Supervised head (%d variables): %s.', len(head_vars), what)
 
 
-def initialize_weights(config: Config, model, state: weights_state.TrainState,
-                       init_fn: Optional[Callable] = None) -> str:
+def initialize_weights(config: Config, model, state: weights_state.TrainState) -> str:
   """Checkpoint precedence, then --logits_layer_init; returns how the weights were set.
 
   `checkpoint` (default) is the original's behaviour: the head --checkpoint holds is kept when
@@ -110,13 +105,11 @@ def initialize_weights(config: Config, model, state: weights_state.TrainState,
   always continues from the saved head.
   """
   train_config = config.train
-  fresh_ok = (SUPERVISED_HEAD,) if train_config.train_mode != 'pretrain' else ()
-  if init_fn is None:
-    # Our checkpoints and exports, and weights written by google-research/simclr.
-    init_fn = lambda path: weights_match.load(model, path, fresh_ok=fresh_ok)
+  task_class = tasks.task_class(config)
   head = model.supervised_head
   initial = [v.numpy() for v in head.trainable_variables] if head is not None else None
-  how = state.restore_or_initialize(train_config.checkpoint, fresh_ok=fresh_ok, init_fn=init_fn)
+  # --checkpoint: ours, an export of ours, or weights written by google-research/simclr.
+  how = state.restore_or_initialize(train_config.checkpoint, fresh_ok=task_class.fresh_ok)
   if how != 'resumed' and head is not None:
     init = train_config.logits_layer_init
     if init == 'zeros':
@@ -130,14 +123,12 @@ def initialize_weights(config: Config, model, state: weights_state.TrainState,
                '; --zero_init_logits_layer has no effect, as in the original (use '
                '--logits_layer_init=zeros to zero it)' if train_config.zero_init_logits_layer
                else '')
-  if how == 'scratch' and train_config.train_mode == 'finetune':
-    log.warning('Fine-tuning without --checkpoint: training from random initialisation '
-                '(the supervised baseline).')
+  if how == 'scratch' and task_class.scratch_warning:
+    log.warning('%s', task_class.scratch_warning)
   return how
 
 
-def train(ctx: Context, teacher: Optional[Callable] = None,
-          init_fn: Optional[Callable] = None):
+def train(ctx: Context, teacher: Optional[Callable] = None):
   """Trains to the last step; returns (model, final step, metrics of the last loop)."""
   config = ctx.config
   precision_lib.warn_if_slow_on_cpu(config.model.precision, ctx.strategy)
@@ -150,7 +141,7 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
                            teacher=teacher, hooks=hooks)
   task = built.task
   built.state.optimizer_changed = ctx.optimizer_changed
-  initialize_weights(config, model, built.state, init_fn=init_fn)
+  initialize_weights(config, model, built.state)
   # Every worker restored from its own --model_dir path: they must be at the same step.
   distribute.check_same_step(ctx.strategy, built.state.step, config.train.model_dir)
   if ctx.flags_dict is not None and distribute.is_chief(ctx.strategy):
@@ -158,141 +149,11 @@ def train(ctx: Context, teacher: Optional[Callable] = None,
     run_dir.write_flags(config.train.model_dir, ctx.flags_dict)
   dataset = pipeline.build_train_dataset(
       ctx.source, config.data, config.train.train_batch_size, ctx.strategy,
-      num_views=task.num_views,
-      # Distillation reads the whole (unlabelled) split; the subset only marks labelled ones.
-      label_subset=(ctx.label_subset if task.name != 'distill' or task.uses_label_mask
-                    else None),
+      num_views=task.num_views, label_subset=task.train_label_subset(ctx.label_subset),
       with_label_mask=task.uses_label_mask, seed=config.train.seed)
-  with _naming_bad_images(ctx, config.data.train_split):
+  with datasets.naming_bad_images(ctx.source, config.data.train_split):
     result = built.trainer.train(iter(dataset))
   return model, result
-
-
-@contextlib.contextmanager
-def _naming_bad_images(ctx: Context, split: str):
-  """Turns a decode failure inside a folder: pipeline into an error naming the bad files."""
-  try:
-    yield
-  except tf.errors.InvalidArgumentError as e:
-    error = datasets.bad_images_error(ctx.source, split)
-    if error is None:
-      raise
-    raise error from e
-
-
-def evaluate(ctx: Context, model, global_step: int, export_fn: Optional[Callable] = None,
-             linear_probe: bool = False) -> Optional[Dict[str, float]]:
-  """Evaluates the supervised head and the readouts on --eval_split; writes the result files."""
-  config = ctx.config
-  result = {}
-  if model.supervised_head is not None:
-    dataset = pipeline.build_eval_dataset(ctx.source, config.data, config.train.eval_batch_size,
-                                          ctx.strategy)
-    evaluator = evaluate_lib.Evaluator(model, ctx.strategy,
-                                       tasks.weight_decay_variables(model, config.optim.optimizer),
-                                       config.optim.weight_decay,
-                                       jit_compile=config.train.jit_compile)
-    with _naming_bad_images(ctx, config.data.eval_split):
-      # --eval_steps=0: until each host's share is exhausted (hosts' shares may be uneven).
-      result = evaluator.evaluate(dataset, config.train.eval_steps)
-  with _naming_bad_images(ctx, config.data.eval_split):
-    result.update(readouts_lib.readouts(ctx, model, knn=readouts_lib.knn_enabled(ctx),
-                                        linear=linear_probe))
-  if not result:
-    log.info('Skipping eval: pretraining without --lineareval_while_pretraining has no '
-             'supervised head, and the kNN monitor is off.')
-    return None
-  result.update(ctx.baseline)
-  if not distribute.is_chief(ctx.strategy):
-    return result
-  summary_dir = config.train.model_dir
-  if config.train.eval_name:
-    summary_dir = os.path.join(summary_dir, f'eval_{config.train.eval_name}')
-  stored = evaluate_lib.write_results(config.train.model_dir, result, global_step, summary_dir)
-  if export_fn is not None:
-    export_fn(model, global_step)
-  return stored
-
-
-_MODEL_DIR_LEAD = reading.MODEL_DIR_LEAD
-
-
-def follow_and_evaluate(ctx: Context, export_fn: Optional[Callable] = None,
-                        timeout: float = 0) -> Optional[Dict[str, float]]:
-  """--mode=eval: evaluates each new checkpoint in model_dir until the last training step.
-
-  Waits at most `timeout` seconds (0: forever) for each new checkpoint; raises
-  FileNotFoundError when none comes at all.
-  """
-  model_dir = ctx.config.train.model_dir
-  model = None
-  result, step = None, None
-  evaluated = set()
-  for newest in weights_state.wait_for_checkpoints(model_dir, timeout=timeout):
-    if model is None:
-      model = build_model(ctx)
-    loaded = weights_state.load_newest_intact(model, model_dir, lead=_MODEL_DIR_LEAD,
-                                              newest=newest)
-    if loaded is None or loaded[0] in evaluated:
-      continue  # Rotated away, or damaged with the intact one before it already evaluated.
-    path, step = loaded
-    evaluated.add(path)
-    log.info('Evaluating %s (step %d).', path, step)
-    result = evaluate(ctx, model, step, export_fn=export_fn)
-    if result is None or step >= ctx.steps.train_steps:
-      log.info('Eval complete.')
-      return result
-  if step is None:
-    raise CheckpointNotFoundError(
-        f'--mode=eval: no checkpoint appeared in --model_dir={model_dir} within '
-        f'--eval_timeout={timeout:g} s. Check the path (training writes ckpt-N there), or raise '
-        '--eval_timeout (0 waits forever).')
-  log.warning('No new checkpoint in %s within --eval_timeout=%g s after step %d (training ends at '
-              '%d); stopping.', model_dir, timeout, step, ctx.steps.train_steps)
-  return result
-
-
-def probe_checkpoint(ctx: Context) -> Dict[str, float]:
-  """--mode=probe: kNN and linear probe of --checkpoint, else of model_dir's newest checkpoint,
-  else of the random-init encoder; merged into result.json / result_<step>.json."""
-  config = ctx.config
-  model_dir = config.train.model_dir
-  model = build_model(ctx)
-  readouts_lib.random_init_baseline(ctx, model)
-  # The readouts need the encoder only: heads of another shape (or none) may stay as built.
-  heads = ('supervised_head', 'projection_head')
-  step = 0
-  if config.train.checkpoint:
-    source = weights_source.resolve(config.train.checkpoint)
-    weights_match.load(model, source, fresh_ok=heads)
-    log.info('Probing --checkpoint=%s.', config.train.checkpoint)
-    try:
-      step = weights_source.read_global_step(source)
-    except (ValueError, KeyError, tf.errors.OpError):
-      step = 0
-  elif (loaded := weights_state.load_newest_intact(model, model_dir, fresh_ok=heads,
-                                                     lead=_MODEL_DIR_LEAD)):
-    latest, step = loaded
-    log.info('Probing %s (step %d).', latest, step)
-  else:
-    log.warning('--mode=probe: no --checkpoint and no checkpoint in --model_dir=%s; probing the '
-                'random-init encoder.', model_dir)
-  knn = config.probe.knn is not False and ctx.num_classes > 1
-  result = readouts_lib.readouts(ctx, model, knn=knn,
-                                 linear=config.probe.linear_probe is not False)
-  result.update(ctx.baseline)
-  if not distribute.is_chief(ctx.strategy):
-    return result
-  previous = os.path.join(model_dir, f'result_{step}.json')
-  merged = {}
-  if tf.io.gfile.exists(previous):  # Keep the head's metrics of the same step.
-    with tf.io.gfile.GFile(previous) as f:
-      merged = {k: v for k, v in json.load(f).items() if k != 'global_step'}
-  merged.update(result)
-  stored = evaluate_lib.write_results(model_dir, merged, step, model_dir)
-  log.info('%s', probe.format_table(stored))
-  return stored
-
 
 
 PREEMPTED = loop.TrainingPreemptedError
@@ -344,24 +205,25 @@ def _run_mode(ctx: Context, export_fn: Callable) -> Optional[Dict[str, float]]:
   config = ctx.config
   mode = config.train.mode
   if mode == 'probe':
-    return probe_checkpoint(ctx)
+    return evaluate_lib.probe_checkpoint(ctx, build_model(ctx))
   if mode == 'eval':
-    return follow_and_evaluate(ctx, export_fn, timeout=config.train.eval_timeout)
+    return evaluate_lib.follow_and_evaluate(ctx, lambda: build_model(ctx), export_fn,
+                                            timeout=config.train.eval_timeout)
   if mode == 'export':
     model = build_model(ctx)
     export_fn(model, reading.load_weights(ctx.config, model))
     return None
   if mode == 'embed':
-    from tf_simclr.train import embed  # pylint: disable=g-import-not-at-top
+    from tf_simclr.evaluation import embed  # pylint: disable=g-import-not-at-top
     model = build_model(ctx)
     reading.load_weights(ctx.config, model)
     embed.embed_split(ctx, model)
     return None
-  teacher = load_teacher(ctx) if config.train.train_mode == 'distill' else None
+  teacher = load_teacher(ctx) if ctx.task_class.needs_teacher else None
   model, result = train(ctx, teacher=teacher)
   if mode == 'train_then_eval':
-    stored = evaluate(ctx, model, result.final_step, export_fn=export_fn,
-                      linear_probe=readouts_lib.linear_probe_enabled(ctx))
+    stored = evaluate_lib.evaluate(ctx, model, result.final_step, export_fn=export_fn,
+                                   linear_probe=readouts_lib.linear_probe_enabled(ctx))
     if stored and probe.has_readouts(stored):
       log.info('%s', probe.format_table(stored))
     return stored

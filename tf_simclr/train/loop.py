@@ -22,6 +22,8 @@ from typing import Dict, List, Optional
 import keras
 import tensorflow as tf
 
+from tf_simclr import distribute
+from tf_simclr import precision as precision_lib
 from tf_simclr.config import Steps
 from tf_simclr.errors import UserError
 from tf_simclr.weights.source import checkpoint_step, find_checkpoints
@@ -109,8 +111,7 @@ class _StopRequest:
     self.signalled = True
 
   def requested(self) -> bool:
-    if not any(c.__name__ in ('CollectiveAllReduceStrategy', 'MultiWorkerMirroredStrategy')
-               for c in type(self.strategy).__mro__):
+    if not distribute.is_multi_worker(self.strategy):
       return self.signalled
     flag = 1.0 if self.signalled else 0.0
     per_replica = self.strategy.run(lambda: tf.constant(flag))
@@ -226,7 +227,7 @@ class Trainer:
     self.global_batch_size = global_batch_size
     self.learning_rate_fn = learning_rate_fn
     # Dynamic loss scaling (mixed_float16): the optimizer wraps the one doing the updates.
-    self.loss_scaling = hasattr(optimizer, 'inner_optimizer')
+    self.loss_scaling = precision_lib.loss_scale(optimizer) is not None
     self.max_consecutive_skips = MAX_CONSECUTIVE_SKIPS
     self.skipped_steps = 0  # total over this Trainer's life
     self._consecutive_skips = 0

@@ -15,12 +15,14 @@ import keras
 import tensorflow as tf
 
 from tf_simclr import config as config_lib
+from tf_simclr import config_record
 from tf_simclr import distribute
 from tf_simclr import memory
 from tf_simclr import run_dir
 from tf_simclr.config import Config, Steps, resolve_steps
 from tf_simclr.data import datasets
-from tf_simclr.train import probe, reading
+from tf_simclr.evaluation import probe, reading
+from tf_simclr.train import tasks
 from tf_simclr.weights import source as weights_source
 from tf_simclr.weights import state as weights_state
 
@@ -36,9 +38,10 @@ class Context:
   steps: Steps
   num_classes: int
   label_subset: Optional[object] = None
+  task_class: type = tasks.PretrainTask  # tasks.task_class(config): what differs by training mode
   lock: Optional[run_dir.RunLock] = None  # held by a training run's chief
   flags_dict: Optional[Dict] = None  # written to flags.json once training has its weights
-  # Readouts on frozen features (train/probe.py), made on first use; the random-init baseline.
+  # Readouts on frozen features (evaluation/probe.py), made on first use; the random-init baseline.
   readout: Optional[probe.Readout] = None
   baseline: Dict[str, float] = dataclasses.field(default_factory=dict)
   optimizer_changed: bool = False  # resumed with another --optimizer (--allow_flag_changes)
@@ -57,6 +60,7 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
   never create or rewrite it; --mode=export reads no dataset at all.
   """
   train = config.train
+  task_class = tasks.task_class(config)
   # First: MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
   strategy = distribute.make_strategy(config.distribute)
   if distribute.is_tpu(strategy):  # Before anything is written or read.
@@ -69,7 +73,7 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
   optimizer_changed = False
   if stored is not None and checkpoints:
     if needs_train and flags_dict is not None:  # A resume: flags.json gets the history.
-      flags_dict, fixed = run_dir.check_resume_flags(
+      flags_dict, fixed = config_record.check_resume_flags(
           train.model_dir, stored, flags_dict, train.allow_flag_changes,
           weights_source.checkpoint_step(checkpoints[0]))
       optimizer_changed = 'optimizer' in fixed
@@ -78,27 +82,27 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
     if train.checkpoint and not checkpoints:
       weights_source.resolve(train.checkpoint)
     teacher = config.distill.teacher_checkpoint
-    if train.train_mode == 'distill' and not weights_source.is_saved_model(teacher):
+    if task_class.needs_teacher and not weights_source.is_saved_model(teacher):
       weights_source.resolve(teacher, flag='teacher_checkpoint')
   if needs_train and not distribute.is_tpu(strategy) and not tf.config.list_logical_devices('GPU'):
     # On CPUs, before the data is read, anything is built or the lock is taken.
-    memory.check_batch_fits(config, num_views=2 if train.train_mode == 'pretrain' else 1)
+    memory.check_batch_fits(config, num_views=task_class.num_views)
   if train.seed is not None:
     keras.utils.set_random_seed(train.seed)
   if train.mode == 'export':
     config, num_classes = reading.model_from_weights(config, 'export')
     return Context(config=config, strategy=strategy, source=None, steps=None,
-                   num_classes=num_classes)
+                   num_classes=num_classes, task_class=task_class)
   if train.checkpoint and not weights_source.find_checkpoints(train.model_dir):
     weights_source.checkpoint_prefix(train.checkpoint)  # Exists? (before model_dir is created)
   embed_classes = None
   if train.mode == 'embed':  # No weights to read is the first thing to say.
     config, embed_classes = reading.model_from_weights(config, 'embed')
-  config, source, steps, label_subset = _validate_data(config, strategy)
+  config, source, steps, label_subset = _validate_data(config, strategy, task_class)
   num_classes = source.num_classes if embed_classes is None else embed_classes
-  if not source.labelled and train.train_mode == 'distill':  # The teacher's classes.
-    from tf_simclr.weights import original  # pylint: disable=g-import-not-at-top
-    num_classes = original.describe(config.distill.teacher_checkpoint)['num_classes'] or 0
+  if not source.labelled and task_class.needs_teacher:  # The teacher's classes.
+    from tf_simclr import weights  # pylint: disable=g-import-not-at-top
+    num_classes = weights.describe(config.distill.teacher_checkpoint)['num_classes'] or 0
   # Training, probe and embed write into model_dir (probe/embed: result files only).
   run_dir.check_usable(train.model_dir, create=needs_train or train.mode in ('probe', 'embed'))
   # Only a training run's chief holds the lock, taken before anything is written.
@@ -106,7 +110,7 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
   try:
     if needs_train and chief:
       lock = run_dir.RunLock(train.model_dir, lease_s=train.lock_lease_s).acquire()
-      weights_state.clean_temp_folders(train.model_dir)
+      weights_state.clean_temp_folders(train.model_dir)  # Of a save that did not finish.
       if label_subset is not None:
         data = config.data
         path = datasets.write_label_subset(
@@ -133,36 +137,23 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
     raise failure
   return Context(config=config, strategy=strategy, source=source, steps=steps,
                  num_classes=num_classes, label_subset=label_subset, lock=lock,
-                 flags_dict=flags_dict, optimizer_changed=optimizer_changed)
+                 flags_dict=flags_dict, optimizer_changed=optimizer_changed,
+                 task_class=task_class)
 
 
-def _unlabelled_config(config: Config) -> Config:
-  """Checks a run on an unlabelled dataset (images:PATH) and turns off what needs labels."""
-  train, mode = config.train, config.train.mode
+def _unlabelled_config(config: Config, task_class) -> Config:
+  """Checks a run on an unlabelled dataset (images:PATH); the task turns off what needs labels."""
+  mode = config.train.mode
   name = config.data.dataset
-  if train.train_mode == 'finetune':
-    raise datasets.DatasetError(f'--train_mode=finetune needs labels, but --dataset={name} is '
-                                'unlabelled: use folder:PATH (PATH/<split>/<class>/...) or a '
-                                'TFDS dataset.')
+  task_class.check_unlabelled(name)
   if mode in ('eval', 'train_then_eval', 'probe'):
     raise datasets.DatasetError(
         f'--mode={mode} evaluates against labels, but --dataset={name} is unlabelled: use '
         '--mode=train (pretraining), --mode=embed (features to files) or a labelled dataset.')
-  if train.train_mode == 'distill' and (config.distill.label_weight > 0 or
-                                        config.data.train_label_fraction < 1):
-    raise datasets.DatasetError(f'--distill_label_weight/--train_label_fraction need labels, but '
-                                f'--dataset={name} is unlabelled.')
-  if train.train_mode != 'pretrain' or mode not in TRAINING_MODES:
-    return config
-  if config.model.supervised_head or config.probe.knn or config.probe.linear_probe:
-    log.info('--dataset=%s is unlabelled: training the contrastive objective alone (no online '
-             'supervised head, kNN monitor or linear probe).', name)
-  return dataclasses.replace(
-      config, model=dataclasses.replace(config.model, supervised_head=False),
-      probe=dataclasses.replace(config.probe, knn=False, linear_probe=False))
+  return task_class.unlabelled_config(config, training=mode in TRAINING_MODES)
 
 
-def _validate_data(config: Config, strategy):
+def _validate_data(config: Config, strategy, task_class):
   """(config, source, steps, label subset): resolves and checks the data; writes nothing."""
   train, data = config.train, config.data
   needs_train = train.mode in TRAINING_MODES
@@ -171,13 +162,13 @@ def _validate_data(config: Config, strategy):
     source.validate_split(train.embed_split or data.train_split,
                           '--embed_split' if train.embed_split else '--train_split')
   if not source.labelled:
-    config = _unlabelled_config(config)
+    config = _unlabelled_config(config, task_class)
   num_train = source.num_examples(data.train_split)
   label_subset = None
   if data.train_label_fraction < 1.0 and needs_train:
     label_subset = datasets.label_subset_for(source, data.train_split,
                                              data.train_label_fraction, data.label_fraction_seed)
-    if train.train_mode != 'distill':
+    if task_class.trains_on_label_subset:
       num_train = len(label_subset)
   num_eval = source.num_examples(data.eval_split) if source.labelled else 0
   steps = resolve_steps(train, config.optim, num_train, num_eval)

@@ -1,6 +1,11 @@
-"""One object per `--train_mode`: what the step computes, which variables train, the metrics.
+"""One object per `--train_mode`, owning everything that differs by mode.
 
-A task's `train_loss(batch)` runs inside `strategy.run` (replica context) under a GradientTape
+Class-level (known before a model exists, read by prepare.py, experiment.py and the readouts):
+the model parts it trains, which heads a --checkpoint may lack (`fresh_ok`), the data it needs
+(labels, the label subset, a teacher) and whether the representation readouts are on by default.
+`TASKS` maps each --train_mode to its class; `task_class(config)` is the one lookup.
+
+Per run (`make_task`): what the step computes, which variables train, the metrics. A task's `train_loss(batch)` runs inside `strategy.run` (replica context) under a GradientTape
 and returns the per-replica loss over its local batch plus a dict of scalar metrics (each a mean
 over the local batch; the loop averages them over replicas and steps). Nothing here logs or
 touches summaries except the augmented-image summary the loop asks for.
@@ -8,17 +13,23 @@ touches summaries except the augmented-image summary the loop asks for.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple
+import dataclasses
+import logging
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
 from tf_simclr import losses
 from tf_simclr import metrics as metrics_lib
 from tf_simclr.config import Config
+from tf_simclr.errors import DatasetError
 from tf_simclr.data import augment
 from tf_simclr.models import simclr
 
+log = logging.getLogger(__name__)
+
 Metrics = Dict[str, tf.Tensor]
+SUPERVISED_HEAD = 'supervised_head'
 
 
 def weight_decay_variables(model, optimizer_name: str) -> List[tf.Variable]:
@@ -63,8 +74,34 @@ class Task:
   name = 'task'
   num_views = 1
   uses_label_mask = False
+  # Heads a --checkpoint may lack or hold in another shape (they stay as built).
+  fresh_ok: Tuple[str, ...] = ()
+  # The kNN monitor and the end-of-run linear probe are on when their flags are unset.
+  readouts_by_default = False
+  needs_teacher = False
+  needs_labels = False  # True: an unlabelled dataset is refused.
+  # True: the --train_label_fraction subset is the training set; False: the whole split is read.
+  trains_on_label_subset = True
+  # Logged when training starts from no --checkpoint at all (None: nothing to say).
+  scratch_warning: Optional[str] = None
 
-  def __init__(self, config: Config, model, strategy: tf.distribute.Strategy):
+  @classmethod
+  def check_unlabelled(cls, dataset: str) -> None:
+    """Raises DatasetError when this mode cannot train on the unlabelled --dataset."""
+    if cls.needs_labels:
+      raise DatasetError(f'--train_mode={cls.name} needs labels, but --dataset={dataset} is '
+                         'unlabelled: use folder:PATH (PATH/<split>/<class>/...) or a TFDS '
+                         'dataset.')
+
+  @classmethod
+  def unlabelled_config(cls, config: Config, training: bool) -> Config:
+    """`config` for an unlabelled dataset (`training`: --mode trains); raises DatasetError for
+    settings that need labels."""
+    del training
+    return config
+
+  def __init__(self, config: Config, model, strategy: tf.distribute.Strategy, teacher=None):
+    del teacher  # Only distillation has one.
     self.config = config
     self.model = model
     self.strategy = strategy
@@ -74,6 +111,9 @@ class Task:
   def trainable_variables(self) -> Sequence[tf.Variable]:
     return self.model.trainable_variables
 
+  def train_label_subset(self, label_subset):
+    """The label subset the train pipeline gets (ids of labelled examples, or None)."""
+    return label_subset
 
   def image_summary(self, batch) -> tf.Tensor:
     """First view of the local batch, for the augmented-image summary."""
@@ -100,6 +140,8 @@ class Task:
 class SupervisedTask(Task):
   """A task trained only through the supervised head (fine-tuning, distillation)."""
 
+  fresh_ok = (SUPERVISED_HEAD,)
+
   @property
   def trainable_variables(self) -> Sequence[tf.Variable]:
     """All trainable variables but those of projection-head layers past ft_proj_selector,
@@ -114,6 +156,19 @@ class PretrainTask(Task):
 
   name = 'pretrain'
   num_views = 2
+  readouts_by_default = True
+
+  @classmethod
+  def unlabelled_config(cls, config, training):
+    """Trains the contrastive objective alone: no online head, kNN monitor or linear probe."""
+    if not training:
+      return config
+    if config.model.supervised_head or config.probe.knn or config.probe.linear_probe:
+      log.info('--dataset=%s is unlabelled: training the contrastive objective alone (no online '
+               'supervised head, kNN monitor or linear probe).', config.data.dataset)
+    return dataclasses.replace(
+        config, model=dataclasses.replace(config.model, supervised_head=False),
+        probe=dataclasses.replace(config.probe, knn=False, linear_probe=False))
 
   def _metric_names(self):
     names = ['contrast_loss', 'contrast_acc', 'contrast_entropy']
@@ -149,6 +204,9 @@ class FinetuneTask(SupervisedTask):
   """Supervised training of the (partly frozen) encoder and the supervised head."""
 
   name = 'finetune'
+  needs_labels = True
+  scratch_warning = ('Fine-tuning without --checkpoint: training from random initialisation '
+                     '(the supervised baseline).')
 
   def _metric_names(self):
     return list(SUPERVISED_METRICS)
@@ -164,11 +222,28 @@ class DistillTask(SupervisedTask):
   """Student learns the teacher's softened predictions (SimCLRv2 Eq. 2, optionally Eq. 3)."""
 
   name = 'distill'
+  needs_teacher = True
+  trains_on_label_subset = False  # The subset only marks which examples keep their labels.
 
-  def __init__(self, config: Config, model, strategy, teacher: Callable[[tf.Tensor], tf.Tensor]):
+  @classmethod
+  def unlabelled_config(cls, config, training):
+    """Learns from the teacher alone; the labels' flags need labels."""
+    if config.distill.label_weight > 0 or config.data.train_label_fraction < 1:
+      raise DatasetError(f'--distill_label_weight/--train_label_fraction need labels, but '
+                         f'--dataset={config.data.dataset} is unlabelled.')
+    return config
+
+  def __init__(self, config: Config, model, strategy,
+               teacher: Optional[Callable[[tf.Tensor], tf.Tensor]] = None):
     super().__init__(config, model, strategy)
+    if teacher is None:
+      raise ValueError('train_mode=distill needs a teacher callable.')
     self.teacher = teacher
     self.uses_label_mask = config.distill.label_weight > 0
+
+  def train_label_subset(self, label_subset):
+    """Distillation reads the whole (unlabelled) split; the subset only marks labelled ones."""
+    return label_subset if self.uses_label_mask else None
 
   def _metric_names(self):
     return ['distill_loss', 'teacher_agreement'] + (
@@ -192,23 +267,14 @@ class DistillTask(SupervisedTask):
     return self._finish(loss, logs)
 
 
+TASKS = {cls.name: cls for cls in (PretrainTask, FinetuneTask, DistillTask)}
+
+
+def task_class(config: Config) -> type:
+  """The Task class of `config.train.train_mode` (the one place a mode is looked up)."""
+  return TASKS[config.train.train_mode]
+
+
 def make_task(config: Config, model, strategy, teacher=None) -> Task:
   """The task object for `config.train.train_mode`."""
-  mode = config.train.train_mode
-  if mode == 'pretrain':
-    return PretrainTask(config, model, strategy)
-  if mode == 'finetune':
-    return FinetuneTask(config, model, strategy)
-  if teacher is None:
-    raise ValueError('train_mode=distill needs a teacher callable.')
-  return DistillTask(config, model, strategy, teacher)
-
-
-def eval_outputs(model, images, labels) -> Metrics:
-  """Per-replica sums for top-1/top-5 evaluation of the supervised head."""
-  logits = model(images, training=False)[simclr.LOGITS_SUP]
-  top1 = tf.equal(tf.argmax(labels, 1), tf.argmax(logits, 1))
-  top5 = metrics_lib.top_k_correct(labels, logits, min(5, int(logits.shape[-1])))
-  return {'top1_correct': tf.reduce_sum(tf.cast(top1, tf.float32)),
-          'top5_correct': tf.reduce_sum(top5),
-          'count': tf.cast(tf.shape(logits)[0], tf.float32)}
+  return task_class(config)(config, model, strategy, teacher=teacher)

@@ -157,13 +157,10 @@ def ours_by_source(source) -> Tuple[Dict[str, str], Dict[str, str], List[str]]:
 def describe(source) -> Dict[str, object]:
   """The architecture a checkpoint implies (ModelConfig field names, plus `num_classes`).
 
-  `source` is a path or a `source.Source`. Ratios are recovered from widths where they are
+  `source` is a `source.Source` (`source.resolve(path)`). Ratios are recovered from widths where they are
   identifiable; an SK model whose SK widths all sit at the 32-channel minimum reports the SimCLRv2
   value 0.0625.
   """
-  if isinstance(source, str):
-    from tf_simclr.weights import source as source_lib  # pylint: disable=g-import-not-at-top
-    source = source_lib.resolve(source)
   keys, _, _ = ours_by_source(source)
   shape = {p: list(source.shapes[k]) for p, k in keys.items()}
   enc = 'model/encoder/'
@@ -214,18 +211,3 @@ def flags_hint(arch: Dict[str, object]) -> str:
   if arch['num_classes']:
     parts.append(f'({arch["num_classes"]} classes in its supervised head)')
   return ' '.join(parts)
-
-
-def describe_flags(arch: Dict[str, object]) -> Dict[str, object]:
-  """The flag values that build the architecture `describe` found (unknowns left out): the
-  record of weights that come without a run's flags.json (`run_dir.read_record`)."""
-  names = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio', 'proj_head_mode',
-           'num_proj_layers', 'proj_out_dim')
-  flags = {n: arch[n] for n in names if arch.get(n) is not None}
-  if arch.get('proj_head_mode') != 'nonlinear':
-    flags.pop('num_proj_layers', None)
-  if arch.get('cifar_stem'):
-    flags['image_size'] = 32
-  flags['train_mode'] = 'pretrain'
-  flags['lineareval_while_pretraining'] = bool(arch.get('num_classes'))
-  return flags

@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-import re
 from typing import Dict, List, Optional, Tuple
 
 import tensorflow as tf
@@ -24,15 +23,13 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from tf_simclr.errors import (CheckpointMismatchError, CheckpointNotFoundError,
                               CheckpointUnreadableError)
+from tf_simclr import run_dir
 from tf_simclr.weights import original
 
 OURS = 'tf-simclr'
 ORIGINAL = 'google-research/simclr'
 OBJECT_GRAPH_KEY = '_CHECKPOINTABLE_OBJECT_GRAPH'
 VALUE_SUFFIX = original.VALUE_SUFFIX
-CHECKPOINT_NAME = 'ckpt'
-EXPORT_SUBDIR = 'saved_model'
-_CKPT_RE = re.compile(r'^ckpt-(\d+)\.index$')
 # Object-graph children that alias variables held elsewhere (tf_keras `keras_api`, variable lists,
 # the hub module's `trainable_variables_list`); structural paths never pass through them.
 ALIAS_CHILDREN = frozenset({
@@ -42,7 +39,7 @@ ALIAS_CHILDREN = frozenset({
 
 
 def is_saved_model(path: str) -> bool:
-  return tf.io.gfile.exists(os.path.join(path, 'saved_model.pb'))
+  return tf.io.gfile.exists(os.path.join(path, run_dir.SAVED_MODEL_FILE))
 
 
 def exported_steps(export_root: str) -> List[int]:
@@ -57,13 +54,14 @@ def resolve_export_path(path: str) -> str:
   """A SavedModel folder from itself, `model_dir/saved_model` or `model_dir` (newest export)."""
   if is_saved_model(path):
     return path
-  for root in (path, os.path.join(path, EXPORT_SUBDIR)):
+  for root in (path, run_dir.export_root(path)):
     steps = exported_steps(root)
     if steps and is_saved_model(os.path.join(root, str(steps[-1]))):
       return os.path.join(root, str(steps[-1]))
   raise CheckpointNotFoundError(
-      f'{path} is not a SavedModel (no saved_model.pb) and holds no exports under '
-      f'{EXPORT_SUBDIR}/<step>: point it at model_dir/{EXPORT_SUBDIR}/<step>, or export one with '
+      f'{path} is not a SavedModel (no {run_dir.SAVED_MODEL_FILE}) and holds no exports under '
+      f'{run_dir.EXPORT_SUBDIR}/<step>: point it at model_dir/{run_dir.EXPORT_SUBDIR}/<step>, or '
+      'export one with '
       '--mode=export --model_dir=...')
 
 
@@ -77,9 +75,9 @@ def find_checkpoints(model_dir: str) -> List[str]:
     return []
   found = []
   for name in tf.io.gfile.listdir(model_dir):
-    m = _CKPT_RE.match(name)
-    if m:
-      found.append((int(m.group(1)), os.path.join(model_dir, name[:-len('.index')])))
+    step = run_dir.checkpoint_index_step(name)
+    if step is not None:
+      found.append((step, os.path.join(model_dir, name[:-len('.index')])))
   return [path for _, path in sorted(found, reverse=True)]
 
 
@@ -114,12 +112,13 @@ def checkpoint_prefix(path: str, flag: str = 'checkpoint') -> Tuple[str, bool]:
         pass
       raise CheckpointNotFoundError(
           f'--{flag}={path} is a directory without a checkpoint or SavedModel: point it at '
-          'a checkpoint prefix (e.g. model_dir/ckpt-1000), a model_dir, or a SavedModel folder.')
+          f'a checkpoint prefix (e.g. model_dir/{run_dir.CHECKPOINT_NAME}-1000), a model_dir, or a '
+          'SavedModel folder.')
     return latest, False
   if not tf.io.gfile.exists(path + '.index'):
     raise CheckpointNotFoundError(
         f'--{flag}={path} not found: expected {path}.index (a checkpoint prefix such as '
-        'model_dir/ckpt-1000), a model_dir, or a SavedModel folder.')
+        f'model_dir/{run_dir.CHECKPOINT_NAME}-1000), a model_dir, or a SavedModel folder.')
   return path, False
 
 
@@ -189,7 +188,8 @@ def resolve(path: str, flag: str = 'checkpoint') -> Source:
     text = str(e).strip().splitlines()
     raise CheckpointUnreadableError(
         f'--{flag}={path}: {prefix}.index cannot be read as a checkpoint ({type(e).__name__}: '
-        f'{text[0] if text else ""}). Point --{flag} at a checkpoint prefix (model_dir/ckpt-N), '
+        f'{text[0] if text else ""}). Point --{flag} at a checkpoint prefix '
+        f'(model_dir/{run_dir.CHECKPOINT_NAME}-N), '
         'a model_dir or a SavedModel folder; copy a damaged checkpoint again.') from e
   try:
     variables = variable_paths(reader, root_child='model')

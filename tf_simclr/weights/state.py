@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 from google.protobuf import text_format
 
+from tf_simclr import precision as precision_lib
+from tf_simclr import run_dir
 from tf_simclr.errors import CheckpointMismatchError, UserError
 from tf_simclr.weights import match as match_lib
 from tf_simclr.weights import source as source_lib
-from tf_simclr.weights.match import RestoreReport
-from tf_simclr.weights.source import CHECKPOINT_NAME, checkpoint_step, find_checkpoints
+from tf_simclr.weights.source import checkpoint_step, find_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def clean_temp_folders(model_dir: str) -> List[str]:
     return removed
   for name in tf.io.gfile.listdir(model_dir):
     name = name.rstrip('/')
-    if re.match(r'^ckpt-\d+_temp', name):
+    if run_dir.is_unfinished_save(name):
       path = os.path.join(model_dir, name)
       if tf.io.gfile.isdir(path):
         tf.io.gfile.rmtree(path)
@@ -71,12 +71,11 @@ def _damaged_name(path: str) -> str:
   """A free name for a damaged file or checkpoint prefix beside it: `damaged-<name>`, else
   `damaged-<name>.2`, `.3`, ... (the same step can be damaged again after a retrain); nothing
   existing is named `<result>` or `<result>.*`, so each copy stays whole and restorable."""
-  folder, base = os.path.split(path)
-  target = os.path.join(folder, 'damaged-' + base)
   copy = 1
+  target = run_dir.damaged_name(path)
   while tf.io.gfile.exists(target) or tf.io.gfile.glob(target + '.*'):
     copy += 1
-    target = os.path.join(folder, f'damaged-{base}.{copy}')
+    target = run_dir.damaged_name(path, copy)
   return target
 
 
@@ -112,9 +111,9 @@ class TrainState:
     self.optimizer_changed = False
     # The wrapped optimizer under loss scaling, so the optimizer slots sit at the same paths
     # whatever the precision; the loss scale is an extra, optional entry (see precision.py).
-    inner = getattr(optimizer, 'inner_optimizer', optimizer)
+    inner = precision_lib.inner_optimizer(optimizer)
     self._objects = dict(model=model, optimizer=inner, global_step=optimizer.iterations)
-    self._loss_scale = optimizer.dynamic_scale if inner is not optimizer else None
+    self._loss_scale = precision_lib.loss_scale(optimizer)
     extra = {'loss_scale': self._loss_scale} if self._loss_scale is not None else {}
     self.checkpoint = tf.train.Checkpoint(**self._objects, **extra)
     self.manager = self._make_manager()
@@ -135,12 +134,12 @@ class TrainState:
   def _make_manager(self) -> tf.train.CheckpointManager:
     make = lambda: tf.train.CheckpointManager(self.checkpoint, directory=self.save_dir,
                                               max_to_keep=self.max_to_keep,
-                                              checkpoint_name=CHECKPOINT_NAME)
+                                              checkpoint_name=run_dir.CHECKPOINT_NAME)
     try:
       return make()
     except (UnicodeDecodeError, text_format.ParseError, tf.errors.OpError) as e:
       # An unreadable `checkpoint` index file: checkpoints are found by listing the folder.
-      index = os.path.join(self.save_dir, 'checkpoint')
+      index = run_dir.checkpoint_index_file(self.save_dir)
       if not tf.io.gfile.exists(index):
         raise
       aside = _damaged_name(index)  # Never overwrites an earlier damaged copy.
@@ -160,11 +159,11 @@ class TrainState:
     except (tf.errors.OpError, OSError) as e:
       kept = find_checkpoints(self.model_dir)
       raise CheckpointSaveError(
-          f'Could not write checkpoint {CHECKPOINT_NAME}-{self.step} to {self.save_dir} '
+          f'Could not write checkpoint {run_dir.CHECKPOINT_NAME}-{self.step} to {self.save_dir} '
           f'({type(e).__name__}: {_first_line(e)}). '
           'Is the disk full or the folder not writable? Free space and rerun the same command: '
           + (f'it resumes from {os.path.basename(kept[0])}' if kept else 'it starts again')
-          + ' and removes the unfinished ckpt-*_temp folder.') from e
+          + f' and removes the unfinished {run_dir.TEMP_GLOB} folder.') from e
 
   def _restore_intact(self) -> Optional[str]:
     """Restores the newest readable checkpoint of model_dir; None when there is none at all.
@@ -250,13 +249,13 @@ class TrainState:
         self.manager = self._make_manager()
     return path
 
-  def restore_or_initialize(self, init_checkpoint: Optional[str], fresh_ok: Sequence[str] = (),
-                            init_fn: Optional[Callable[[str], RestoreReport]] = None) -> str:
+  def restore_or_initialize(self, init_checkpoint: Optional[str],
+                            fresh_ok: Sequence[str] = ()) -> str:
     """Applies the precedence rule; returns 'resumed', 'initialized' or 'scratch'.
 
     The model and the optimizer must already be built (Keras 3 has no deferred restore).
-    `init_fn(path)` replaces the default strict loader for `init_checkpoint` (e.g. for weights
-    written by the original code or an exported SavedModel).
+    `init_checkpoint` is loaded strictly (`match.load`: ours, an export of ours, or the
+    original's weights); heads under `fresh_ok` may stay as built.
     """
     latest = self._restore_intact()
     if latest:
@@ -265,10 +264,7 @@ class TrainState:
       return 'resumed'
     if init_checkpoint:
       log.info('Initialising the model from --checkpoint=%s', init_checkpoint)
-      if init_fn is not None:
-        report = init_fn(init_checkpoint)
-      else:
-        report = match_lib.load(self.model, init_checkpoint, fresh_ok=fresh_ok)
+      report = match_lib.load(self.model, init_checkpoint, fresh_ok=fresh_ok)
       log.info('Restored %d variables.', report.restored)
       if report.fresh:
         log.info('Left freshly initialised (new for this task): %s', ', '.join(report.fresh))

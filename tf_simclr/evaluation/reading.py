@@ -36,7 +36,7 @@ def weights_path(config) -> Optional[str]:
 def model_from_weights(config, mode: str):
   """(config, num_classes) of the model the weights to read hold: a supervised head only if they
   have one, with their number of classes (weights.original.describe)."""
-  from tf_simclr.weights import original  # pylint: disable=g-import-not-at-top
+  from tf_simclr import weights  # pylint: disable=g-import-not-at-top
   path = weights_path(config)
   if path is None:
     raise CheckpointNotFoundError(
@@ -48,7 +48,7 @@ def model_from_weights(config, mode: str):
   for prefix in ([path] if path != config.train.model_dir
                  else weights_source.find_checkpoints(path)):
     try:
-      num_classes = original.describe(prefix)['num_classes'] or 0
+      num_classes = weights.describe(prefix)['num_classes'] or 0
       break
     except (UserError, ValueError, IndexError, tf.errors.OpError) as e:
       if path != config.train.model_dir:

@@ -1,7 +1,8 @@
 """Readouts of the representation during and after a run: which are on, and when they run.
 
 The kNN monitor between training loops (to TensorBoard), the kNN and linear probe at evaluation
-time, and the random-init baseline, all on the run's `experiment.Context` (`ctx`). The readout
+time, and the random-init baseline, all on the run's `train.prepare.Context` (`ctx`); whether a
+readout is on by default is the run's task's (`ctx.task_class.readouts_by_default`). The readout
 math itself is in `probe.py`.
 """
 
@@ -13,16 +14,18 @@ from typing import Dict
 import tensorflow as tf
 
 from tf_simclr import distribute
-from tf_simclr.train import probe
+from tf_simclr.evaluation import probe
 
 log = logging.getLogger(__name__)
 
 
 def knn_enabled(ctx) -> bool:
-  """--knn_monitor, unset: on when pretraining on a labelled dataset."""
+  """--knn_monitor, unset: on in --mode=probe and when the task reads out by default
+  (pretraining), on a labelled dataset. The one kNN default."""
   knn = ctx.config.probe.knn
   if knn is None:
-    return ctx.config.train.train_mode == 'pretrain' and ctx.num_classes > 1
+    return ((ctx.config.train.mode == 'probe' or ctx.task_class.readouts_by_default)
+            and ctx.num_classes > 1)
   return knn
 
 
@@ -30,14 +33,13 @@ def linear_probe_enabled(ctx) -> bool:
   """--linear_probe, unset: at the end of pretraining with train_then_eval, and in --mode=probe."""
   linear = ctx.config.probe.linear_probe
   if linear is None:
-    train = ctx.config.train
-    return train.mode == 'probe' or (train.mode == 'train_then_eval' and
-                                     train.train_mode == 'pretrain')
+    mode = ctx.config.train.mode
+    return mode == 'probe' or (mode == 'train_then_eval' and ctx.task_class.readouts_by_default)
   return linear
 
 
 def readouts(ctx, model, knn: bool, linear: bool) -> Dict[str, float]:
-  """kNN and/or linear-probe metrics of the model's encoder (train/probe.py)."""
+  """kNN and/or linear-probe metrics of the model's encoder (probe.py)."""
   if not (knn or linear):
     return {}
   if ctx.readout is None:
@@ -54,8 +56,7 @@ def random_init_baseline(ctx, model) -> None:
   if not ctx.config.probe.random_init_baseline:
     return
   log.info('Random-init baseline: readouts of the encoder at its initialisation.')
-  result = readouts(ctx, model, knn=knn_enabled(ctx) or ctx.config.train.mode == 'probe',
-                    linear=linear_probe_enabled(ctx))
+  result = readouts(ctx, model, knn=knn_enabled(ctx), linear=linear_probe_enabled(ctx))
   ctx.baseline = {probe.random_init_key(k): v for k, v in result.items()}
 
 

@@ -23,6 +23,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from tf_simclr.data import subsets
+
 log = logging.getLogger(__name__)
 
 KNN_TOP1 = 'eval/knn_top_1_accuracy'
@@ -88,27 +90,6 @@ def extract_features(step, dataset) -> Tuple[np.ndarray, np.ndarray]:
     raise AssertionError('Feature extraction saw an example twice.')
   features = np.concatenate(features)[order].astype(np.float32)
   return features.reshape([len(order), -1]), np.concatenate(labels)[order].astype(np.int64)
-
-
-def select_bank(labels: np.ndarray, max_size: int, seed: int) -> np.ndarray:
-  """Sorted indices of at most `max_size` examples, class-balanced and seeded.
-
-  Classes take turns (in a seeded order), each giving its next seeded-random example, until
-  `max_size` are chosen; so class counts differ by at most one unless a class runs out.
-  """
-  labels = np.asarray(labels).reshape([-1])
-  if max_size <= 0 or max_size >= len(labels):
-    return np.arange(len(labels))
-  rng = np.random.default_rng(seed)
-  classes = rng.permutation(np.unique(labels))
-  rank = np.empty(len(labels), np.int64)
-  class_position = np.empty(len(labels), np.int64)
-  for position, c in enumerate(classes):
-    members = np.flatnonzero(labels == c)
-    rank[rng.permutation(members)] = np.arange(len(members))
-    class_position[members] = position
-  order = np.lexsort((class_position, rank))  # By rank within class, then class order.
-  return np.sort(order[:max_size])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,20 +274,6 @@ def fit_logistic_regression(features, labels, num_classes: int, l2: float,
                      converged=bool(converged))
 
 
-def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-  """(fit indices, held-out indices): a seeded `fraction` of each class is held out."""
-  labels = np.asarray(labels).reshape([-1])
-  rng = np.random.default_rng(seed)
-  held = []
-  for c in np.unique(labels):
-    members = rng.permutation(np.flatnonzero(labels == c))
-    held.append(members[:int(round(fraction * len(members)))])
-  held = np.sort(np.concatenate(held))
-  mask = np.ones(len(labels), bool)
-  mask[held] = False
-  return np.flatnonzero(mask), held
-
-
 def linear_probe(train_features, train_labels, eval_features, eval_labels, num_classes: int,
                  l2_grid: Sequence[float] = DEFAULT_L2_GRID, holdout_fraction: float = 0.2,
                  seed: int = 0, max_iterations: int = 1000,
@@ -326,7 +293,7 @@ def linear_probe(train_features, train_labels, eval_features, eval_labels, num_c
   l2_grid = sorted(l2_grid, reverse=True)  # Strong to weak: each fit warm-starts the next.
   chosen, chosen_fit = l2_grid[0], None
   if len(l2_grid) > 1:
-    fit_idx, held_idx = holdout_split(train_y, holdout_fraction, seed)
+    fit_idx, held_idx = subsets.holdout_split(train_y, holdout_fraction, seed)
     best, previous = -1.0, None
     for l2 in l2_grid:
       fit = fit_logistic_regression(train_x[fit_idx], train_y[fit_idx], num_classes, l2,
@@ -378,7 +345,7 @@ class Readout:
     self._steps = {}
     labels = source.labels(data_config.train_split)
     if 0 < max_train_examples < len(labels):
-      self.train_indices = select_bank(labels, max_train_examples, seed)
+      self.train_indices = subsets.select_bank(labels, max_train_examples, seed)
       log.info('Readouts use %d of %d train examples (class-balanced, seed %d).',
                len(self.train_indices), len(labels), seed)
 

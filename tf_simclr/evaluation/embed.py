@@ -19,7 +19,7 @@ from tf_simclr import distribute
 from tf_simclr import run_dir
 from tf_simclr.data import pipeline
 from tf_simclr.errors import ConfigError
-from tf_simclr.train import probe
+from tf_simclr.evaluation import probe
 
 log = logging.getLogger(__name__)
 
