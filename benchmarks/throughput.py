@@ -13,8 +13,10 @@ built-in shapes10 (two augmented views per example). Each config is warmed up fi
 shuffle buffer), then timed.
 
 Train configs run in arms (--precisions x --xla, timed interleaved in rounds); --profile reads the
-share of the step spent waiting for tf.data and in the batched blur from a TF profiler trace;
---onednn picks TensorFlow's CPU kernels for the whole process (default: as run.py).
+share of the step spent waiting for tf.data and in the batched blur from a TF profiler trace, and
+prints each precision's op-type breakdown (op_breakdown.py: casts, layout changes, batch norm,
+conv/matmul, LARS, NT-Xent; graph op counts and profiled time shares); --onednn picks
+TensorFlow's CPU kernels for the whole process (default: as run.py).
 
 "images/s" counts each view pair as one image (one dataset example, what --train_batch_size
 counts); "views/s" counts the augmented views (2 per image), i.e. what the encoder processes.
