@@ -101,6 +101,7 @@ def trace_times(logdir: str) -> Dict[str, float]:
         if ':' not in name or '::' in name:
           continue
         op_name, op_type = name.rsplit(':', 1)
+        op_type = op_type.strip()  # (the whole function shows as "name: __inference_...")
         if op_type in _CONTAINERS or op_type.startswith('__') or op_type in _NOT_OPS:
           continue
         seconds[category(op_name, op_type)] += event.duration_ps * 1e-12
