@@ -13,8 +13,10 @@ built-in shapes10 (two augmented views per example). Each config is warmed up fi
 shuffle buffer), then timed.
 
 Train configs run in arms (--precisions x --xla, timed interleaved in rounds); --profile reads the
-share of the step spent waiting for tf.data and in the batched blur from a TF profiler trace;
---onednn picks TensorFlow's CPU kernels for the whole process (default: as run.py).
+share of the step spent waiting for tf.data and in the batched blur from a TF profiler trace, and
+prints each precision's op-type breakdown (op_breakdown.py: casts, layout changes, batch norm,
+conv/matmul, LARS, NT-Xent; graph op counts and profiled time shares); --onednn picks
+TensorFlow's CPU kernels for the whole process (default: as run.py).
 
 "images/s" counts each view pair as one image (one dataset example, what --train_batch_size
 counts); "views/s" counts the augmented views (2 per image), i.e. what the encoder processes.
@@ -37,6 +39,7 @@ import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # op_breakdown
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 # Timed arms stay referenced until exit: freeing them (models, iterators) mid-run once hung the
@@ -229,6 +232,21 @@ def profile_input_share(arm, steps: int, logdir: str) -> dict:
           'tf_data_cpu_share': data_cpu / wall}
 
 
+def profile_op_types(arm, bench: Bench, steps: int, logdir: str) -> dict:
+  """The op-type breakdown of `arm`'s step (benchmarks/op_breakdown.py): op counts of the traced
+  replica step and the profiler's summed op time per category over `steps` steps."""
+  import tensorflow as tf
+  import op_breakdown
+  size = bench.image_size
+  graph = op_breakdown.replica_step_graph(arm.trainer, [(arm.batch, size, size, 6),
+                                                        (arm.batch, 10)])
+  tf.profiler.experimental.start(logdir)
+  arm.time(steps)
+  tf.profiler.experimental.stop()
+  return {'ops': op_breakdown.graph_counts(graph), 'time': op_breakdown.trace_times(logdir),
+          'profiled_steps': steps}
+
+
 class _Variant:
   """One (precision, XLA, input) arm of a train config, warmed up and ready to time."""
 
@@ -260,6 +278,7 @@ class _Variant:
     self.time(1)
     self.warmup = time.perf_counter() - t0
     self.times = []
+    self.op_breakdown = None
 
   def time(self, steps: int) -> float:
     import tensorflow as tf
@@ -304,6 +323,10 @@ def run_train(bench: Bench, steps: int, precisions, xla_modes, rounds: int = 2,
   if profile:
     print(f'[{bench.name}] profiling {arms[-1].label} for {steps} steps...', flush=True)
     profiled = profile_input_share(arms[-1], steps, os.path.join(tmp, 'profile'))
+    for i, arm in enumerate(arms):
+      if not arm.jit_compile and not arm.real_input:
+        print(f'[{bench.name}] op-type profile of {arm.label} for {steps} steps...', flush=True)
+        arm.op_breakdown = profile_op_types(arm, bench, steps, os.path.join(tmp, f'ops{i}'))
   blur = blur_seconds(bench.image_size, arms[0].batch) if bench.use_blur else 0.0
   rows = []
   for arm in arms:
@@ -317,6 +340,7 @@ def run_train(bench: Bench, steps: int, precisions, xla_modes, rounds: int = 2,
                  'blur_seconds_per_step': blur,
                  'forward_gflops_per_view': gflops, 'step_gflops': step_gflops,
                  'achieved_gflops_per_s': step_gflops / sec,
+                 **({'op_breakdown': arm.op_breakdown} if arm.op_breakdown else {}),
                  **(profiled if arm.real_input else {})})
   return rows
 
@@ -363,7 +387,9 @@ def main(argv=None):
   parser.add_argument('--profile', action='store_true',
                       help='Profile the real-input arm (implies --input_share) with the TF '
                            'profiler: the share of the step spent waiting for tf.data and in '
-                           'the batched blur, read from the trace.')
+                           'the batched blur, read from the trace; and print the op-type '
+                           'breakdown (casts, layout, batch norm, conv/matmul, LARS, NT-Xent) '
+                           'of each precision\'s step: graph op counts and profiled time.')
   parser.add_argument('--onednn', choices=('run_py', 'on', 'off', 'tf_default'),
                       default='run_py',
                       help='TF_ENABLE_ONEDNN_OPTS, set before TensorFlow loads (a process-wide '
@@ -457,6 +483,13 @@ def main(argv=None):
             f'batched blur ops {100 * p["blur_op_share"]:.2f}%, together '
             f'{100 * (p["input_wait_share"] + p["blur_op_share"]):.2f}%; tf.data threads\' '
             f'CPU time {100 * p["tf_data_cpu_share"]:.2f}% of the step\'s wall time.')
+    broken = {r['precision']: r['op_breakdown'] for r in synth if 'op_breakdown' in r}
+    if broken:
+      import op_breakdown
+      print(f'\n{config}: op types of the train step (ops: the traced replica step incl. '
+            f'gradient and LARS, constants excluded; time share: TF profiler, summed op time, '
+            f'{next(iter(broken.values()))["profiled_steps"]} steps, ratios within this run)')
+      print(op_breakdown.format_table(broken))
     if synth and synth[0]['blur_seconds_per_step']:
       print(f'{config}: batched blur (always applied, both views) alone takes '
             f'{100 * synth[0]["blur_seconds_per_step"] / synth[0]["seconds_per_step"]:.1f}% '

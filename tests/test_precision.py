@@ -334,3 +334,89 @@ def test_cpu_advice_follows_the_cpu(monkeypatch, caplog):
       assert 'jit_compile' not in caplog.text, case
     if expected == 'no bfloat16 units':
       assert 'float32 with oneDNN' in caplog.text, case
+
+
+def _step_graph_counts(tmp_path, precision):
+  """Op counts (benchmarks/op_breakdown.py) of the traced LARS train step of the tiny model, and
+  the model."""
+  import sys
+  from conftest import PROJECT_ROOT
+  sys.path.insert(0, str(PROJECT_ROOT / 'benchmarks'))
+  import op_breakdown
+  from tf_simclr.train import experiment
+  config = _config(tmp_path / precision, precision, batch=4)
+  steps = cfg.Steps(train_steps=1, epoch_steps=1, warmup_steps=0, checkpoint_steps=1,
+                    steps_per_loop=1, eval_steps=1)
+  built = experiment.assemble_trainer(config, tf.distribute.get_strategy(), steps, 10)
+  built.trainer._build_state()
+  graph = op_breakdown.replica_step_graph(built.trainer, [(4, SIZE, SIZE, 6), (4, 10)])
+  types = [n.op for n in graph.node]
+  bn_casts = [n.name for n in graph.node
+              if n.op == 'Cast' and op_breakdown.category(n.name, 'Other') == 'batch_norm']
+  return op_breakdown.graph_counts(graph), types, bn_casts, built.model
+
+
+def test_bfloat16_step_casts_each_weight_once_and_nothing_around_batch_norm(tmp_path):
+  """The mixed_bfloat16 step adds to the float32 step only one cast per 16-bit weight (the
+  encoder's conv kernels: one read per step, both views being one batch) and its gradient's
+  cast back, plus the images into bfloat16 and the pooled features out of it (and that one's
+  gradient). Batch norm runs fused on bfloat16 activations (no casts, no float32 elementwise
+  copies), the projection head in float32. Before: 4 casts around each batch norm (forward and
+  gradient), 2 per projection-head weight, ...: 146 extra casts here, and more ops than float32."""
+  f32, _, _, _ = _step_graph_counts(tmp_path, 'float32')
+  bf16, types, bn_casts, model = _step_graph_counts(tmp_path, 'mixed_bfloat16')
+  kernels = [layer for layer in model._flatten_layers(include_self=False)
+             if isinstance(layer, keras.layers.Conv2D) and layer.compute_dtype == 'bfloat16']
+  batch_norms = [layer for layer in model.encoder._flatten_layers(include_self=False)
+                 if isinstance(layer, keras.layers.BatchNormalization)]
+  assert len(kernels) == len(batch_norms) == 21  # ResNet-18: stem, 16, 4 shortcuts
+  assert bf16['cast'] - f32['cast'] == 2 * len(kernels) + 3, (bf16, f32)
+  assert not bn_casts, bn_casts
+  assert types.count('FusedBatchNormV3') == len(batch_norms)
+  assert types.count('FusedBatchNormGradV3') == len(batch_norms)
+  assert bf16['total'] < f32['total'], (bf16, f32)
+
+
+def test_fused_bfloat16_batch_norm_matches_numpy():
+  """The fused path (bfloat16 in and out, float32 statistics): outputs, gradient and moving
+  statistics against numpy on the bfloat16-rounded input, 4-D and 2-D, training and inference."""
+  from tf_simclr.models.batch_norm import BatchNormalization
+  rng = np.random.RandomState(0)
+  for shape in ((6, 3, 3, 5), (10, 5)):
+    with precision_lib.policy_scope('mixed_bfloat16'):
+      bn = BatchNormalization(momentum=0.9, epsilon=1e-5, synchronized=True)
+    x = tf.cast(tf.constant(rng.normal(1.0, 2.0, size=shape).astype(np.float32)), tf.bfloat16)
+    bn.build(shape)
+    bn.gamma.assign(rng.uniform(0.5, 1.5, size=shape[-1]))
+    bn.beta.assign(rng.normal(size=shape[-1]))
+    bn.moving_variance.assign(rng.uniform(0.5, 2.0, size=shape[-1]))
+    assert bn.uses_fused_kernel(x)
+    start_var = bn.moving_variance.numpy().astype(np.float64)
+    weights_out = rng.normal(size=shape).astype(np.float32)
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = bn(x, training=True)
+      loss = tf.reduce_sum(tf.cast(y, tf.float32) * weights_out)
+    dx = tape.gradient(loss, x)
+    assert y.dtype == tf.bfloat16 and dx.dtype == tf.bfloat16 and y.shape == shape
+    xn = x.numpy().astype(np.float64).reshape(-1, shape[-1])
+    mean, var = xn.mean(0), xn.var(0)
+    g, b = bn.gamma.numpy(), bn.beta.numpy()
+    xhat = (xn - mean) / np.sqrt(var + 1e-5)
+    want = xhat * g + b
+    # One bfloat16 rounding of the output: relative 2**-8.
+    got = y.numpy().astype(np.float64).reshape(-1, shape[-1])
+    np.testing.assert_allclose(got, want, rtol=2 ** -8, atol=2 ** -8 * np.abs(want).max())
+    # Batch-norm gradient: g / sigma * (w - mean(w) - xhat * mean(w * xhat)).
+    w = weights_out.reshape(-1, shape[-1])
+    want_dx = g / np.sqrt(var + 1e-5) * (w - w.mean(0) - xhat * (w * xhat).mean(0))
+    np.testing.assert_allclose(dx.numpy().astype(np.float64).reshape(-1, shape[-1]), want_dx,
+                               atol=2 ** -7 * np.abs(want_dx).max())
+    # Moving statistics from the float32 batch statistics (biased variance, as Keras).
+    np.testing.assert_allclose(bn.moving_mean.numpy(), 0.1 * mean, rtol=1e-5, atol=1e-6)
+    moving_var = bn.moving_variance.numpy()
+    np.testing.assert_allclose(moving_var, 0.9 * start_var + 0.1 * var, rtol=1e-5)
+    y_inf = bn(x, training=False).numpy().astype(np.float64).reshape(-1, shape[-1])
+    want_inf = (xn - 0.1 * mean) / np.sqrt(moving_var + 1e-5) * g + b
+    np.testing.assert_allclose(y_inf, want_inf, rtol=2 ** -8,
+                               atol=2 ** -8 * np.abs(want_inf).max())

@@ -7,10 +7,13 @@ dtype of convolutions, dense layers and activations changes. The policy is appli
 (`policy_scope` around its construction), never left as a global setting, so a distillation
 teacher may compute in another precision than its student.
 
-Kept in float32 whatever the policy: batch-norm statistics and normalisation (Keras computes BN
-in float32), the supervised head (its logits feed softmaxes), the `final_avg_pool` features and
-the projections (cast in `SimCLRModel.call`), NT-Xent (`losses.nt_xent` casts), weight decay and
-LARS (they read float32 variables and float32 gradients).
+Kept in float32 whatever the policy: batch-norm statistics, scale and offset (under a 16-bit
+policy BN runs TensorFlow's fused kernel, which reads and writes 16-bit activations and computes
+in float32 inside: models/batch_norm.py), the projection head and the supervised head (float32
+layers: they read the float32 `final_avg_pool` features and feed NT-Xent and softmaxes), NT-Xent
+(`losses.nt_xent` casts), weight decay and LARS (float32 variables and gradients). So the 16-bit
+step's only casts are one per convolution kernel (both views are one batch) and its gradient's,
+the images in and the pooled features out (tests/test_precision.py pins this).
 """
 
 from __future__ import annotations

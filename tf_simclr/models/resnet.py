@@ -19,6 +19,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from tf_simclr.models.batch_norm import BatchNormalization
+
 BATCH_NORM_EPSILON = 1e-5
 SK_MIN_DIM = 32
 
@@ -68,8 +70,9 @@ class Conv2dFixedPadding(keras.layers.Conv2D):
 
 
 def _batch_norm(decay, global_bn, name, init_zero=False, center=True, scale=True):
-  """BatchNormalization as the original's BatchNormRelu (the ReLU is applied by the caller)."""
-  return keras.layers.BatchNormalization(
+  """BatchNormalization as the original's BatchNormRelu (the ReLU is applied by the caller);
+  fused, without casts, under a 16-bit compute dtype (models/batch_norm.py)."""
+  return BatchNormalization(
       axis=-1, momentum=decay, epsilon=BATCH_NORM_EPSILON, center=center, scale=scale,
       gamma_initializer='zeros' if init_zero else 'ones', synchronized=global_bn, name=name)
 
