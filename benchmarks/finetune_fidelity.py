@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,10 @@ def main(argv=None):
   parser.add_argument('--learning_rate', type=float, default=0.05,
                       help='0.05: issue 20 (x sqrt(64) = 0.4); the original README uses 0.005')
   parser.add_argument('--eval_split', default='test')
+  parser.add_argument('--extra_flags', default='',
+                      help='more run.py flags for every fine-tuning run (a recipe, e.g. '
+                      '"--optimizer=momentum"); they override the issue-20 flags')
+  parser.add_argument('--results', default=RESULTS, help='where the JSON record goes')
   parser.add_argument('--work_dir', default=None)
   args = parser.parse_args(argv)
   work = args.work_dir or tempfile.mkdtemp(prefix='finetune_fidelity_')
@@ -81,11 +86,12 @@ def main(argv=None):
       result = run(f'{arm} seed {seed}', os.path.join(work, f'{arm}_{seed}'), common + FINETUNE + [
           f'--logits_layer_init={arm}', f'--seed={seed}', f'--learning_rate={args.learning_rate}', f'--train_steps={args.train_steps}',
           f'--train_batch_size={args.train_batch_size}', f'--checkpoint_steps={args.train_steps}',
-          '--eval_batch_size=256', '--linear_probe=False', '--knn_monitor=False'])
+          '--eval_batch_size=256', '--linear_probe=False', '--knn_monitor=False']
+          + shlex.split(args.extra_flags))
       accs.append(result[TOP1])
     rows[arm] = accs
   print(f'\nfine-tuning {args.train_steps} steps of batch {args.train_batch_size}, '
-        f'lr {args.learning_rate} (sqrt scaling), '
+        f'lr {args.learning_rate} (sqrt scaling) {args.extra_flags}, '
         f'seeds {args.seeds}; frozen features of the same checkpoint:')
   print('| readout | top-1 (mean +- spread) | runs |\n|---|---|---|')
   for arm, accs in rows.items():
@@ -99,11 +105,12 @@ def main(argv=None):
             'train_steps': args.train_steps, 'train_batch_size': args.train_batch_size,
             'learning_rate': args.learning_rate,
             'seeds': args.seeds, 'finetune_top1': rows, 'linear_probe_top1': probe[PROBE],
-            'knn_top1': probe[KNN], 'flags': common + FINETUNE}
-  os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-  with open(RESULTS, 'w') as f:
+            'knn_top1': probe[KNN], 'flags': common + FINETUNE,
+            'extra_flags': args.extra_flags}
+  os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+  with open(args.results, 'w') as f:
     json.dump(record, f, indent=2)
-  print(f'wrote {RESULTS}')
+  print(f'wrote {args.results}')
 
 
 if __name__ == '__main__':

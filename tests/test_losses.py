@@ -149,6 +149,27 @@ def test_distillation_loss_matches_numpy_and_stops_teacher_gradient(temperature)
   np.testing.assert_allclose(tape.gradient(loss, student).numpy(), want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize('temperature', [1.0, 0.1, 2.5])
+def test_distillation_loss_against_the_original_colab_formula(temperature):
+  """The original's v2 recipe (tf2/colabs/distillation_self_training.ipynb, `add_kd_loss`):
+  mean over the batch of T^2 * H(softmax(teacher/T), softmax(student/T)), written here in numpy
+  from that formula. Ours is SimCLRv2 Eq. 2 without the T^2 factor: equal at T = 1 (the colab's
+  and our default), and 1/T^2 of it otherwise (README, Differences from the original)."""
+  rng = np.random.default_rng(7)
+  teacher = rng.normal(scale=3.0, size=(8, 10)).astype(np.float32)
+  student = rng.normal(scale=3.0, size=(8, 10)).astype(np.float32)
+  t, s = teacher.astype(np.float64) / temperature, student.astype(np.float64) / temperature
+  p_t = np.exp(t - t.max(1, keepdims=True))
+  p_t /= p_t.sum(1, keepdims=True)
+  log_p_s = s - s.max(1, keepdims=True)
+  log_p_s -= np.log(np.exp(log_p_s).sum(1, keepdims=True))
+  colab = np.mean(temperature ** 2 * -np.sum(p_t * log_p_s, axis=1))
+  ours = float(losses.distillation_loss(teacher, student, temperature))
+  np.testing.assert_allclose(ours * temperature ** 2, colab, rtol=1e-5)
+  if temperature == 1.0:
+    np.testing.assert_allclose(ours, colab, rtol=1e-5)
+
+
 def test_mixed_distillation_loss_uses_only_labeled_examples():
   rng = np.random.default_rng(5)
   teacher = rng.normal(size=(4, 3)).astype(np.float32)
