@@ -68,6 +68,8 @@ def main(argv=None):
   parser.add_argument('--train_batch_size', type=int, default=64)
   parser.add_argument('--learning_rate', type=float, default=0.05,
                       help='0.05: issue 20 (x sqrt(64) = 0.4); the original README uses 0.005')
+  parser.add_argument('--architecture', default=' '.join(ARCHITECTURE),
+                      help="--checkpoint's architecture flags (default: the digits32 fixture's)")
   parser.add_argument('--eval_split', default='test')
   parser.add_argument('--extra_flags', default='',
                       help='more run.py flags for every fine-tuning run (a recipe, e.g. '
@@ -77,7 +79,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   work = args.work_dir or tempfile.mkdtemp(prefix='finetune_fidelity_')
   common = [f'--dataset={args.dataset}', f'--eval_split={args.eval_split}',
-            f'--checkpoint={args.checkpoint}'] + ARCHITECTURE
+            f'--checkpoint={args.checkpoint}'] + shlex.split(args.architecture)
   probe = run('probe', os.path.join(work, 'probe'), common + ['--mode=probe'])
   rows = {}
   for arm in args.arms.split(','):

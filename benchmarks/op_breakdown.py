@@ -79,35 +79,45 @@ def graph_counts(graph_def) -> Dict[str, int]:
   return out
 
 
-def trace_times(logdir: str) -> Dict[str, float]:
-  """{category: seconds} of the TF op events in the newest profile under `logdir` (TF ops are
-  traced as "name:Type" on the host plane), plus 'total' and 'events'."""
-  from tensorflow.tsl.profiler.protobuf import xplane_pb2
+def newest_profile(logdir: str) -> str:
+  """The newest .xplane.pb the TF profiler wrote under `logdir`."""
   files = sorted(glob.glob(os.path.join(logdir, 'plugins', 'profile', '*', '*.xplane.pb')))
   if not files:
     raise RuntimeError(f'The TF profiler wrote no trace under {logdir}.')
+  return files[-1]
+
+
+def host_events(profile: str) -> Iterable[Tuple[str, str, object]]:
+  """(thread line name, event name, event) of every host-plane event in the profile (XSpace)."""
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2
   space = xplane_pb2.XSpace()
-  with open(files[-1], 'rb') as f:
+  with open(profile, 'rb') as f:
     space.ParseFromString(f.read())
-  seconds = collections.Counter()
-  events = 0
   for plane in space.planes:
     if not plane.name.startswith('/host:'):
       continue
     names = {i: m.name for i, m in plane.event_metadata.items()}
     for line in plane.lines:
       for event in line.events:
-        name = names.get(event.metadata_id, '')
-        if ':' not in name or '::' in name:
-          continue
-        op_name, op_type = name.rsplit(':', 1)
-        op_type = op_type.strip()  # (the whole function shows as "name: __inference_...")
-        if op_type in _CONTAINERS or op_type.startswith('__') or op_type in _NOT_OPS:
-          continue
-        seconds[category(op_name, op_type)] += event.duration_ps * 1e-12
-        events += 1
+        yield line.name, names.get(event.metadata_id, ''), event
+
+
+def trace_times(logdir: str) -> Dict[str, float]:
+  """{category: seconds} of the TF op events in the newest profile under `logdir` (TF ops are
+  traced as "name:Type" on the host plane), plus 'total' and 'events'."""
+  seconds = collections.Counter()
+  events = 0
+  for _, name, event in host_events(newest_profile(logdir)):
+    if ':' not in name or '::' in name:
+      continue
+    op_name, op_type = name.rsplit(':', 1)
+    op_type = op_type.strip()  # (the whole function shows as "name: __inference_...")
+    if op_type in _CONTAINERS or op_type.startswith('__') or op_type in _NOT_OPS:
+      continue
+    seconds[category(op_name, op_type)] += event.duration_ps * 1e-12
+    events += 1
   if not events:
-    raise RuntimeError(f'The profile {files[-1]} has no TF op events: has the format changed?')
+    raise RuntimeError(f'The profile under {logdir} has no TF op events: has the format changed?')
   out = {c: seconds[c] for c in CATEGORIES}
   out['total'] = sum(seconds.values())
   out['events'] = events

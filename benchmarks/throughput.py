@@ -189,43 +189,31 @@ def profile_input_share(arm, steps: int, logdir: str) -> dict:
   batched blur's ops (name scope batch_random_blur; TF ops are traced as "name:Type"), and the
   CPU time of tf.data's own threads, which on a small machine competes with the step's.
   """
-  import glob
   import tensorflow as tf
-  from tensorflow.tsl.profiler.protobuf import xplane_pb2
   tf.profiler.experimental.start(logdir)
   t0 = time.perf_counter()
   arm.time(steps)
   wall = time.perf_counter() - t0
   tf.profiler.experimental.stop()
-  files = sorted(glob.glob(os.path.join(logdir, 'plugins', 'profile', '*', '*.xplane.pb')))
-  if not files:
-    raise RuntimeError(f'The TF profiler wrote no trace under {logdir}.')
-  space = xplane_pb2.XSpace()
-  with open(files[-1], 'rb') as f:
-    space.ParseFromString(f.read())
+  import op_breakdown
+  profile = op_breakdown.newest_profile(logdir)
   wait = blur = data_cpu = 0.0
   waits = ops = 0
-  for plane in space.planes:
-    if not plane.name.startswith('/host:'):
-      continue
-    names = {i: m.name for i, m in plane.event_metadata.items()}
-    for line in plane.lines:
-      for event in line.events:
-        name = names.get(event.metadata_id, '')
-        seconds = event.duration_ps * 1e-12
-        if name == 'IteratorGetNextOp::DoCompute':
-          wait += seconds
-          waits += 1
-        elif line.name.startswith('tf_data') and name == 'ExecutorState::Process':
-          data_cpu += seconds
-        elif ':' in name and '::' not in name:
-          ops += 1
-          if 'batch_random_blur' in name:
-            blur += seconds
+  for line_name, name, event in op_breakdown.host_events(profile):
+    seconds = event.duration_ps * 1e-12
+    if name == 'IteratorGetNextOp::DoCompute':
+      wait += seconds
+      waits += 1
+    elif line_name.startswith('tf_data') and name == 'ExecutorState::Process':
+      data_cpu += seconds
+    elif ':' in name and '::' not in name:
+      ops += 1
+      if 'batch_random_blur' in name:
+        blur += seconds
   if not ops or waits < steps:
-    raise RuntimeError(f'The profile {files[-1]} has {ops} TF op events and {waits} '
+    raise RuntimeError(f'The profile {profile} has {ops} TF op events and {waits} '
                        f'IteratorGetNext events for {steps} steps: has the trace format changed?')
-  return {'profiled_steps': steps, 'profiled_wall_seconds': wall, 'profile': files[-1],
+  return {'profiled_steps': steps, 'profiled_wall_seconds': wall, 'profile': profile,
           'input_wait_seconds_per_step': wait / steps, 'blur_op_seconds_per_step': blur / steps,
           'tf_data_cpu_seconds_per_step': data_cpu / steps,
           'input_wait_share': wait / wall, 'blur_op_share': blur / wall,
