@@ -243,22 +243,23 @@ class AnotherWorkerFailedError(UserError):
   """Another worker of this multi-worker run stopped before training (its log says why)."""
 
 
-def any_worker_failed(strategy: tf.distribute.Strategy, failed: bool) -> bool:
-  """Whether any worker of a multi-worker run reports `failed` (a SUM of 0/1 across replicas).
+def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
+  """Whether `flag` is set on any worker of a multi-worker run (a SUM of 0/1 across replicas;
+  ReduceOp has no MAX). Every worker must call it at the same point. Single-process runs:
+  `flag` as given.
 
-  Work only the chief does before training (taking model_dir's lock, cleaning it) can fail on
-  the chief alone; without this agreement the other workers would wait at the first collective
-  forever. Every worker must call it at the same point. Single-process runs: `failed` as given.
+  Used where one worker alone may have a reason to stop (a SIGTERM; a chief that could not take
+  model_dir's lock): without this agreement the others would wait at the next collective.
   """
   if not is_multi_worker(strategy) or strategy.num_replicas_in_sync < 2:
-    return failed
-  value = float(failed)
+    return flag
+  value = float(flag)
 
   @tf.function
-  def flag():
+  def place():
     return tf.constant(value)
 
-  return float(strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(flag), axis=None)) > 0
+  return float(strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(place), axis=None)) > 0
 
 
 # model_dir -> this non-chief process's temporary folder (removed by remove_worker_dirs).

@@ -111,11 +111,7 @@ class _StopRequest:
     self.signalled = True
 
   def requested(self) -> bool:
-    if not distribute.is_multi_worker(self.strategy):
-      return self.signalled
-    flag = 1.0 if self.signalled else 0.0
-    per_replica = self.strategy.run(lambda: tf.constant(flag))
-    return float(self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)) > 0
+    return distribute.any_worker(self.strategy, self.signalled)
 
   def uninstall(self) -> None:
     if self._previous is not None:

@@ -126,7 +126,7 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
       lock.release()
     raise
   # The other workers learn that the chief failed here, instead of waiting for it forever.
-  if distribute.any_worker_failed(strategy, failure is not None) and failure is None:
+  if distribute.any_worker(strategy, failure is not None) and failure is None:
     failure = distribute.AnotherWorkerFailedError(
         f'The chief of this multi-worker run could not start training in '
         f'--model_dir={train.model_dir} (for example, another run holds its lock); its log '
