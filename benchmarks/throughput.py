@@ -99,10 +99,10 @@ def machine_facts() -> dict:
 
 def _train_objects(bench: Bench, model_dir: str, precision: str = 'float32',
                    jit_compile: bool = False, batch_size: int = 0):
-  """Model, LARS, PretrainTask and Trainer from experiment.assemble_trainer (as training)."""
+  """Model, LARS, PretrainTask and Trainer from train.assemble.assemble_trainer (as training)."""
   import tensorflow as tf
   from tf_simclr import config as cfg
-  from tf_simclr.train import experiment
+  from tf_simclr.train import assemble
 
   size, batch = bench.image_size, batch_size or bench.batch_size
   model_config = cfg.model_config('pretrain', size, lineareval_while_pretraining=True,
@@ -121,7 +121,7 @@ def _train_objects(bench: Bench, model_dir: str, precision: str = 'float32',
   total = 10_000
   steps = cfg.Steps(train_steps=total, epoch_steps=total, warmup_steps=0,
                     checkpoint_steps=total, steps_per_loop=bench.steps, eval_steps=1)
-  built = experiment.assemble_trainer(config, strategy, steps, num_classes=10)
+  built = assemble.assemble_trainer(config, strategy, steps, num_classes=10)
   return built.model, built.trainer, config
 
 

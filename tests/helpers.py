@@ -10,8 +10,9 @@ import tensorflow as tf
 
 from tf_simclr import config as cfg
 from tf_simclr import weights
-from tf_simclr.optim import lars
-from tf_simclr.train import experiment, loop, tasks
+from tf_simclr.optim import decay, lars
+from tf_simclr.run import modes
+from tf_simclr.train import assemble, loop, tasks
 
 TINY_MODEL = dict(resnet_depth=18, width_multiplier=1, cifar_stem=True, proj_out_dim=16,
                   num_proj_layers=2)
@@ -44,8 +45,8 @@ def tiny_config(model_dir, **overrides):
 
 def build_state(config, model_dir):
   """(model, optimizer, TrainState) of `config`'s run, built as training builds them."""
-  ctx = experiment.prepare(config)
-  built = experiment.assemble_trainer(config, ctx.strategy, ctx.steps, ctx.num_classes)
+  ctx = modes.prepare(config)
+  built = assemble.assemble_trainer(config, ctx.strategy, ctx.steps, ctx.num_classes)
   assert built.state.model_dir == str(model_dir)
   return built.model, built.optimizer, built.state
 
@@ -62,7 +63,7 @@ def one_lars_step(config, model, strategy, images, labels, model_dir):
   `strategy` on (images, labels); returns ({variable path: value after}, the step's metrics)."""
   with strategy.scope():
     optimizer = lars.LARS(0.5, momentum=0.9, weight_decay=1e-4,
-                          exclude_from_weight_decay=tasks.lars_exclusions(model))
+                          exclude_from_weight_decay=decay.lars_exclusions(model))
     optimizer.build(model.trainable_variables)
   task = tasks.PretrainTask(config, model, strategy)
   steps = cfg.Steps(train_steps=1, epoch_steps=1, warmup_steps=0, checkpoint_steps=1,
@@ -111,12 +112,9 @@ def assert_same_updates(got, want, initial, rtol=UPDATE_RTOL):
 
 
 def run_cli():
-  """The clone's run.py module (importing it defines the absl flags)."""
-  root = str(pathlib.Path(__file__).resolve().parents[1])
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  import run  # pylint: disable=g-import-not-at-top
-  return run
+  """The command line's module, tf_simclr.cli (importing it defines the absl flags)."""
+  from tf_simclr import cli  # pylint: disable=g-import-not-at-top
+  return cli
 
 
 def parse_flags(argv):

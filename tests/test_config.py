@@ -92,7 +92,7 @@ def test_tpu_path_rule_allows(run_module, argv):
 
 
 def test_check_tpu_paths_without_a_tpu():
-  """The check experiment.prepare runs when `auto` finds a TPU on the VM."""
+  """The check modes.prepare runs when `auto` finds a TPU on the VM."""
   config = cfg.Config(model=cfg.ModelConfig(), data=cfg.DataConfig(data_dir='gs://b/d'),
                       optim=cfg.OptimConfig(), train=cfg.TrainConfig(model_dir='/home/me/run'))
   with pytest.raises(cfg.ConfigError, match="--model_dir='/home/me/run' is local"):
@@ -137,18 +137,32 @@ def test_resolve_steps_runs_exactly_the_epochs_steps():
   assert (explicit.train_steps, explicit.checkpoint_steps, explicit.steps_per_loop) == (7, 3, 7)
 
 
-def test_help_lists_original_and_new_flags():
-  root = __import__('conftest').PROJECT_ROOT
-  out = subprocess.run([sys.executable, 'run.py', '--helpfull'], cwd=root, capture_output=True,
-                       text=True, timeout=120)
-  assert out.returncode in (0, 1), out.stderr  # absl exits 1 after printing help
-  for name in ('--learning_rate', '--sk_ratio', '--distribution_strategy', '--teacher_checkpoint'):
-    assert name in out.stdout
+def test_help_groups_every_flag_once_basics_first(capsys):
+  """--help prints the flags by topic (each defined flag in exactly one group), basics first,
+  and exits 0; a flag typo is one line and exit 2 (a user error, as the README says)."""
+  from absl import flags as absl_flags
+  from tf_simclr.cli import definitions, usage
+  defined = {f.name for f in absl_flags.FLAGS.get_flags_for_module(definitions)}
+  grouped = [name for _, _, names in definitions.GROUPS for name in names]
+  assert len(grouped) == len(set(grouped)) and set(grouped) == defined
+  assert set(ORIGINAL_FLAGS) <= defined
+  with pytest.raises(SystemExit) as exit_:
+    usage.parse_flags(['tf-simclr', '--help'])
+  assert exit_.value.code == 0
+  out = capsys.readouterr().out
+  titles = [title for _, title, _ in definitions.GROUPS]
+  positions = [out.index(f'\n{title}:\n') for title in titles]
+  assert positions == sorted(positions) and out.index('--train_mode') < out.index('--knn_k')
+  assert out.index('--dataset') < positions[1] < out.index('--teacher_checkpoint')
+  with pytest.raises(SystemExit) as exit_:
+    usage.parse_flags(['tf-simclr', '--resnet_dept=18'])
+  assert exit_.value.code == 2
+  assert "Unknown command line flag 'resnet_dept'" in capsys.readouterr().err
 
 
 def test_a_tpu_found_by_auto_checks_paths_before_any_work(monkeypatch, tmp_path):
   from tf_simclr import distribute
-  from tf_simclr.train import experiment
+  from tf_simclr.run import modes
 
   class TPUStrategy:  # Stands in for the strategy `auto` builds on a TPU VM.
     num_replicas_in_sync = 8
@@ -158,5 +172,5 @@ def test_a_tpu_found_by_auto_checks_paths_before_any_work(monkeypatch, tmp_path)
   config = cfg.Config(model=cfg.ModelConfig(), data=cfg.DataConfig(dataset='shapes10'),
                       optim=cfg.OptimConfig(), train=cfg.TrainConfig(model_dir=str(model_dir)))
   with pytest.raises(cfg.ConfigError, match='--model_dir=.* is local'):
-    experiment.prepare(config)
+    modes.prepare(config)
   assert not model_dir.exists()

@@ -14,7 +14,7 @@ from tf_simclr import teacher as teacher_lib
 from tf_simclr.data import pipeline
 from tf_simclr.models import simclr
 from tf_simclr.evaluation import evaluate
-from tf_simclr.train import experiment
+from tf_simclr.run import modes
 
 from helpers import TINY_MODEL, checkpoint_values, tiny_config
 
@@ -28,8 +28,8 @@ def teacher_checkpoint(tmp_path_factory):
   """A tiny fine-tuned (from scratch, 1 step) teacher whose flags.json holds its architecture."""
   model_dir = tmp_path_factory.mktemp('teacher')
   config = tiny_config(model_dir, train__train_mode='finetune', train__train_steps=1)
-  experiment.run(config, flags_dict=dict(TINY_MODEL, train_mode='finetune'),
-                 export_fn=experiment.no_export)
+  modes.run(config, flags_dict=dict(TINY_MODEL, train_mode='finetune'),
+                 export_fn=modes.no_export)
   return tf.train.latest_checkpoint(str(model_dir))
 
 
@@ -55,10 +55,10 @@ def test_distill_trains_student_only_and_evaluates_the_student(tmp_path, teacher
   config = _distill_config(tmp_path, teacher_checkpoint, label_weight=0.5,
                            data__train_label_fraction=0.1, train__mode='train_then_eval',
                            train__train_steps=2, train__checkpoint_steps=1, train__eval_steps=1)
-  ctx = experiment.prepare(config)
+  ctx = modes.prepare(config)
   assert ctx.steps.train_steps == 2 and len(ctx.label_subset) == 1000
-  teacher = experiment.load_teacher(ctx)
-  model, result = experiment.train(ctx, teacher=teacher)
+  teacher = modes.load_teacher(ctx)
+  model, result = modes.train(ctx, teacher=teacher)
   assert result.final_step == 2
   # Teacher: inference mode, no gradients -> every variable, BN moving statistics included, is
   # exactly as in its checkpoint after the student's steps.
@@ -93,7 +93,7 @@ def test_distill_trains_student_only_and_evaluates_the_student(tmp_path, teacher
 
 def test_label_mask_marks_the_labelled_subset(tmp_path):
   config = tiny_config(tmp_path, train__train_mode='finetune', data__train_label_fraction=0.1)
-  ctx = experiment.prepare(config)
+  ctx = modes.prepare(config)
   dataset = pipeline.build_train_dataset(ctx.source, config.data, 40, ctx.strategy,
                                          num_views=1, label_subset=ctx.label_subset,
                                          with_label_mask=True, seed=0)

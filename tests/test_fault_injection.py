@@ -286,7 +286,7 @@ def test_model_dir_that_is_not_writable_is_named(tmp_path, monkeypatch):
 
 
 def test_train_split_smaller_than_one_batch_is_an_error(tmp_path):
-  from tf_simclr.train import experiment
+  from tf_simclr.run import modes
   config = cfg.Config(
       model=cfg.ModelConfig(resnet_depth=18), data=cfg.DataConfig(
           dataset='shapes10', train_split='train[:5]', eval_split='test', image_size=8),
@@ -294,7 +294,7 @@ def test_train_split_smaller_than_one_batch_is_an_error(tmp_path):
                                                      train_batch_size=8, train_steps=2))
   with pytest.raises(ValueError, match=r"train\[:5\].*has 5 training examples, fewer than one "
                                        r"global batch \(--train_batch_size=8\)"):
-    experiment.prepare(config)
+    modes.prepare(config)
   assert not (tmp_path / 'run' / run_dir.LOCK_FILE).exists()
   assert not (tmp_path / 'run' / run_dir.FLAGS_FILE).exists()
 

@@ -14,7 +14,8 @@ from tf_simclr.errors import CheckpointMismatchError
 from tf_simclr import config as cfg
 from tf_simclr.data import synthetic
 from tf_simclr.models import simclr
-from tf_simclr.train import experiment
+from tf_simclr.run import modes
+from tf_simclr.train import assemble
 
 from helpers import (TINY_MODEL, build_state, checkpoint_values, parse_flags, run_cli,
                      tiny_config)
@@ -26,8 +27,8 @@ from helpers import (TINY_MODEL, build_state, checkpoint_values, parse_flags, ru
 def pretrained(tmp_path_factory):
   """A 2-step pretrain run of the tiny model (linear-eval head on); returns its ckpt prefix."""
   model_dir = tmp_path_factory.mktemp('pretrain')
-  experiment.run(tiny_config(model_dir, train__train_steps=2),
-                 flags_dict=dict(TINY_MODEL), export_fn=experiment.no_export)
+  modes.run(tiny_config(model_dir, train__train_steps=2),
+                 flags_dict=dict(TINY_MODEL), export_fn=modes.no_export)
   return tf.train.latest_checkpoint(str(model_dir))
 
 
@@ -49,7 +50,7 @@ def _part(path):
 def test_fine_tune_after_block_freezes_weights_and_bn_statistics(tmp_path, pretrained,
                                                                  after_block):
   config = _finetune_config(tmp_path, pretrained, model__fine_tune_after_block=after_block)
-  experiment.run(config, export_fn=experiment.no_export)
+  modes.run(config, export_fn=modes.no_export)
   before = checkpoint_values(pretrained)
   after = checkpoint_values(tf.train.latest_checkpoint(str(tmp_path)))
   assert set(before) == set(after)
@@ -84,7 +85,7 @@ def test_logits_layer_init_sets_the_head_after_the_restore(tmp_path, pretrained,
   config = _finetune_config(tmp_path, pretrained, train__zero_init_logits_layer=True,
                             train__logits_layer_init=init)
   model, _, state = build_state(config, tmp_path)
-  assert experiment.initialize_weights(config, model, state) == 'initialized'
+  assert assemble.initialize_weights(config, model, state) == 'initialized'
   ours = weights.match.object_variable_paths(model)
   for path, value in head_before.items():
     got = ours[path].numpy()
@@ -102,12 +103,12 @@ def test_logits_layer_init_sets_the_head_after_the_restore(tmp_path, pretrained,
 
 
 def test_resume_from_model_dir_wins_over_checkpoint(tmp_path, pretrained, caplog):
-  experiment.run(_finetune_config(tmp_path, pretrained), export_fn=experiment.no_export)
+  modes.run(_finetune_config(tmp_path, pretrained), export_fn=modes.no_export)
   first = checkpoint_values(str(tmp_path / 'ckpt-1'))
   caplog.set_level(logging.INFO)
   # A --checkpoint that does not exist: resuming must not even look at it.
-  experiment.run(_finetune_config(tmp_path, str(tmp_path / 'missing' / 'ckpt-9'),
-                                  train__train_steps=2), export_fn=experiment.no_export)
+  modes.run(_finetune_config(tmp_path, str(tmp_path / 'missing' / 'ckpt-9'),
+                                  train__train_steps=2), export_fn=modes.no_export)
   assert weights.source.read_global_step(str(tmp_path)) == 2
   assert any('Resuming from' in r.getMessage() and 'ckpt-1' in r.getMessage()
              for r in caplog.records)
@@ -130,7 +131,7 @@ def test_finetune_without_checkpoint_on_label_fraction_from_run_flags(tmp_path, 
           '--train_epochs=2', '--train_label_fraction=0.1', '--label_fraction_seed=3',
           '--eval_split=test', '--use_blur=False', f'--model_dir={tmp_path}']
   config = _parse_run_flags(argv)
-  ctx = experiment.prepare(config)
+  ctx = modes.prepare(config)
   subset = json.load(open(tmp_path / run_dir.LABEL_SUBSET_FILE))
   labels = synthetic.load_split('train')[1]
   indices = np.asarray(subset['indices'])
@@ -141,17 +142,17 @@ def test_finetune_without_checkpoint_on_label_fraction_from_run_flags(tmp_path, 
   # Steps come from the subset's 1000 examples: 2 epochs of batch 8 -> 250 steps.
   assert ctx.steps.train_steps == 250 and ctx.steps.epoch_steps == 125
   again = _parse_run_flags(argv[:-1] + [f'--model_dir={tmp_path / "again"}'])
-  experiment.prepare(again)
+  modes.prepare(again)
   same = json.load(open(tmp_path / 'again' / run_dir.LABEL_SUBSET_FILE))['indices']
   assert same == subset['indices']
   other = _parse_run_flags(argv[:-2] + ['--label_fraction_seed=4', f'--model_dir={tmp_path}/o'])
-  experiment.prepare(other)
+  modes.prepare(other)
   assert json.load(open(tmp_path / 'o' / run_dir.LABEL_SUBSET_FILE))['indices'] != same
   # The from-scratch baseline says so in the log (2 steps only).
   caplog.set_level(logging.INFO)
   short = tiny_config(tmp_path / 'scratch', train__train_mode='finetune',
                       data__train_label_fraction=0.1, train__train_steps=1)
-  experiment.run(short, export_fn=experiment.no_export)
+  modes.run(short, export_fn=modes.no_export)
   warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
   assert any('without --checkpoint' in r.getMessage() and 'random initialisation'
              in r.getMessage() for r in warnings)
@@ -160,7 +161,7 @@ def test_finetune_without_checkpoint_on_label_fraction_from_run_flags(tmp_path, 
 def test_train_split_slicing_counts_steps_on_the_slice(tmp_path):
   config = tiny_config(tmp_path, train__train_mode='finetune', data__train_split='train[:10%]',
                        train__train_steps=0, train__train_epochs=1)
-  ctx = experiment.prepare(config)
+  ctx = modes.prepare(config)
   assert ctx.steps.train_steps == 1000 // 8
 
 

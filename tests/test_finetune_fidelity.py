@@ -19,7 +19,8 @@ import tensorflow as tf
 
 from tf_simclr import config as cfg
 from tf_simclr.models import simclr
-from tf_simclr.train import experiment
+from tf_simclr.run import modes
+from tf_simclr.train import assemble
 
 from helpers import tiny_config
 
@@ -87,15 +88,15 @@ def _values(model):
 def test_two_finetune_steps_equal_the_original_update_rule(tmp_path, steps_per_loop):
   images, labels = _fixed_batches()
   config = _config(tmp_path / 'ours')
-  ctx = experiment.prepare(config)
+  ctx = modes.prepare(config)
   steps = cfg.Steps(train_steps=STEPS, epoch_steps=STEPS, warmup_steps=0,
                     checkpoint_steps=STEPS, steps_per_loop=steps_per_loop, eval_steps=1)
-  built = experiment.assemble_trainer(config, ctx.strategy, steps, CLASSES)
+  built = assemble.assemble_trainer(config, ctx.strategy, steps, CLASSES)
   model = built.model
   _fixed_weights(model)
   start = _values(model)
 
-  reference = experiment.build_model(ctx)
+  reference = modes.build_model(ctx)
   for v in reference.variables:
     v.assign(start[v.path])
   _reference(reference, images, labels)

@@ -17,7 +17,7 @@ from tf_simclr.data import datasets, image_files
 from tf_simclr.errors import ConfigError, DatasetError, UserError
 from tf_simclr.models import simclr
 from tf_simclr.evaluation import embed
-from tf_simclr.train import experiment
+from tf_simclr.run import modes
 
 from helpers import parse_flags, tiny_config
 
@@ -112,7 +112,7 @@ def test_images_errors(tmp_path, photos):
 def test_refused_training_leaves_no_model_dir(tmp_path, overrides, match):
   model_dir = tmp_path / 'new' / 'run'
   with pytest.raises(UserError, match=match):
-    experiment.prepare(tiny_config(model_dir, **overrides))
+    modes.prepare(tiny_config(model_dir, **overrides))
   assert not (tmp_path / 'new').exists()
 
 
@@ -125,7 +125,7 @@ def test_unlabelled_data_refuses_what_needs_labels(tmp_path, photos, mode, train
   config = tiny_config(model_dir, data__dataset=f'images:{root}', train__mode=mode,
                        train__train_mode=train_mode)
   with pytest.raises(DatasetError, match=match):
-    experiment.prepare(config)
+    modes.prepare(config)
   assert not model_dir.exists()
 
 
@@ -134,7 +134,7 @@ def test_unlabelled_pretraining_turns_labels_off(tmp_path, photos):
   config = tiny_config(tmp_path / 'run', data__dataset=f'images:{root}', data__eval_split='nope',
                        probe__knn=None, probe__linear_probe=True)
   assert config.model.supervised_head
-  ctx = experiment.prepare(config)
+  ctx = modes.prepare(config)
   try:
     assert not ctx.config.model.supervised_head
     assert ctx.config.probe.knn is False and ctx.config.probe.linear_probe is False
@@ -254,7 +254,7 @@ def test_distillation_trains_on_unlabelled_images(tmp_path, photos, original_fix
       base, model=student, train=dataclasses.replace(base.train, train_mode='distill'),
       distill=cfg.DistillConfig(teacher=teacher,
                                 teacher_checkpoint=str(original_fixture_dir / 'saved_model')))
-  experiment.run(config, export_fn=experiment.no_export)
+  modes.run(config, export_fn=modes.no_export)
   from tf_simclr import weights
   assert (tmp_path / 'run' / 'ckpt-2.index').exists()
   assert weights.describe(str(tmp_path / 'run' / 'ckpt-2'))['num_classes'] == 10

@@ -20,7 +20,7 @@ def test_pyproject_pins_match_requirements():
   tf_pin = next(p for p in pins if p.startswith('tensorflow=='))
   assert project['optional-dependencies']['gpu'] == [
       tf_pin.replace('tensorflow==', 'tensorflow[and-cuda]==')]
-  assert project['scripts'] == {'tf-simclr': 'tf_simclr_cli:run'}
+  assert project['scripts'] == {'tf-simclr': 'tf_simclr.cli:run'}
   assert 'Apache License' in open(os.path.join(ROOT, 'LICENSE')).read(200)
   assert 'google-research/simclr' in open(os.path.join(ROOT, 'NOTICE')).read()
 
@@ -48,12 +48,14 @@ def test_installed_command_equals_run_py(tmp_path):
   message = '--mode=export: no checkpoint in --model_dir='
   assert installed.returncode == clone.returncode == 2
   assert message in installed.stderr and message in clone.stderr
-  for command in ([str(venv / 'bin' / 'tf-simclr')], [sys.executable, 'run.py']):
-    usage = subprocess.run([*command, '--helpshort'], cwd=ROOT, env=env, capture_output=True,
+  for command in ([str(venv / 'bin' / 'tf-simclr')], [sys.executable, 'run.py'],
+                  [sys.executable, '-m', 'tf_simclr']):
+    usage = subprocess.run([*command, '--help'], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=120)
+    assert usage.returncode == 0, command
     assert '--embed_endpoint' in usage.stdout and '--train_mode' in usage.stdout, command
   where = subprocess.run([str(venv / 'bin' / 'python'), '-c',
-                          'import tf_simclr_cli, tf_simclr; print(tf_simclr_cli.__file__, tf_simclr.__file__)'],
+                          'import tf_simclr.cli, tf_simclr; print(tf_simclr.cli.__file__, tf_simclr.__file__)'],
                          cwd=str(tmp_path), env=env, capture_output=True, text=True)
   assert str(venv) in where.stdout, where.stdout + where.stderr
   dist = next((venv / 'lib').glob('python3*/site-packages/tf_simclr-*.dist-info'))

@@ -15,7 +15,7 @@ from tf_simclr import export
 from tf_simclr import losses
 from tf_simclr import precision as precision_lib
 from tf_simclr.models import simclr
-from tf_simclr.optim import lars
+from tf_simclr.optim import decay, lars
 from tf_simclr.train import loop, tasks
 
 from helpers import one_lars_step
@@ -200,7 +200,7 @@ def test_checkpoints_and_exports_do_not_depend_on_precision(tmp_path):
     config = _config(tmp_path, precision)
     model, _ = _model(config)
     optimizer = precision_lib.wrap_optimizer(
-        lars.LARS(0.1, exclude_from_weight_decay=tasks.lars_exclusions(model)), precision)
+        lars.LARS(0.1, exclude_from_weight_decay=decay.lars_exclusions(model)), precision)
     optimizer.build(model.trainable_variables)
     state = weights.state.TrainState(model, optimizer, str(tmp_path / 'run'), 3)
     inner = precision_lib.inner_optimizer(optimizer)
@@ -287,11 +287,8 @@ def test_teacher_precision_is_independent_of_the_student(tmp_path):
 
 
 def test_flags_map_to_config():
-  import sys
   from absl import flags as absl_flags
-  from conftest import PROJECT_ROOT
-  sys.path.insert(0, str(PROJECT_ROOT))
-  import run
+  from tf_simclr import cli as run
   fv = absl_flags.FLAGS
   fv.unparse_flags()
   fv(['run.py', '--model_dir=/tmp/x', '--precision=mixed_bfloat16', '--jit_compile',
@@ -343,11 +340,11 @@ def _step_graph_counts(tmp_path, precision):
   from conftest import PROJECT_ROOT
   sys.path.insert(0, str(PROJECT_ROOT / 'benchmarks'))
   import op_breakdown
-  from tf_simclr.train import experiment
+  from tf_simclr.train import assemble
   config = _config(tmp_path / precision, precision, batch=4)
   steps = cfg.Steps(train_steps=1, epoch_steps=1, warmup_steps=0, checkpoint_steps=1,
                     steps_per_loop=1, eval_steps=1)
-  built = experiment.assemble_trainer(config, tf.distribute.get_strategy(), steps, 10)
+  built = assemble.assemble_trainer(config, tf.distribute.get_strategy(), steps, 10)
   built.trainer._build_state()
   graph = op_breakdown.replica_step_graph(built.trainer, [(4, SIZE, SIZE, 6), (4, 10)])
   types = [n.op for n in graph.node]

@@ -154,14 +154,14 @@ def test_two_replicas_equal_one_device(two_replica_strategy):
 
 
 def test_pretrain_then_eval_and_probe_mode_write_the_readouts(tmp_path):
-  from tf_simclr.train import experiment
+  from tf_simclr.run import modes
   config = tiny_config(
       tmp_path, train__mode='train_then_eval', train__train_steps=2, train__eval_batch_size=16,
       model__width_multiplier=0.125, data__train_split='train[:48]', data__eval_split='test[:24]',
       probe__knn=None, probe__linear_probe=None, probe__random_init_baseline=True,
       probe__knn_k=10)
-  stored = experiment.run(config, flags_dict={'resnet_depth': 18},
-                          export_fn=experiment.no_export)
+  stored = modes.run(config, flags_dict={'resnet_depth': 18},
+                          export_fn=modes.no_export)
   for key in ('eval/knn_top_1_accuracy', 'eval/linear_probe_top_1_accuracy',
               'eval/linear_probe_top_5_accuracy', 'eval/random_init/knn_top_1_accuracy',
               'eval/random_init/linear_probe_top_1_accuracy', 'eval/label_top_1_accuracy'):
@@ -169,10 +169,10 @@ def test_pretrain_then_eval_and_probe_mode_write_the_readouts(tmp_path):
   assert json.load(open(tmp_path / 'result.json')) == stored
   # --mode=probe of the same model_dir: same features, same kNN; no flags.json of its own.
   os.remove(tmp_path / 'flags.json')
-  probed = experiment.run(dataclasses.replace(
+  probed = modes.run(dataclasses.replace(
       config, train=dataclasses.replace(config.train, mode='probe'),
       probe=dataclasses.replace(config.probe, random_init_baseline=False)),
-      export_fn=experiment.no_export)
+      export_fn=modes.no_export)
   assert probed['eval/knn_top_1_accuracy'] == stored['eval/knn_top_1_accuracy']
   assert probed['eval/label_top_1_accuracy'] == stored['eval/label_top_1_accuracy']  # kept
   assert not (tmp_path / 'flags.json').exists()

@@ -13,14 +13,15 @@ import tensorflow as tf
 from tf_simclr import weights
 from tf_simclr.errors import CheckpointMismatchError
 from tf_simclr.models import simclr
-from tf_simclr.train import experiment, loop, tasks
+from tf_simclr.run import modes
+from tf_simclr.train import assemble, loop, tasks
 
 from helpers import assert_same_updates, build_state, one_lars_step, tiny_config
 
 def test_pretrain_then_eval_runs_exact_steps_and_writes_results(tmp_path, caplog):
   config = tiny_config(tmp_path, train__mode='train_then_eval', train__train_steps=5,
                        train__steps_per_loop=2)
-  result = experiment.run(config, flags_dict={'resnet_depth': 18})
+  result = modes.run(config, flags_dict={'resnet_depth': 18})
   # Loops of 2, 2, 1 steps; a checkpoint every 2 steps and at the very end.
   assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-5')
   assert sorted(f for f in os.listdir(tmp_path) if f.endswith('.index')) == [
@@ -39,14 +40,14 @@ def test_pretrain_then_eval_runs_exact_steps_and_writes_results(tmp_path, caplog
 
   # --mode=eval evaluates the newest checkpoint and stops: it is at the last training step.
   os.remove(tmp_path / 'result_5.json')
-  again = experiment.run(dataclasses.replace(
+  again = modes.run(dataclasses.replace(
       config, train=dataclasses.replace(config.train, mode='eval')))
   assert again['eval/label_top_1_accuracy'] == pytest.approx(stored['eval/label_top_1_accuracy'])
   assert (tmp_path / 'result_5.json').exists()
 
   # --mode=export re-exports the newest checkpoint.
   shutil.rmtree(tmp_path / 'saved_model')
-  experiment.run(dataclasses.replace(
+  modes.run(dataclasses.replace(
       config, train=dataclasses.replace(config.train, mode='export')))
   assert (tmp_path / 'saved_model' / '5' / 'saved_model.pb').exists()
 
@@ -60,13 +61,13 @@ def test_pretrain_then_eval_runs_exact_steps_and_writes_results(tmp_path, caplog
   before = checkpoint_files()
   assert config.train.keep_hub_module_max == 1
   with caplog.at_level(logging.INFO):
-    experiment.run(dataclasses.replace(
+    modes.run(dataclasses.replace(
         config, train=dataclasses.replace(config.train, mode='export')))
   assert sorted(os.listdir(tmp_path / 'saved_model')) == ['4', '5']
   assert (tmp_path / 'saved_model' / '4' / 'saved_model.pb').exists()
   assert (f'Exported the hub module to {tmp_path}/saved_model/4 (the newer exports [5] are kept)'
           in caplog.text)
-  fallback = experiment.run(dataclasses.replace(
+  fallback = modes.run(dataclasses.replace(
       config, train=dataclasses.replace(config.train, mode='eval', eval_timeout=0.5)))
   assert fallback['global_step'] == 4 and (tmp_path / 'result_4.json').exists()
   assert checkpoint_files() == before
@@ -75,13 +76,13 @@ def test_pretrain_then_eval_runs_exact_steps_and_writes_results(tmp_path, caplog
       data = tmp_path / f'{name}.data-00000-of-00001'
       with open(data, 'r+b') as f:
         f.truncate(os.path.getsize(data) // 3)
-    experiment.run(dataclasses.replace(
+    modes.run(dataclasses.replace(
         config, train=dataclasses.replace(config.train, mode='export')))
 
 
 def test_resume_restores_step_weights_slots_and_bn_statistics(tmp_path):
   config = tiny_config(tmp_path, train__train_steps=2)
-  experiment.run(config)
+  modes.run(config)
   model, optimizer, state = build_state(config, tmp_path)
   assert state.restore_or_initialize(None) == 'resumed'
   assert state.step == 2
@@ -100,7 +101,7 @@ def test_resume_restores_step_weights_slots_and_bn_statistics(tmp_path):
   assert any(np.any(ours[p].numpy() != 0) for p in moving if p.endswith('moving_mean'))
   assert any(np.any(ours[p].numpy() != 0) for p in slots)
   # Continuing the run trains only the remaining steps.
-  experiment.run(tiny_config(tmp_path, train__train_steps=4))
+  modes.run(tiny_config(tmp_path, train__train_steps=4))
   assert weights.source.read_global_step(str(tmp_path)) == 4
 
 
@@ -121,7 +122,7 @@ class _NaNAfter(tasks.FinetuneTask):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = tiny_config(tmp_path, train__train_mode='finetune', train__train_steps=6,
                        train__checkpoint_steps=2, model__supervised_head_stop_gradient=False)
-  ctx = experiment.prepare(config)
+  ctx = modes.prepare(config)
   model, optimizer, state = build_state(config, tmp_path)
   task = _NaNAfter(config, model, ctx.strategy, nan_from_step=3)
   task.model_step = lambda: optimizer.iterations
@@ -170,9 +171,9 @@ def test_two_replicas_take_exactly_the_single_device_step(tmp_path, two_replica_
 
 
 def test_resuming_a_model_dir_of_another_architecture_names_the_variables(tmp_path):
-  experiment.run(tiny_config(tmp_path, train__train_steps=1))
+  modes.run(tiny_config(tmp_path, train__train_steps=1))
   other = tiny_config(tmp_path, train__train_steps=2, model__proj_out_dim=8)
   with pytest.raises(CheckpointMismatchError,
                      match=r'another architecture.*projection_head.*\[512, 16\] vs model \[512, 8\]'):
-    experiment.run(other)
+    modes.run(other)
 

@@ -21,7 +21,7 @@ from tf_simclr import weights
 from tf_simclr import config as cfg
 from tf_simclr.data import augment
 from tf_simclr.models import simclr
-from tf_simclr.optim import lars
+from tf_simclr.optim import decay, lars
 from tf_simclr.evaluation import evaluate
 from tf_simclr.train import loop, tasks
 
@@ -99,7 +99,7 @@ def _train(train_mode, strategy, jit_compile, tmp_path, initial=None, task_cls=N
     init = {'model': init}
   with strategy.scope():
     optimizer = lars.LARS(0.2, momentum=0.9, weight_decay=1e-4,
-                          exclude_from_weight_decay=tasks.lars_exclusions(model))
+                          exclude_from_weight_decay=decay.lars_exclusions(model))
     optimizer.build(model.trainable_variables)
   task = (task_cls or tasks.make_task)(config, model, strategy, teacher) if teacher else (
       (task_cls or tasks.make_task)(config, model, strategy))

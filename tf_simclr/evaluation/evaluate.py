@@ -22,7 +22,7 @@ from tf_simclr.errors import CheckpointNotFoundError, UserError
 from tf_simclr.evaluation import probe, reading
 from tf_simclr.evaluation import readouts as readouts_lib
 from tf_simclr.models import simclr
-from tf_simclr.train import tasks
+from tf_simclr.optim import decay
 from tf_simclr.weights import match as weights_match
 from tf_simclr.weights import source as weights_source
 from tf_simclr.weights import state as weights_state
@@ -37,10 +37,10 @@ TOP1 = 'eval/label_top_1_accuracy'
 TOP5 = 'eval/label_top_5_accuracy'
 REGULARIZATION = 'eval/regularization_loss'
 # --mode=probe reads the encoder only: heads of another shape (or none) may stay as built.
-READOUT_FRESH_OK = (tasks.SUPERVISED_HEAD, 'projection_head')
+READOUT_FRESH_OK = (simclr.SUPERVISED_HEAD, 'projection_head')
 
 
-def eval_outputs(model, images, labels) -> Metrics:
+def eval_outputs(model, images, labels) -> Dict[str, tf.Tensor]:
   """Per-replica sums for top-1/top-5 evaluation of the supervised head."""
   logits = model(images, training=False)[simclr.LOGITS_SUP]
   top1 = tf.equal(tf.argmax(labels, 1), tf.argmax(logits, 1))
@@ -140,14 +140,14 @@ def evaluate(ctx, model, global_step: int, export_fn: Optional[Callable] = None,
              linear_probe: bool = False) -> Optional[Dict[str, float]]:
   """Evaluates the supervised head and the readouts on --eval_split; writes the result files.
 
-  `ctx`: the run's `train.prepare.Context`."""
+  `ctx`: the run's `run.prepare.Context`."""
   config = ctx.config
   result = {}
   if model.supervised_head is not None:
     dataset = pipeline.build_eval_dataset(ctx.source, config.data, config.train.eval_batch_size,
                                           ctx.strategy)
     evaluator = Evaluator(model, ctx.strategy,
-                          tasks.weight_decay_variables(model, config.optim.optimizer),
+                          decay.weight_decay_variables(model, config.optim.optimizer),
                           config.optim.weight_decay, jit_compile=config.train.jit_compile)
     with datasets.naming_bad_images(ctx.source, config.data.eval_split):
       # --eval_steps=0: until each host's share is exhausted (hosts' shares may be uneven).

@@ -1,7 +1,7 @@
 """Readouts of the representation during and after a run: which are on, and when they run.
 
 The kNN monitor between training loops (to TensorBoard), the kNN and linear probe at evaluation
-time, and the random-init baseline, all on the run's `train.prepare.Context` (`ctx`); whether a
+time, and the random-init baseline, all on the run's `run.prepare.Context` (`ctx`); whether a
 readout is on by default is the run's task's (`ctx.task_class.readouts_by_default`). The readout
 math itself is in `probe.py`.
 """

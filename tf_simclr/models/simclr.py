@@ -32,6 +32,10 @@ LOGITS_SUP = 'logits_sup'
 ENCODER_ENDPOINTS = (INITIAL_CONV, INITIAL_MAX_POOL) + BLOCK_GROUPS + (FINAL_AVG_POOL,)
 
 
+# The supervised head's attribute and checkpoint name (heads a --checkpoint may lack).
+SUPERVISED_HEAD = 'supervised_head'
+
+
 @dataclasses.dataclass(frozen=True)
 class VariableGroups:
   """Trainable variables chosen by layer type, for weight-decay / LARS exclusions.

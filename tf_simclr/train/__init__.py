@@ -1,1 +1,1 @@
-"""Training only: assembling a run, the training loop and one task per training mode."""
+"""Training only: assembling a trainer, the training loop and one task per training mode."""

@@ -1,6 +1,6 @@
 """One object per `--train_mode`, owning everything that differs by mode.
 
-Class-level (known before a model exists, read by prepare.py, experiment.py and the readouts):
+Class-level (known before a model exists, read by run/prepare.py, run/modes.py and the readouts):
 the model parts it trains, which heads a --checkpoint may lack (`fresh_ok`), the data it needs
 (labels, the label subset, a teacher) and whether the representation readouts are on by default.
 `TASKS` maps each --train_mode to its class; `task_class(config)` is the one lookup.
@@ -25,38 +25,12 @@ from tf_simclr.config import Config
 from tf_simclr.errors import DatasetError
 from tf_simclr.data import augment
 from tf_simclr.models import simclr
+from tf_simclr.models.simclr import SUPERVISED_HEAD
+from tf_simclr.optim.decay import weight_decay_variables
 
 log = logging.getLogger(__name__)
 
 Metrics = Dict[str, tf.Tensor]
-SUPERVISED_HEAD = 'supervised_head'
-
-
-def weight_decay_variables(model, optimizer_name: str) -> List[tf.Variable]:
-  """Variables whose L2 penalty is added to the loss, as the original's add_weight_decay.
-
-  With LARS the optimizer decays the encoder and projection head itself, so only the supervised
-  head's kernels (not biases) are penalised in the loss. With momentum/adam every trainable
-  variable except batch-norm parameters is.
-  """
-  groups = model.variable_groups()
-  trainable = {id(v) for v in model.trainable_variables}
-  if optimizer_name == 'lars':
-    biases = {id(v) for v in groups.bias}
-    return [v for v in groups.supervised_head if id(v) not in biases and id(v) in trainable]
-  excluded = {id(v) for v in groups.batch_norm}
-  return [v for v in model.trainable_variables if id(v) not in excluded]
-
-
-def lars_exclusions(model) -> List[tf.Variable]:
-  """Variables LARS neither decays nor adapts: batch norm, biases and the supervised head."""
-  groups = model.variable_groups()
-  seen, out = set(), []
-  for v in list(groups.batch_norm) + list(groups.bias) + list(groups.supervised_head):
-    if id(v) not in seen:
-      seen.add(id(v))
-      out.append(v)
-  return out
 
 
 SUPERVISED_METRICS = ['supervised_loss', 'supervised_acc']

@@ -2,7 +2,7 @@
 
 `prepare(config)` validates the flags against the run's record and the data, before model_dir is
 created or locked (a refused command leaves nothing behind); training then takes the lock. Its
-`Context` is what every mode of `experiment.run` works from.
+`Context` is what every mode of `run.modes.run` works from.
 """
 
 from __future__ import annotations

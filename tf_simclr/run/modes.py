@@ -1,31 +1,27 @@
-"""One run from a `Config`: data, model, optimizer, checkpoints, training; then evaluation and
-export (tf_simclr/evaluation/, export.py) for the modes that ask for them.
+"""One invocation from a `Config`: the dispatch of every --mode.
 
-This is what `run.py` calls after turning flags into a Config; notebooks can call `run()` too.
+train / train_then_eval train (tf_simclr/train/) and then evaluate and export; eval, probe, embed
+and export only read a model out (tf_simclr/evaluation/, export.py). The command line calls
+`run()` after turning flags into a Config; notebooks can call it too.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Callable, Dict, Optional
 
-import tensorflow as tf
 
 from tf_simclr import distribute
 from tf_simclr import run_dir
 from tf_simclr import precision as precision_lib
-from tf_simclr.config import Config, Steps
+from tf_simclr.config import Config
 from tf_simclr.errors import UserError
 from tf_simclr.data import datasets, pipeline
 from tf_simclr.evaluation import evaluate as evaluate_lib
 from tf_simclr.evaluation import probe, reading
 from tf_simclr.evaluation import readouts as readouts_lib
-from tf_simclr.models import simclr
-from tf_simclr.optim import lars, schedule
-from tf_simclr.train import loop, tasks
-from tf_simclr.train import prepare as prepare_lib
-from tf_simclr.weights import state as weights_state
+from tf_simclr.run import prepare as prepare_lib
+from tf_simclr.train import assemble, loop
 
 log = logging.getLogger(__name__)
 
@@ -33,99 +29,9 @@ log = logging.getLogger(__name__)
 Context, TRAINING_MODES, prepare = prepare_lib.Context, prepare_lib.TRAINING_MODES, prepare_lib.prepare
 
 
-def _build_model(config: Config, strategy, num_classes: int):
-  with strategy.scope():
-    model = simclr.build_model(config.model, num_classes)
-    model.build_for_size(config.data.image_size)
-  return model
-
-
 def build_model(ctx: Context):
   """Builds the model under the strategy's scope with all variables created."""
-  return _build_model(ctx.config, ctx.strategy, ctx.num_classes)
-
-
-@dataclasses.dataclass
-class Assembly:
-  """The objects of one training run, built by `assemble_trainer`."""
-  model: object
-  optimizer: object
-  state: weights_state.TrainState
-  task: tasks.Task
-  trainer: loop.Trainer
-
-
-def assemble_trainer(config: Config, strategy, steps: Steps, num_classes: int, model=None,
-                     teacher: Optional[Callable] = None, hooks=()) -> Assembly:
-  """Model, learning-rate schedule, optimizer (built), TrainState, task and Trainer: the one
-  assembly of a training run (`train` and benchmarks/throughput.py). Restores nothing.
-
-  `model`: an already built model to train (else one is built); `hooks`: the Trainer's
-  (every_steps, fn(step)) pairs.
-  """
-  if model is None:
-    model = _build_model(config, strategy, num_classes)
-  optim, train_config = config.optim, config.train
-  learning_rate = schedule.WarmupCosineSchedule(
-      base_learning_rate=optim.learning_rate, batch_size=train_config.train_batch_size,
-      scaling=optim.learning_rate_scaling, warmup_steps=steps.warmup_steps,
-      total_steps=steps.train_steps)
-  with strategy.scope():
-    optimizer = lars.build_optimizer(optim, learning_rate,
-                                     exclude_from_weight_decay=tasks.lars_exclusions(model))
-    optimizer = precision_lib.wrap_optimizer(optimizer, config.model.precision)
-    optimizer.build(model.trainable_variables)
-  model_dir = train_config.model_dir
-  save_dir = distribute.write_dir(model_dir, strategy)
-  state = weights_state.TrainState(model, optimizer, model_dir, train_config.keep_checkpoint_max,
-                                   save_dir=save_dir,
-                                   allow_optimizer_change=train_config.allow_flag_changes)
-  task = tasks.make_task(config, model, strategy, teacher=teacher)
-  trainer = loop.Trainer(task, optimizer, state, strategy, steps, train_config.train_batch_size,
-                         save_dir, learning_rate_fn=learning_rate,
-                         jit_compile=train_config.jit_compile, hooks=hooks)
-  return Assembly(model=model, optimizer=optimizer, state=state, task=task, trainer=trainer)
-
-
-def _set_supervised_head(model, values, what: str) -> None:
-  """Assigns `values` (one array per head variable, or None for zeros) to the supervised head."""
-  head_vars = model.supervised_head.trainable_variables
-  for i, v in enumerate(head_vars):
-    v.assign(tf.zeros_like(v) if values is None else values[i])
-  log.info('Supervised head (%d variables): %s.', len(head_vars), what)
-
-
-def initialize_weights(config: Config, model, state: weights_state.TrainState) -> str:
-  """Checkpoint precedence, then --logits_layer_init; returns how the weights were set.
-
-  `checkpoint` (default) is the original's behaviour: the head --checkpoint holds is kept when
-  its shape fits (else the head stays at its N(0, 0.01) init), and --zero_init_logits_layer does
-  nothing, as in the original, whose zeroing ran before the variables existed. `zeros` zeroes the
-  head after the restore; `random` puts back the head's own seeded initialisation. A resume
-  always continues from the saved head.
-  """
-  train_config = config.train
-  task_class = tasks.task_class(config)
-  head = model.supervised_head
-  initial = [v.numpy() for v in head.trainable_variables] if head is not None else None
-  # --checkpoint: ours, an export of ours, or weights written by google-research/simclr.
-  how = state.restore_or_initialize(train_config.checkpoint, fresh_ok=task_class.fresh_ok)
-  if how != 'resumed' and head is not None:
-    init = train_config.logits_layer_init
-    if init == 'zeros':
-      _set_supervised_head(model, None, 'zero-initialised after the restore '
-                           '(--logits_layer_init=zeros)')
-    elif init == 'random' and how == 'initialized':
-      _set_supervised_head(model, initial, 'fresh N(0, 0.01) initialisation')
-    elif how == 'initialized':
-      log.info('Supervised head: kept as --checkpoint set it (the checkpoint\'s head when its '
-               'shape fits, else fresh), as the original%s.',
-               '; --zero_init_logits_layer has no effect, as in the original (use '
-               '--logits_layer_init=zeros to zero it)' if train_config.zero_init_logits_layer
-               else '')
-  if how == 'scratch' and task_class.scratch_warning:
-    log.warning('%s', task_class.scratch_warning)
-  return how
+  return assemble.build_model(ctx.config, ctx.strategy, ctx.num_classes)
 
 
 def train(ctx: Context, teacher: Optional[Callable] = None):
@@ -137,11 +43,11 @@ def train(ctx: Context, teacher: Optional[Callable] = None):
   hooks = readouts_lib.knn_hook(ctx, model)
   if ctx.lock is not None:  # Renew the lock's lease at every loop boundary.
     hooks = hooks + [(1, lambda step: ctx.lock.refresh())]
-  built = assemble_trainer(config, ctx.strategy, ctx.steps, ctx.num_classes, model=model,
+  built = assemble.assemble_trainer(config, ctx.strategy, ctx.steps, ctx.num_classes, model=model,
                            teacher=teacher, hooks=hooks)
   task = built.task
   built.state.optimizer_changed = ctx.optimizer_changed
-  initialize_weights(config, model, built.state)
+  assemble.initialize_weights(config, model, built.state)
   # Every worker restored from its own --model_dir path: they must be at the same step.
   distribute.check_same_step(ctx.strategy, built.state.step, config.train.model_dir)
   if ctx.flags_dict is not None and distribute.is_chief(ctx.strategy):
