@@ -116,6 +116,7 @@ def test_finetune_flags_map_to_model_config(run_module):
     (['--resnet_depth=42'], 'resnet_depth'),
     (['--temperature=0'], 'temperature'),
     (['--model_dir='], 'model_dir'),
+    (['--cpu_devices=2', '--distribution_strategy=default'], 'cpu_devices'),
 ])
 def test_bad_flags_raise_config_error_naming_the_flag(run_module, argv, flag):
   argv = ['--model_dir=/tmp/x'] + argv

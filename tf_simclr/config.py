@@ -23,6 +23,7 @@ OPTIMIZERS = ('momentum', 'adam', 'lars')
 LR_SCALINGS = ('linear', 'sqrt')
 COLOR_JITTER_IMPLS = ('simclrv1', 'simclrv2')
 STRATEGIES = ('auto', 'tpu', 'mirrored', 'multi_worker', 'default')
+MAX_CPU_DEVICES = 64  # --cpu_devices: a testing aid; more logical devices only cost memory.
 PRECISIONS = ('float32', 'mixed_bfloat16', 'mixed_float16')
 # The model's endpoints (models/simclr.py), the names of the original's SavedModel outputs.
 ENDPOINTS = ('initial_conv', 'initial_max_pool', 'block_group1', 'block_group2', 'block_group3',
@@ -241,6 +242,9 @@ class DistributeConfig:
   allow_tpu: bool = True
   # --allow_local_paths_on_tpu: a single-host TPU VM may keep model_dir/data on its own disk.
   allow_local_paths_on_tpu: bool = False
+  # --cpu_devices: split the host CPU into this many logical devices (0: leave it whole), so
+  # `mirrored` (or `auto` without accelerators) runs that many replicas on a CPU-only machine.
+  cpu_devices: int = 0
 
   @property
   def tpu_requested(self) -> bool:
@@ -252,6 +256,13 @@ class DistributeConfig:
     _check_choice('distribution_strategy', self.strategy, STRATEGIES)
     _check(self.allow_tpu or self.strategy != 'tpu',
            '--use_tpu=False contradicts --distribution_strategy=tpu; drop one.')
+    _check(0 <= self.cpu_devices <= MAX_CPU_DEVICES,
+           f'--cpu_devices={self.cpu_devices} must lie in [0, {MAX_CPU_DEVICES}] (0: one CPU '
+           'device, the default).')
+    _check(self.cpu_devices <= 1 or self.strategy in ('auto', 'mirrored'),
+           f'--cpu_devices={self.cpu_devices} simulates replicas for MirroredStrategy only; use '
+           f'--distribution_strategy=mirrored (or auto) instead of {self.strategy!r}, or drop '
+           '--cpu_devices.')
 
 
 @dataclasses.dataclass(frozen=True)

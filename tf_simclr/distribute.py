@@ -119,9 +119,46 @@ def warn_if_gpu_unused() -> bool:
   return True
 
 
+def split_cpu(num_devices: int) -> list:
+  """Splits the host CPU into `num_devices` logical devices; returns their names.
+
+  A testing and teaching aid (`--cpu_devices`): MirroredStrategy over them runs every multi-
+  replica code path (per-replica batches, all-reduce, gathers, synchronized BN) on one CPU.
+  Logical devices are fixed once TensorFlow has initialised its devices (its first op), so call
+  this first; a process that already has at least `num_devices` CPU devices (e.g. a test
+  session) uses its first `num_devices`.
+  """
+  cpu = tf.config.list_physical_devices('CPU')[0]
+  try:
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(num_devices)])
+  except RuntimeError as e:  # Devices already initialised.
+    have = len(tf.config.list_logical_devices('CPU'))
+    if have < num_devices:
+      raise ConfigError(
+          f'--cpu_devices={num_devices}: TensorFlow already initialised {have} CPU device(s) '
+          'in this process. The split must happen before any other TensorFlow work: create the '
+          'strategy first (from Python: tf_simclr.distribute.split_cpu before any op).') from e
+  return [f'/cpu:{i}' for i in range(num_devices)]
+
+
+def _mirrored(config: DistributeConfig) -> tf.distribute.Strategy:
+  """MirroredStrategy over the local GPUs, else over `config.cpu_devices` logical CPUs."""
+  if config.cpu_devices > 1 and not tf.config.list_physical_devices('GPU'):
+    return tf.distribute.MirroredStrategy(split_cpu(config.cpu_devices))
+  if config.cpu_devices > 1:
+    logging.warning('--cpu_devices=%d is ignored: this machine has GPUs, and mirrored uses them.',
+                    config.cpu_devices)
+  return tf.distribute.MirroredStrategy()
+
+
 def make_strategy(config: DistributeConfig,
                   env: Optional[Mapping[str, str]] = None) -> tf.distribute.Strategy:
-  """Creates the strategy for `config.strategy` (`auto`, `tpu`, `mirrored`, ...) and logs it."""
+  """Creates the strategy for `config.strategy` (`auto`, `tpu`, `mirrored`, ...) and logs it.
+
+  With `config.cpu_devices` > 1 (and no GPU) `mirrored`, and `auto` when it finds no TPU and no
+  cluster, mirror over that many logical CPU devices (`split_cpu`).
+  """
   env = os.environ if env is None else env
   choice = config.strategy
   if choice == 'auto':
@@ -130,8 +167,8 @@ def make_strategy(config: DistributeConfig,
       strategy = _tpu_strategy(config, target)
     elif num_workers_from_tf_config(env) > 1:
       strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    elif tf.config.list_physical_devices('GPU'):
-      strategy = tf.distribute.MirroredStrategy()
+    elif tf.config.list_physical_devices('GPU') or config.cpu_devices > 1:
+      strategy = _mirrored(config)
     else:
       strategy = tf.distribute.get_strategy()
   elif choice == 'tpu':  # DistributeConfig refuses strategy=tpu with allow_tpu=False.
@@ -145,7 +182,7 @@ def make_strategy(config: DistributeConfig,
                       'running as a single worker.')
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
   elif choice == 'mirrored':
-    strategy = tf.distribute.MirroredStrategy()
+    strategy = _mirrored(config)
   elif choice == 'default':
     strategy = tf.distribute.get_strategy()
   else:  # DistributeConfig checks the choice.

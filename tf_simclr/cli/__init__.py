@@ -69,7 +69,7 @@ def config_from_flags(flag_values) -> 'Config':
   distribute = cfg.DistributeConfig(
       strategy=strategy, tpu_name=f.tpu_name, tpu_zone=f.tpu_zone, gcp_project=f.gcp_project,
       master=f.master, allow_tpu=f.use_tpu is not False,
-      allow_local_paths_on_tpu=f.allow_local_paths_on_tpu)
+      allow_local_paths_on_tpu=f.allow_local_paths_on_tpu, cpu_devices=f.cpu_devices)
   overrides = {name: getattr(f, f'teacher_{name}') for name in teacher_lib.ARCHITECTURE_FIELDS
                if getattr(f, f'teacher_{name}') is not None}
   if f.teacher_precision is not None:

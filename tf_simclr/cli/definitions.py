@@ -36,7 +36,7 @@ GROUPS = (
     ('export', 'SavedModel exports', (
         'keep_hub_module_max',)),
     ('distributed', 'Devices and strategies', (
-        'distribution_strategy',)),
+        'distribution_strategy', 'cpu_devices')),
     ('tpu', 'Cloud TPUs', (
         'use_tpu', 'tpu_name', 'tpu_zone', 'gcp_project', 'master', 'allow_local_paths_on_tpu')),
     ('distillation', 'Teacher and student', (
@@ -208,6 +208,12 @@ flags.DEFINE_integer('keep_hub_module_max', 1, 'Maximum number of Hub modules to
 flags.DEFINE_enum('distribution_strategy', 'auto', list(cfg.STRATEGIES),
                   'auto: TPU if configured or found, else MultiWorkerMirrored when TF_CONFIG '
                   'names several workers, else Mirrored over local GPUs, else the default (CPU).')
+flags.DEFINE_integer('cpu_devices', 0,
+                     'Testing and teaching aid: split the host CPU into this many logical '
+                     'devices, so --distribution_strategy=mirrored (or auto on a machine without '
+                     'GPUs/TPUs) runs that many replicas on a CPU. 0: one CPU device. Replicas '
+                     'share the same cores: no speed-up, but the multi-device code paths run '
+                     '(docs/multi_device.md).')
 
 # ---- tpu: Cloud TPUs. ----
 flags.DEFINE_bool('use_tpu', None,
