@@ -170,8 +170,11 @@ def test_xla_eval_step_matches_numpy(tmp_path):
   model, _ = _build(_config('finetune', tmp_path), strategy)
   rng = np.random.RandomState(3)
   images = rng.uniform(size=(10, SIZE, SIZE, 3)).astype(np.float32)
-  labels = np.eye(CLASSES, dtype=np.float32)[rng.randint(CLASSES, size=10)]
-  dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(5)
+  classes = rng.randint(CLASSES, size=10).astype(np.int32)
+  labels = np.eye(CLASSES, dtype=np.float32)[classes]
+  valid = np.ones([10], np.int32)  # pipeline.make_feature_dataset's (index, image, label, valid)
+  dataset = tf.data.Dataset.from_tensor_slices(
+      (np.arange(10, dtype=np.int32), images, classes, valid)).batch(5)
   results = [evaluate.Evaluator(model, strategy, [], 0.0, jit_compile=jit).evaluate(dataset, 10)
              for jit in (True, False)]
   logits = model(images, training=False)[simclr.LOGITS_SUP].numpy()

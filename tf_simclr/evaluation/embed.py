@@ -37,7 +37,7 @@ def compute(model, source, data_config, split: str, endpoint: str, batch_size: i
   """(features float32 (N, D), labels int64 (N,)) of every example of `split`, in split order."""
   dataset = pipeline.build_feature_dataset(source, data_config, split, batch_size, strategy)
   step = probe.feature_step(endpoint_fn(model, endpoint), strategy)
-  return probe.extract_features(step, dataset)
+  return probe.extract_features(step, dataset, pipeline.feature_indices(source, split))
 
 
 def write(directory: str, features: np.ndarray, labels=None, paths=None) -> None:

@@ -173,8 +173,9 @@ def _validate_data(config: Config, strategy, task_class):
   num_eval = source.num_examples(data.eval_split) if source.labelled else 0
   steps = resolve_steps(train, config.optim, num_train, num_eval)
   replicas = strategy.num_replicas_in_sync
-  for flag, batch in (('train_batch_size', train.train_batch_size),
-                      ('eval_batch_size', train.eval_batch_size)):
+  # Only training splits --train_batch_size over the replicas; every mode here reads eval batches.
+  batches = (('train_batch_size', train.train_batch_size),) if needs_train else ()
+  for flag, batch in batches + (('eval_batch_size', train.eval_batch_size),):
     config_lib.check_global_batch(flag, batch, replicas)
   if needs_train and num_train < train.train_batch_size:
     raise datasets.DatasetError(
