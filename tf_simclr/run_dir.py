@@ -266,6 +266,16 @@ class RunLock:
     self.release()
 
 
+def lock_token(model_dir: str) -> Optional[str]:
+  """The unique id (token) of the run holding model_dir/LOCK, or None without a lock file.
+
+  A multi-worker run's workers read it to prove they all see the chief's model_dir (one shared
+  folder, not a folder per machine).
+  """
+  holder = _read_holder(os.path.join(model_dir, LOCK_FILE))
+  return holder.token if holder is not None else None
+
+
 def flags_path(model_dir: str) -> str:
   return os.path.join(model_dir, FLAGS_FILE)
 
