@@ -194,15 +194,16 @@ class DatasetSource:
       images = np.concatenate([p[0][a:b] for p, (_, a, b) in zip(parts, ranges)])
       labels = np.concatenate([p[1][a:b] for p, (_, a, b) in zip(parts, ranges)])
       return tf.data.Dataset.from_tensor_slices((images, labels))
-    # Folder: ImageFolder reads whole splits in a fixed order; slices are cut here.
+    # Folder: ImageFolder's file list (its order and labels), cut to the slice before anything
+    # is read, so that a host decodes only its own share of the files; decoded as ImageFolder.
     whole = len(ranges) == 1 and ranges[0][1:] == (0, self.split_sizes[ranges[0][0]])
-    ds = None
-    for name, start, stop in ranges:
-      part = self.builder.as_dataset(split=name, shuffle_files=shuffle_files and whole,
-                                     as_supervised=True)
-      part = part.skip(start).take(stop - start)
-      ds = part if ds is None else ds.concatenate(part)
-    return ds
+    ds = tf.data.Dataset.from_tensor_slices((tf.constant(self.paths(split), tf.string),
+                                             tf.constant(self.labels(split), tf.int64)))
+    if shuffle_files and whole:
+      ds = ds.shuffle(len(ds))  # As ImageFolder: TF's global seed.
+    feature = self.builder.info.features['image']
+    return ds.map(lambda path, label: (feature.decode_example(tf.io.read_file(path)), label),
+                  num_parallel_calls=tf.data.AUTOTUNE)
 
   def decode_image(self, image: tf.Tensor) -> tf.Tensor:
     """Decodes an image read with as_dataset(decode=False) (identity unless TFDS/images:)."""
