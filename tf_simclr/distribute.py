@@ -299,6 +299,76 @@ def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
   return float(strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(place), axis=None)) > 0
 
 
+class WorkerLostError(RuntimeError):
+  """Another worker of this multi-worker run died or stopped: this one stops too (exit 1)."""
+
+
+# What TensorFlow raises in a collective (or a coordination-service call) once a peer is gone:
+# its heartbeat stopped (killed, crashed, interrupted) or its address refuses connections.
+PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.AbortedError,
+                  tf.errors.DeadlineExceededError, tf.errors.CancelledError)
+
+
+def peer_failure(error: BaseException, env: Optional[Mapping[str, str]] = None,
+                 doing: str = '') -> Optional[WorkerLostError]:
+  """A WorkerLostError explaining `error` when it is TensorFlow's report of a lost peer in a
+  multi-worker run (TF_CONFIG lists several workers); None for anything else.
+
+  TensorFlow's coordination service (which MultiWorkerMirroredStrategy starts) notices a worker
+  whose heartbeats stop (kill -9, a crash, a SIGTERM's default exit) within its heartbeat
+  timeout and aborts every collective in flight or to come with UnavailableError: this turns that
+  traceback into a message saying what to do.
+  """
+  if not isinstance(error, PEER_FAILURES):
+    return None
+  if num_workers_from_tf_config(os.environ if env is None else env) < 2:
+    return None
+  detail = ' '.join(str(error).split())
+  return WorkerLostError(
+      'Another worker of this multi-worker run stopped (killed, crashed or interrupted)'
+      + (f' {doing}' if doing else '') + ': stopping this worker too. Restart every worker '
+      'with the same command: training resumes from the newest checkpoint in --model_dir. '
+      f'(TensorFlow: {type(error).__name__}: {detail[:300]})')
+
+
+class ChiefExchange:
+  """Values the chief publishes and the other workers wait for (TensorFlow's coordination
+  service key-value store, which MultiWorkerMirroredStrategy starts on the chief).
+
+  A wait is bounded (`timeout_s`) and ends early with an error when the chief dies: the
+  coordination service is the chief's. Single-process runs: this process is the chief and
+  publishing does nothing.
+  """
+
+  PREFIX = 'tf_simclr/'
+
+  def __init__(self, strategy: tf.distribute.Strategy):
+    self.chief = is_chief(strategy)
+    self.multi_worker = is_multi_worker(strategy) and strategy.num_replicas_in_sync > 1
+
+  def publish(self, key: str, value: str) -> None:
+    if self.multi_worker and self.chief:
+      from tensorflow.python.eager import context  # pylint: disable=g-import-not-at-top
+      context.context().set_config_key_value(self.PREFIX + key, value)
+
+  def wait(self, key: str, timeout_s: float, what: str) -> str:
+    """The chief's value of `key` (non-chief workers only); a UserError after `timeout_s` or
+    when the chief is gone, naming `what` was waited for."""
+    from tensorflow.python.eager import context  # pylint: disable=g-import-not-at-top
+    try:
+      return context.context().get_config_key_value(self.PREFIX + key,
+                                                     max(1, int(timeout_s * 1000)))
+    except tf.errors.DeadlineExceededError:
+      raise AnotherWorkerFailedError(
+          f'Waited {timeout_s:g} s for the chief of this multi-worker run ({what}); stopping '
+          'this worker. Check the chief\'s log.') from None
+    except tf.errors.OpError as e:
+      raise AnotherWorkerFailedError(
+          f'The chief of this multi-worker run stopped while this worker waited for it ({what}; '
+          f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}). '
+          'Its log says why.') from None
+
+
 # model_dir -> this non-chief process's temporary folder (removed by remove_worker_dirs).
 _WORKER_DIRS: Dict[str, str] = {}
 

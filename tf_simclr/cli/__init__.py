@@ -162,6 +162,10 @@ def main(argv):
   except modes.USER_ERRORS as e:
     logging.error('%s', e)
     sys.exit(2)
+  except modes.WORKER_LOST as e:
+    _ignore_signals()
+    logging.error('%s', e)
+    sys.exit(1)
 
 
 def run() -> None:

@@ -64,6 +64,7 @@ def train(ctx: Context, teacher: Optional[Callable] = None):
 
 PREEMPTED = loop.TrainingPreemptedError
 INTERRUPTED = loop.TrainingInterruptedError  # SIGINT after saving: exit status 130
+WORKER_LOST = distribute.WorkerLostError  # another worker of the run died: exit status 1
 # Errors a user can cause (flags, files, data, a diverged run): exit 2 with the message alone.
 # Anything else, e.g. a TensorFlow tracing error, keeps its traceback.
 USER_ERRORS = (UserError,)
@@ -98,9 +99,14 @@ def run(config: Config, flags_dict: Optional[Dict] = None,
   `export_fn(model, step)` is called after each evaluation and at the end of training (default
   `export_hook(config)`; `no_export` skips it).
   """
-  ctx = prepare(config, flags_dict)
+  try:
+    ctx = prepare(config, flags_dict)
+  except distribute.PEER_FAILURES as e:
+    raise distribute.peer_failure(e, doing='at start-up') or e
   try:
     return _run_mode(ctx, export_fn or export_hook(config))
+  except distribute.PEER_FAILURES as e:
+    raise distribute.peer_failure(e) or e
   finally:
     distribute.remove_worker_dirs()  # A non-chief's throw-away checkpoints and summaries.
     if ctx.lock is not None:

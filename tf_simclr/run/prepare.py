@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 from typing import Dict, Optional
 
 import keras
@@ -20,7 +21,7 @@ from tf_simclr import distribute
 from tf_simclr import memory
 from tf_simclr import run_dir
 from tf_simclr.config import Config, Steps, resolve_steps
-from tf_simclr.data import datasets
+from tf_simclr.data import datasets, tfds_prepare
 from tf_simclr.evaluation import probe, reading
 from tf_simclr.train import tasks
 from tf_simclr.weights import source as weights_source
@@ -131,6 +132,8 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
         f'The chief of this multi-worker run could not start training in '
         f'--model_dir={train.model_dir} (for example, another run holds its lock); its log '
         'says why. Stopping this worker too.')
+  if failure is None and needs_train:
+    failure = _check_shared_model_dir(strategy, train.model_dir, lock)
   if failure is not None:
     if lock is not None:
       lock.release()
@@ -139,6 +142,42 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
                  num_classes=num_classes, label_subset=label_subset, lock=lock,
                  flags_dict=flags_dict, optimizer_changed=optimizer_changed,
                  task_class=task_class)
+
+
+# How long a worker waits for the chief's model_dir lock token (the chief has passed the same
+# checks by then: only the lock file's write is left).
+TOKEN_WAIT_S = 300.0
+
+
+def _check_shared_model_dir(strategy, model_dir: str,
+                            lock: Optional[run_dir.RunLock]) -> Optional[Exception]:
+  """The error to stop with (on every worker) unless every worker of a multi-worker run sees
+  the chief's lock token in its --model_dir; None when they all do or the run has one worker.
+
+  Without this, a folder per machine only shows at the first resume (hours in), when the
+  workers restore different steps.
+  """
+  exchange = distribute.ChiefExchange(strategy)
+  if not exchange.multi_worker:
+    return None
+  failure = None
+  if exchange.chief:
+    exchange.publish('run_token', lock.me.token)
+  else:
+    token = exchange.wait('run_token', TOKEN_WAIT_S, 'the id of its run in --model_dir')
+    if run_dir.lock_token(model_dir) != token:
+      failure = run_dir.ModelDirError(
+          f'This worker (host {socket.gethostname()}) does not see the chief\'s run in '
+          f'--model_dir={model_dir} (no lock file with the chief\'s id there): every worker of a '
+          'multi-worker run must use one shared --model_dir (gs:// or a shared filesystem '
+          'mounted on every machine), not a folder per machine. Pass the same shared path to '
+          'every worker.')
+  if distribute.any_worker(strategy, failure is not None) and failure is None:
+    failure = distribute.AnotherWorkerFailedError(
+        f'Another worker of this multi-worker run does not see --model_dir={model_dir} (a '
+        'folder per machine?); its log names its host. Every worker must use one shared '
+        '--model_dir (gs:// or a shared filesystem). Stopping this worker too.')
+  return failure
 
 
 def _unlabelled_config(config: Config, task_class) -> Config:
@@ -157,7 +196,9 @@ def _validate_data(config: Config, strategy, task_class):
   """(config, source, steps, label subset): resolves and checks the data; writes nothing."""
   train, data = config.train, config.data
   needs_train = train.mode in TRAINING_MODES
-  source = datasets.resolve_from_config(data, eval_split=train.mode != 'embed')
+  source = datasets.resolve_from_config(  # Multi-worker: the chief alone prepares TFDS data.
+      data, eval_split=train.mode != 'embed',
+      prepare_tfds=tfds_prepare.chief_prepares(distribute.ChiefExchange(strategy)))
   if train.mode == 'embed':
     source.validate_split(train.embed_split or data.train_split,
                           '--embed_split' if train.embed_split else '--train_split')
