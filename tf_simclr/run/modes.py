@@ -34,6 +34,13 @@ def build_model(ctx: Context):
   return assemble.build_model(ctx.config, ctx.strategy, ctx.num_classes)
 
 
+def _loaded_model(ctx: Context):
+  """The model with the weights a reading mode reads (reading.weights_path), strictly restored."""
+  model = build_model(ctx)
+  reading.load_weights(ctx.config, model)
+  return model
+
+
 def train(ctx: Context, teacher: Optional[Callable] = None):
   """Trains to the last step; returns (model, final step, metrics of the last loop)."""
   config = ctx.config
@@ -121,9 +128,19 @@ def _run_mode(ctx: Context, export_fn: Callable) -> Optional[Dict[str, float]]:
     return None
   if mode == 'embed':
     from tf_simclr.evaluation import embed  # pylint: disable=g-import-not-at-top
-    model = build_model(ctx)
-    reading.load_weights(ctx.config, model)
-    embed.embed_split(ctx, model)
+    embed.embed_split(ctx, _loaded_model(ctx))
+    return None
+  if mode == 'neighbors':
+    from tf_simclr.evaluation import neighbors  # pylint: disable=g-import-not-at-top
+    neighbors.run(ctx, _loaded_model(ctx))
+    return None
+  if mode == 'duplicates':
+    from tf_simclr.evaluation import duplicates  # pylint: disable=g-import-not-at-top
+    duplicates.run(ctx, lambda: _loaded_model(ctx))
+    return None
+  if mode == 'preview_augment':
+    from tf_simclr.evaluation import preview  # pylint: disable=g-import-not-at-top
+    preview.run(ctx)
     return None
   teacher = load_teacher(ctx) if ctx.task_class.needs_teacher else None
   model, result = train(ctx, teacher=teacher)
