@@ -173,7 +173,7 @@ def test_top_k_matches_numpy_across_chunks():
 def test_duplicates_finds_the_planted_copies_and_nothing_else(trained):
   folder, features, paths = trained['folder'], trained['features'], trained['paths']
   # A two-step model is nearly its random init: ReLU features of all images point alike
-  # (distinct pairs 0.97 median, 0.9991 max), the copies at >= 0.99985; the premise is checked below.
+  # (distinct pairs: median 0.97, max 0.9991), the copies >= 0.99985; the premise is checked below.
   threshold = 0.9995
   run(['--mode=duplicates', f'--model_dir={trained["model_dir"]}',
        f'--duplicate_threshold={threshold}'])

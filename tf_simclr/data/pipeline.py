@@ -122,6 +122,12 @@ def _indexed_source(source, split, label_subset, with_label_mask, input_context)
   return ds.map(decode, num_parallel_calls=AUTOTUNE)
 
 
+def eval_view_fn(data_config):
+  """image (uint8, any size and channel count) -> its eval view (S, S, 3) float32 in [0, 1]."""
+  preprocess = _preprocess_fn(data_config, is_training=False, color_jitter_strength=0.0)
+  return lambda image: preprocess(to_rgb(image))
+
+
 def train_views_fn(data_config, num_views: int):
   """image -> its `num_views` independently augmented training views concatenated on channels
   (S, S, 3 * num_views), as each training example gets them before batching. num_views=1

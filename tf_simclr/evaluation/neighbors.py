@@ -77,12 +77,11 @@ def query_paths(query: str) -> List[str]:
 
 def query_views(paths, data_config) -> np.ndarray:
   """float32 (Q, S, S, 3): each query image's eval view (as --mode=embed preprocesses)."""
-  preprocess = pipeline._preprocess_fn(data_config, is_training=False,  # pylint: disable=protected-access
-                                       color_jitter_strength=0.0)
+  view_fn = pipeline.eval_view_fn(data_config)
   views = []
   for path in paths:
     image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    views.append(preprocess(image).numpy())
+    views.append(view_fn(image).numpy())
   return np.stack(views)
 
 
