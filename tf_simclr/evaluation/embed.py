@@ -70,7 +70,8 @@ def embed_split(ctx, model) -> str:
     paths = ctx.source.paths(split)
     write(directory, features, labels, paths)
     projector.write_for_split(directory, features, ctx.source, config.data, split, labels=labels,
-                              paths=paths, batch_size=config.train.eval_batch_size)
+                              paths=paths, batch_size=config.train.eval_batch_size,
+                              root=config.train.model_dir)
   log.info('Embedded %d images of %s (%s, %d features each) into %s', len(features), split,
            endpoint, features.shape[1], directory)
   print(f'Wrote {len(features)} rows of {endpoint} to {directory}')

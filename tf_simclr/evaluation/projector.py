@@ -5,7 +5,11 @@ Beside features.npy, model_dir/embeddings/<split>/ receives the rows as a Tensor
 (projector-1.* and its `checkpoint` index), metadata.tsv (row, file path, label where known),
 sprite.png (one thumbnail per row: the eval view the model embedded) and projector_config.pbtxt
 written by `tensorboard.plugins.projector.visualize_embeddings`, plus one small event file so
-that TensorBoard lists the folder as a run (the plugin only looks in runs).
+that TensorBoard lists the folder as a run (the plugin only looks in runs). model_dir itself gets
+a projector_config.pbtxt naming that checkpoint (by absolute path: TensorBoard reads it as
+given), so the run TensorBoard opens first (".", model_dir) shows the embedding too instead of
+every 2-D variable of the training checkpoint (optimizer slots, kernels). The last split
+embedded wins there; each split's own run keeps its own.
 
 Large splits are sampled: at most `MAX_POINTS` rows, evenly spaced over the split (the cap is
 logged). TensorBoard's sprite may be at most 8192 x 8192 px; 10 000 thumbnails of 64 px make a
@@ -69,9 +73,24 @@ def metadata_lines(rows: Sequence[int], paths: Optional[Sequence[str]], labels,
   return lines
 
 
+def _config(px: int, folder: str = '', checkpoint: str = ''):
+  """The projector config of our embedding; `folder`: where its files are, relative to the
+  config's own folder (TensorBoard refuses paths outside it)."""
+  config = tb_projector.ProjectorConfig()
+  if checkpoint:
+    config.model_checkpoint_path = checkpoint  # TensorBoard reads it as given: absolute
+  embedding = config.embeddings.add()
+  embedding.tensor_name = TENSOR_NAME
+  embedding.metadata_path = os.path.join(folder, run_dir.PROJECTOR_METADATA_FILE)
+  embedding.sprite.image_path = os.path.join(folder, run_dir.PROJECTOR_SPRITE_FILE)
+  embedding.sprite.single_image_dim.extend([px, px])
+  return config
+
+
 def write(directory: str, features: np.ndarray, thumbnails: np.ndarray, rows: np.ndarray,
-          paths=None, labels=None, class_names=None) -> str:
-  """Writes the projector files for rows `rows` of `features` into `directory`.
+          paths=None, labels=None, class_names=None, root: Optional[str] = None) -> str:
+  """Writes the projector files for rows `rows` of `features` into `directory`, and when `root`
+  (model_dir) is given, a projector config there too (see the module docstring).
 
   thumbnails: uint8 (len(rows), H, W, 3), the images of those rows. Returns the config's path.
   """
@@ -81,15 +100,13 @@ def write(directory: str, features: np.ndarray, thumbnails: np.ndarray, rows: np
   pictures.save_png(pictures.sprite(thumbnails, px),
                     os.path.join(directory, run_dir.PROJECTOR_SPRITE_FILE))
   checkpoint = tf.train.Checkpoint(**{EMBEDDING_NAME: tf.Variable(features[rows])})
-  tf.train.CheckpointManager(checkpoint, directory, max_to_keep=1,
-                             checkpoint_name=run_dir.PROJECTOR_CHECKPOINT_NAME).save()
-  config = tb_projector.ProjectorConfig()
-  embedding = config.embeddings.add()
-  embedding.tensor_name = TENSOR_NAME
-  embedding.metadata_path = run_dir.PROJECTOR_METADATA_FILE  # relative to the config's folder
-  embedding.sprite.image_path = run_dir.PROJECTOR_SPRITE_FILE
-  embedding.sprite.single_image_dim.extend([px, px])
-  tb_projector.visualize_embeddings(directory, config)
+  prefix = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=1,
+                                      checkpoint_name=run_dir.PROJECTOR_CHECKPOINT_NAME).save()
+  tb_projector.visualize_embeddings(directory, _config(px))  # finds the checkpoint beside it
+  if root is not None:  # The root run ("."): this checkpoint, not the training run's variables.
+    rel = os.path.relpath(directory, root)
+    tb_projector.visualize_embeddings(root, _config(
+        px, folder=rel, checkpoint=prefix if '://' in prefix else os.path.abspath(prefix)))
   writer = tf.summary.create_file_writer(directory)  # Makes the folder a TensorBoard run.
   with writer.as_default():
     tf.summary.text('projector', f'{len(rows)} of {len(features)} rows: see the Projector tab.',
@@ -99,7 +116,8 @@ def write(directory: str, features: np.ndarray, thumbnails: np.ndarray, rows: np
 
 
 def write_for_split(directory: str, features: np.ndarray, source, data_config, split: str,
-                    labels=None, paths=None, batch_size: int = 64) -> str:
+                    labels=None, paths=None, batch_size: int = 64,
+                    root: Optional[str] = None) -> str:
   """The projector files of an embedded split (its eval views as thumbnails); logs the cap."""
   rows = sample_rows(len(features))
   if len(rows) < len(features):
@@ -109,7 +127,7 @@ def write_for_split(directory: str, features: np.ndarray, source, data_config, s
                 thumbnail_px(len(rows)), SPRITE_MAX_PX)
   thumbnails = pictures.eval_views(source, data_config, split, rows, batch_size)
   path = write(directory, features, thumbnails, rows, paths=paths, labels=labels,
-               class_names=source.class_names)
+               class_names=source.class_names, root=root)
   log.info('Projector files for %d rows in %s: tensorboard --logdir <model_dir>, Projector tab.',
            len(rows), directory)
   return path
