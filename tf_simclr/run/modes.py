@@ -1,7 +1,8 @@
 """One invocation from a `Config`: the dispatch of every --mode.
 
-train / train_then_eval train (tf_simclr/train/) and then evaluate and export; eval, probe, embed
-and export only read a model out (tf_simclr/evaluation/, export.py). The command line calls
+train / train_then_eval train (tf_simclr/train/) and then evaluate and export; eval, probe, embed,
+neighbors, duplicates, preview_augment and export only read a model (or its data) out
+(tf_simclr/evaluation/, export.py). The command line calls
 `run()` after turning flags into a Config; notebooks can call it too.
 """
 
