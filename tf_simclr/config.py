@@ -16,9 +16,14 @@ from tf_simclr.errors import ConfigError, DatasetError
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 PROJ_HEAD_MODES = ('none', 'linear', 'nonlinear')
 TRAIN_MODES = ('pretrain', 'finetune', 'distill')
-MODES = ('train', 'eval', 'train_then_eval', 'export', 'probe', 'embed')
+# Inspecting a run (evaluation/): nearest neighbours of query images, near-duplicate groups,
+# the pretraining augmentation's views; all write pictures into model_dir.
+INSPECT_MODES = ('neighbors', 'duplicates', 'preview_augment')
+MODES = ('train', 'eval', 'train_then_eval', 'export', 'probe', 'embed') + INSPECT_MODES
 # Modes that read a run (its record and checkpoints) and never train.
-READING_MODES = ('eval', 'export', 'probe', 'embed')
+READING_MODES = ('eval', 'export', 'probe', 'embed') + INSPECT_MODES
+# Modes that read (or compute) the embeddings of --embed_split.
+EMBEDDING_MODES = ('embed', 'neighbors', 'duplicates')
 OPTIMIZERS = ('momentum', 'adam', 'lars')
 LR_SCALINGS = ('linear', 'sqrt')
 COLOR_JITTER_IMPLS = ('simclrv1', 'simclrv2')
@@ -299,6 +304,14 @@ class TrainConfig:
   # --mode=embed: the split (None: --train_split) and the endpoint written to features.npy.
   embed_split: Optional[str] = None
   embed_endpoint: str = 'final_avg_pool'
+  # --mode=neighbors: the query image or folder, and how many neighbours each.
+  query: Optional[str] = None
+  num_neighbors: int = 8
+  # --mode=duplicates: images whose embeddings have cosine similarity >= this are linked.
+  duplicate_threshold: float = 0.95
+  # --mode=preview_augment: how many training images, and pairs of views of each.
+  num_preview_images: int = 6
+  num_preview_pairs: int = 3
   # Resume although flags the checkpoints depend on changed (config_record.check_resume_flags).
   allow_flag_changes: bool = False
   # The model_dir LOCK's lease (run_dir.py): renewed every loop and every lease/4 seconds.
@@ -324,6 +337,16 @@ class TrainConfig:
            f'--keep_checkpoint_max={self.keep_checkpoint_max} must be >= 1.')
     _check(self.temperature > 0, f'--temperature={self.temperature} must be > 0.')
     _check_choice('embed_endpoint', self.embed_endpoint, ENDPOINTS)
+    _check(self.mode != 'neighbors' or bool(self.query),
+           '--mode=neighbors needs --query: an image file or a folder of images.')
+    _check(self.num_neighbors >= 1, f'--num_neighbors={self.num_neighbors} must be >= 1.')
+    _check(0.0 < self.duplicate_threshold <= 1.0,
+           f'--duplicate_threshold={self.duplicate_threshold} must be in (0, 1] (a cosine '
+           'similarity; 0.95-0.99 finds re-encoded, resized and flipped copies).')
+    _check(self.num_preview_images >= 1,
+           f'--num_preview_images={self.num_preview_images} must be >= 1.')
+    _check(self.num_preview_pairs >= 1,
+           f'--num_preview_pairs={self.num_preview_pairs} must be >= 1.')
     _check(self.eval_timeout >= 0,
            f'--eval_timeout={self.eval_timeout} must be >= 0 (seconds; 0 waits forever).')
     _check(self.lock_lease_s >= 1, f'--lock_lease_s={self.lock_lease_s} must be >= 1 (seconds).')

@@ -26,6 +26,8 @@ RECORD_MUST_AGREE = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio',
 RECORD_FILLS = ('train_mode', 'lineareval_while_pretraining', 'image_size', 'batch_norm_decay',
                 'global_bn', 'precision', 'dataset', 'data_dir', 'train_split', 'eval_split',
                 'skip_bad_images', 'color_jitter_impl')
+# --mode=preview_augment also shows the run's augmentation unless flags change it.
+RECORD_FILLS_PREVIEW = ('color_jitter_strength', 'use_blur')
 
 
 def recorded_value(name: str, value):
@@ -71,7 +73,8 @@ def read_record(model_dir: Optional[str], checkpoint: Optional[str] = None
   return describe_flags(weights.describe(checkpoint)), f'the variables of {checkpoint}'
 
 
-def fill_from_record(record: Dict, values: Dict, given, where: str) -> Dict:
+def fill_from_record(record: Dict, values: Dict, given, where: str,
+                     names=RECORD_MUST_AGREE + RECORD_FILLS) -> Dict:
   """The flag values to use: `values` with every record flag not in `given` taken from `record`.
 
   `values`: current values of the flags (defaults included); `given`: names set explicitly on
@@ -80,7 +83,7 @@ def fill_from_record(record: Dict, values: Dict, given, where: str) -> Dict:
   """
   out = dict(values)
   wrong = []
-  for name in RECORD_MUST_AGREE + RECORD_FILLS:
+  for name in names:
     if name not in record or record[name] is None:
       continue
     if name not in given:

@@ -442,3 +442,18 @@ def embeddings_dir(model_dir: str, split: str) -> str:
   return os.path.join(model_dir, EMBEDDINGS_DIR, split.replace('/', '_'))
 
 
+# Beside them, what --mode=embed writes for TensorBoard's projector (`tensorboard --logdir
+# MODEL_DIR`, Projector tab) and what --mode=neighbors / --mode=duplicates write.
+PROJECTOR_CHECKPOINT_NAME = 'projector'  # projector-1.{index,data-*} + `checkpoint`
+PROJECTOR_METADATA_FILE = 'metadata.tsv'
+PROJECTOR_SPRITE_FILE = 'sprite.png'
+NEIGHBORS_CSV = 'neighbors.csv'
+NEIGHBORS_PNG = 'neighbors.png'
+DUPLICATES_CSV = 'duplicates.csv'
+DUPLICATES_PNG = 'duplicates.png'
+# --mode=preview_augment: model_dir/augment_preview.png.
+AUGMENT_PREVIEW_FILE = 'augment_preview.png'
+
+
+def augment_preview_path(model_dir: str) -> str:
+  return os.path.join(model_dir, AUGMENT_PREVIEW_FILE)

@@ -63,7 +63,9 @@ def config_from_flags(flag_values) -> 'Config':
       zero_init_logits_layer=f.zero_init_logits_layer,
       logits_layer_init=f.logits_layer_init, eval_name=f.eval_name, seed=f.seed,
       eval_timeout=f.eval_timeout, jit_compile=f.jit_compile, embed_split=f.embed_split,
-      embed_endpoint=f.embed_endpoint, allow_flag_changes=f.allow_flag_changes,
+      embed_endpoint=f.embed_endpoint, query=f.query, num_neighbors=f.num_neighbors,
+      duplicate_threshold=f.duplicate_threshold, num_preview_images=f.num_preview_images,
+      num_preview_pairs=f.num_preview_pairs, allow_flag_changes=f.allow_flag_changes,
       lock_lease_s=f.lock_lease_s)
   strategy = 'tpu' if f.use_tpu is True else f.distribution_strategy
   distribute = cfg.DistributeConfig(
@@ -98,10 +100,11 @@ def fill_flags_from_record(flag_values) -> None:
   record, where = config_record.read_record(f.model_dir, f.checkpoint)
   if record is None:
     return
-  names = config_record.RECORD_MUST_AGREE + config_record.RECORD_FILLS
+  names = config_record.RECORD_MUST_AGREE + config_record.RECORD_FILLS + (
+      config_record.RECORD_FILLS_PREVIEW if f.mode == 'preview_augment' else ())
   given = {name for name in names if f[name].present}
   values = config_record.fill_from_record(record, {name: f[name].value for name in names}, given,
-                                          where)
+                                          where, names)
   filled = sorted(name for name in names if name not in given and values[name] != f[name].value)
   for name in filled:
     f[name].value = values[name]

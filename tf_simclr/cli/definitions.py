@@ -32,7 +32,8 @@ GROUPS = (
     ('evaluation', 'Eval, kNN monitor, linear probe, embeddings', (
         'eval_steps', 'eval_batch_size', 'eval_name', 'eval_timeout', 'knn_monitor', 'knn_k',
         'knn_temperature', 'knn_every_epochs', 'knn_max_bank_size', 'linear_probe',
-        'random_init_baseline', 'embed_split', 'embed_endpoint')),
+        'random_init_baseline', 'embed_split', 'embed_endpoint', 'query', 'num_neighbors',
+        'duplicate_threshold', 'num_preview_images', 'num_preview_pairs')),
     ('export', 'SavedModel exports', (
         'keep_hub_module_max',)),
     ('distributed', 'Devices and strategies', (
@@ -52,9 +53,12 @@ flags.DEFINE_enum('mode', 'train', list(cfg.MODES),
                   'train_then_eval, export (SavedModel of the latest checkpoint, else of '
                   '--checkpoint), probe (kNN and linear probe on frozen features of --checkpoint, '
                   'else of the newest checkpoint in model_dir, else of the random-init encoder), '
-                  'or embed (features of every image of --embed_split to '
-                  'model_dir/embeddings/<split>/). eval, export, probe and embed read the '
-                  'architecture and data flags not given from the run\'s flags.json.')
+                  'embed (features of every image of --embed_split to '
+                  'model_dir/embeddings/<split>/, with TensorBoard projector files), neighbors '
+                  '(nearest images to --query), duplicates (groups of near-duplicate images) or '
+                  'preview_augment (model_dir/augment_preview.png: pretraining views). All but '
+                  'train and train_then_eval read the architecture and data flags not given from '
+                  'the run\'s flags.json.')
 flags.DEFINE_enum('train_mode', 'pretrain', list(cfg.TRAIN_MODES),
                   'The objective and trainable components: pretrain (contrastive), finetune '
                   '(supervised), distill (student learns a teacher).')
@@ -200,6 +204,17 @@ flags.DEFINE_string('embed_split', None,
 flags.DEFINE_string('embed_endpoint', 'final_avg_pool',
                     '--mode=embed: the model endpoint written to features.npy, e.g. '
                     'proj_head_output or block_group4 (flattened).')
+flags.DEFINE_string('query', None,
+                    '--mode=neighbors: an image file or a folder of images whose nearest images '
+                    'of --embed_split are written to neighbors.csv and neighbors.png.')
+flags.DEFINE_integer('num_neighbors', 8, '--mode=neighbors: neighbours per query image.')
+flags.DEFINE_float('duplicate_threshold', 0.95,
+                   '--mode=duplicates: images whose embeddings have a cosine similarity of at '
+                   'least this (in (0, 1]) are near-duplicates; groups are connected components.')
+flags.DEFINE_integer('num_preview_images', 6,
+                     '--mode=preview_augment: training images shown (the first of the split).')
+flags.DEFINE_integer('num_preview_pairs', 3,
+                     '--mode=preview_augment: pairs of training views shown per image.')
 
 # ---- export: SavedModel exports. ----
 flags.DEFINE_integer('keep_hub_module_max', 1, 'Maximum number of Hub modules to keep.')

@@ -122,6 +122,26 @@ def _indexed_source(source, split, label_subset, with_label_mask, input_context)
   return ds.map(decode, num_parallel_calls=AUTOTUNE)
 
 
+def eval_view_fn(data_config):
+  """image (uint8, any size and channel count) -> its eval view (S, S, 3) float32 in [0, 1]."""
+  preprocess = _preprocess_fn(data_config, is_training=False, color_jitter_strength=0.0)
+  return lambda image: preprocess(to_rgb(image))
+
+
+def train_views_fn(data_config, num_views: int):
+  """image -> its `num_views` independently augmented training views concatenated on channels
+  (S, S, 3 * num_views), as each training example gets them before batching. num_views=1
+  (fine-tuning, distillation) only crops and flips, as the original."""
+  strength = data_config.color_jitter_strength if num_views > 1 else 0.0
+  preprocess = _preprocess_fn(data_config, is_training=True, color_jitter_strength=strength)
+
+  def fn(image):
+    image = to_rgb(image)
+    views = [preprocess(image) for _ in range(num_views)]
+    return tf.concat(views, axis=-1) if num_views > 1 else views[0]
+  return fn
+
+
 def make_train_dataset(source: DatasetSource, data_config, batch_size: int, num_views: int,
                        label_subset=None, with_label_mask: bool = False,
                        seed: Optional[int] = None, input_context=None) -> tf.data.Dataset:
@@ -137,8 +157,7 @@ def make_train_dataset(source: DatasetSource, data_config, batch_size: int, num_
     raise ValueError(f'num_views={num_views} must be >= 1.')
   split = data_config.train_split
   num_classes = source.num_classes
-  strength = data_config.color_jitter_strength if num_views > 1 else 0.0
-  preprocess = _preprocess_fn(data_config, is_training=True, color_jitter_strength=strength)
+  views_fn = train_views_fn(data_config, num_views)
   ordered = label_subset is not None
   if ordered:
     ds = _indexed_source(source, split, label_subset, with_label_mask, input_context)
@@ -157,10 +176,7 @@ def make_train_dataset(source: DatasetSource, data_config, batch_size: int, num_
   ds = ds.shuffle(batch_size * buffer_multiplier, seed=seed).repeat(-1)
 
   def map_fn(image, label, *mask):
-    image = to_rgb(image)
-    views = [preprocess(image) for _ in range(num_views)]
-    image = tf.concat(views, axis=-1) if num_views > 1 else views[0]
-    return (image, tf.one_hot(label, num_classes)) + tuple(mask)
+    return (views_fn(image), tf.one_hot(label, num_classes)) + tuple(mask)
 
   ds = ds.map(map_fn, num_parallel_calls=AUTOTUNE)
   return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)

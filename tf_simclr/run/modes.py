@@ -1,7 +1,8 @@
 """One invocation from a `Config`: the dispatch of every --mode.
 
-train / train_then_eval train (tf_simclr/train/) and then evaluate and export; eval, probe, embed
-and export only read a model out (tf_simclr/evaluation/, export.py). The command line calls
+train / train_then_eval train (tf_simclr/train/) and then evaluate and export; eval, probe, embed,
+neighbors, duplicates, preview_augment and export only read a model (or its data) out
+(tf_simclr/evaluation/, export.py). The command line calls
 `run()` after turning flags into a Config; notebooks can call it too.
 """
 
@@ -32,6 +33,13 @@ Context, TRAINING_MODES, prepare = prepare_lib.Context, prepare_lib.TRAINING_MOD
 def build_model(ctx: Context):
   """Builds the model under the strategy's scope with all variables created."""
   return assemble.build_model(ctx.config, ctx.strategy, ctx.num_classes)
+
+
+def _loaded_model(ctx: Context):
+  """The model with the weights a reading mode reads (reading.weights_path), strictly restored."""
+  model = build_model(ctx)
+  reading.load_weights(ctx.config, model)
+  return model
 
 
 def train(ctx: Context, teacher: Optional[Callable] = None):
@@ -127,9 +135,19 @@ def _run_mode(ctx: Context, export_fn: Callable) -> Optional[Dict[str, float]]:
     return None
   if mode == 'embed':
     from tf_simclr.evaluation import embed  # pylint: disable=g-import-not-at-top
-    model = build_model(ctx)
-    reading.load_weights(ctx.config, model)
-    embed.embed_split(ctx, model)
+    embed.embed_split(ctx, _loaded_model(ctx))
+    return None
+  if mode == 'neighbors':
+    from tf_simclr.evaluation import neighbors  # pylint: disable=g-import-not-at-top
+    neighbors.run(ctx, _loaded_model(ctx))
+    return None
+  if mode == 'duplicates':
+    from tf_simclr.evaluation import duplicates  # pylint: disable=g-import-not-at-top
+    duplicates.run(ctx, lambda: _loaded_model(ctx))
+    return None
+  if mode == 'preview_augment':
+    from tf_simclr.evaluation import preview  # pylint: disable=g-import-not-at-top
+    preview.run(ctx)
     return None
   teacher = load_teacher(ctx) if ctx.task_class.needs_teacher else None
   model, result = train(ctx, teacher=teacher)

@@ -22,6 +22,7 @@ from tf_simclr import memory
 from tf_simclr import run_dir
 from tf_simclr.config import Config, Steps, resolve_steps
 from tf_simclr.data import datasets, tfds_prepare
+from tf_simclr.errors import CheckpointNotFoundError
 from tf_simclr.evaluation import probe, reading
 from tf_simclr.train import tasks
 from tf_simclr.weights import source as weights_source
@@ -97,15 +98,19 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
   if train.checkpoint and not weights_source.find_checkpoints(train.model_dir):
     weights_source.checkpoint_prefix(train.checkpoint)  # Exists? (before model_dir is created)
   embed_classes = None
-  if train.mode == 'embed':  # No weights to read is the first thing to say.
-    config, embed_classes = reading.model_from_weights(config, 'embed')
+  if train.mode == 'neighbors':  # Before the weights: a missing --query is the simpler fix.
+    from tf_simclr.evaluation import neighbors  # pylint: disable=g-import-not-at-top
+    neighbors.query_paths(train.query)
+  if _needs_weights(config):  # No weights to read is the first thing to say.
+    config, embed_classes = reading.model_from_weights(config, train.mode)
   config, source, steps, label_subset = _validate_data(config, strategy, task_class)
   num_classes = source.num_classes if embed_classes is None else embed_classes
   if not source.labelled and task_class.needs_teacher:  # The teacher's classes.
     from tf_simclr import weights  # pylint: disable=g-import-not-at-top
     num_classes = weights.describe(config.distill.teacher_checkpoint)['num_classes'] or 0
   # Training, probe and embed write into model_dir (probe/embed: result files only).
-  run_dir.check_usable(train.model_dir, create=needs_train or train.mode in ('probe', 'embed'))
+  run_dir.check_usable(train.model_dir, create=needs_train or train.mode in (
+      ('probe',) + config_lib.EMBEDDING_MODES + config_lib.INSPECT_MODES))
   # Only a training run's chief holds the lock, taken before anything is written.
   lock, failure = None, None
   try:
@@ -180,6 +185,20 @@ def _check_shared_model_dir(strategy, model_dir: str,
   return failure
 
 
+def _needs_weights(config: Config) -> bool:
+  """embed and neighbors read weights; duplicates only when the split is not embedded yet."""
+  from tf_simclr.evaluation import embed  # pylint: disable=g-import-not-at-top
+  mode = config.train.mode
+  if mode == 'duplicates' and not embed.has_embeddings(config):
+    if reading.weights_path(config) is None:
+      raise CheckpointNotFoundError(
+          f'--mode=duplicates: no embeddings of {embed.split_of(config)} in '
+          f'--model_dir={config.train.model_dir} (--mode=embed writes them) and no checkpoint to '
+          'compute them (in --model_dir or --checkpoint).')
+    return True
+  return mode in ('embed', 'neighbors')
+
+
 def _unlabelled_config(config: Config, task_class) -> Config:
   """Checks a run on an unlabelled dataset (images:PATH); the task turns off what needs labels."""
   mode = config.train.mode
@@ -196,10 +215,8 @@ def _validate_data(config: Config, strategy, task_class):
   """(config, source, steps, label subset): resolves and checks the data; writes nothing."""
   train, data = config.train, config.data
   needs_train = train.mode in TRAINING_MODES
-  source = datasets.resolve_from_config(  # Multi-worker: the chief alone prepares TFDS data.
-      data, eval_split=train.mode != 'embed',
-      prepare_tfds=tfds_prepare.chief_prepares(distribute.ChiefExchange(strategy)))
-  if train.mode == 'embed':
+from tf_simclr.data import datasets, tfds_prepare
+from tf_simclr.errors import CheckpointNotFoundError
     source.validate_split(train.embed_split or data.train_split,
                           '--embed_split' if train.embed_split else '--train_split')
   if not source.labelled:

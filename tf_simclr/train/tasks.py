@@ -152,10 +152,8 @@ class PretrainTask(Task):
 
   def train_loss(self, batch):
     images, labels = batch[0], batch[1]
-    views = tf.split(images, self.num_views, axis=-1)
     data = self.config.data
-    if data.use_blur:
-      views = [augment.batch_random_blur(v, data.image_size, data.image_size) for v in views]
+    views = augment.blur_train_views(images, self.num_views, data.image_size, data.use_blur)
     outputs = self.model(tf.concat(views, 0), training=True)
     train = self.config.train
     replicas = self.strategy if self.strategy.num_replicas_in_sync > 1 else None
