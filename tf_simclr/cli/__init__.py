@@ -27,7 +27,9 @@ EXIT_PREEMPTED = 3
 # Exit status after SIGINT (Ctrl-C), as a shell reports a process killed by it (128 + 2).
 EXIT_INTERRUPTED = 130
 
-def config_from_flags(flag_values) -> 'Config':
+
+
+def config_from_flags(flag_values) -> cfg.Config:
   """Turns parsed flags into a frozen, validated Config (the only FLAGS reader)."""
   from tf_simclr import teacher as teacher_lib  # Imported late so --help stays fast.
   f = flag_values

@@ -215,8 +215,10 @@ def _validate_data(config: Config, strategy, task_class):
   """(config, source, steps, label subset): resolves and checks the data; writes nothing."""
   train, data = config.train, config.data
   needs_train = train.mode in TRAINING_MODES
-from tf_simclr.data import datasets, tfds_prepare
-from tf_simclr.errors import CheckpointNotFoundError
+  source = datasets.resolve_from_config(  # Multi-worker: the chief alone prepares TFDS data.
+      data, eval_split=train.mode not in config_lib.EMBEDDING_MODES + config_lib.INSPECT_MODES,
+      prepare_tfds=tfds_prepare.chief_prepares(distribute.ChiefExchange(strategy)))
+  if train.mode in config_lib.EMBEDDING_MODES:
     source.validate_split(train.embed_split or data.train_split,
                           '--embed_split' if train.embed_split else '--train_split')
   if not source.labelled:
