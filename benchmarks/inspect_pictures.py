@@ -82,7 +82,7 @@ def main():
   run_py('--mode=embed', f'--model_dir={model_dir}')
   run_py('--mode=neighbors', f'--model_dir={model_dir}', f'--query={queries}',
          '--num_neighbors=6')
-  run_py('--mode=duplicates', f'--model_dir={model_dir}', f'--duplicate_threshold={args.threshold}')
+  run_py('--mode=duplicates', f'--model_dir={model_dir}', f'--threshold={args.threshold}')
   # Split order is sorted file names (dup_* first): four colourful photos, photo026-029.
   run_py('--mode=preview_augment', f'--model_dir={model_dir}', '--num_preview_images=4',
          '--train_split=train[29:33]')

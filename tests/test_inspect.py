@@ -182,7 +182,7 @@ def test_duplicates_finds_the_planted_copies_and_nothing_else(trained):
   # (distinct pairs: median 0.97, max 0.9991), the copies >= 0.99985; the premise is checked below.
   threshold = 0.9995
   run(['--mode=duplicates', f'--model_dir={trained["model_dir"]}',
-       f'--duplicate_threshold={threshold}'])
+       f'--threshold={threshold}'])
   with open(os.path.join(trained['embed_dir'], 'duplicates.csv')) as f:
     rows = list(csv.DictReader(f))
   groups = {}
@@ -256,7 +256,7 @@ def test_preview_views_are_crops_and_flips_only_without_colour_jitter(trained, s
 @pytest.mark.slow  # a run.py process each
 @pytest.mark.parametrize('argv, message', [
     (['--mode=neighbors', '--query=/no/such/image.png'], '--query='),
-    (['--mode=duplicates', '--duplicate_threshold=1.5'], '--duplicate_threshold=1.5'),
+    (['--mode=duplicates', '--threshold=1.5'], '--threshold=1.5'),
     (['--mode=neighbors'], '--query'),
 ])
 def test_refusals_exit_2_and_leave_nothing(tmp_path, argv, message):

@@ -341,7 +341,7 @@ class TrainConfig:
            '--mode=neighbors needs --query: an image file or a folder of images.')
     _check(self.num_neighbors >= 1, f'--num_neighbors={self.num_neighbors} must be >= 1.')
     _check(0.0 < self.duplicate_threshold <= 1.0,
-           f'--duplicate_threshold={self.duplicate_threshold} must be in (0, 1] (a cosine '
+           f'--threshold={self.duplicate_threshold} must be in (0, 1] (a cosine '
            'similarity; 0.95-0.99 finds re-encoded, resized and flipped copies).')
     _check(self.num_preview_images >= 1,
            f'--num_preview_images={self.num_preview_images} must be >= 1.')

@@ -66,7 +66,7 @@ def config_from_flags(flag_values) -> cfg.Config:
       logits_layer_init=f.logits_layer_init, eval_name=f.eval_name, seed=f.seed,
       eval_timeout=f.eval_timeout, jit_compile=f.jit_compile, embed_split=f.embed_split,
       embed_endpoint=f.embed_endpoint, query=f.query, num_neighbors=f.num_neighbors,
-      duplicate_threshold=f.duplicate_threshold, num_preview_images=f.num_preview_images,
+      duplicate_threshold=f.threshold, num_preview_images=f.num_preview_images,
       num_preview_pairs=f.num_preview_pairs, allow_flag_changes=f.allow_flag_changes,
       lock_lease_s=f.lock_lease_s)
   strategy = 'tpu' if f.use_tpu is True else f.distribution_strategy

@@ -33,7 +33,7 @@ GROUPS = (
         'eval_steps', 'eval_batch_size', 'eval_name', 'eval_timeout', 'knn_monitor', 'knn_k',
         'knn_temperature', 'knn_every_epochs', 'knn_max_bank_size', 'linear_probe',
         'random_init_baseline', 'embed_split', 'embed_endpoint', 'query', 'num_neighbors',
-        'duplicate_threshold', 'num_preview_images', 'num_preview_pairs')),
+        'threshold', 'num_preview_images', 'num_preview_pairs')),
     ('export', 'SavedModel exports', (
         'keep_hub_module_max',)),
     ('distributed', 'Devices and strategies', (
@@ -208,7 +208,7 @@ flags.DEFINE_string('query', None,
                     '--mode=neighbors: an image file or a folder of images whose nearest images '
                     'of --embed_split are written to neighbors.csv and neighbors.png.')
 flags.DEFINE_integer('num_neighbors', 8, '--mode=neighbors: neighbours per query image.')
-flags.DEFINE_float('duplicate_threshold', 0.95,
+flags.DEFINE_float('threshold', 0.95,
                    '--mode=duplicates: images whose embeddings have a cosine similarity of at '
                    'least this (in (0, 1]) are near-duplicates; groups are connected components.')
 flags.DEFINE_integer('num_preview_images', 6,

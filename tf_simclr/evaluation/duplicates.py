@@ -1,6 +1,6 @@
 """--mode=duplicates: groups of near-duplicate images of a split, from its embeddings.
 
-Two images are linked when the cosine similarity of their embeddings is >= --duplicate_threshold;
+Two images are linked when the cosine similarity of their embeddings is >= --threshold;
 a group is a connected component of these links (so A~B and B~C group A, B, C even if A and C
 are further apart). Writes duplicates.csv (group, size, path, similarity to the group's first
 image; groups largest first) and duplicates.png (the largest groups, one row each) beside
