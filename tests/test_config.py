@@ -107,6 +107,10 @@ def test_finetune_flags_map_to_model_config(run_module):
   model = run_module.config_from_flags(fv).model
   assert model.fine_tune_after_block == 4 and model.ft_proj_selector == 1
   assert model.supervised_head and not model.supervised_head_stop_gradient
+  assert model.frozen_batch_norm == 'batch_stats'  # the original's frozen BN
+  fv = _parse(['--train_mode=finetune', '--fine_tune_after_block=4', '--model_dir=/tmp/x',
+               '--frozen_batch_norm=moving_stats'])
+  assert run_module.config_from_flags(fv).model.frozen_batch_norm == 'moving_stats'
 
 
 @pytest.mark.parametrize('argv, flag', [
@@ -115,6 +119,8 @@ def test_finetune_flags_map_to_model_config(run_module):
     (['--proj_head_mode=linear', '--ft_proj_selector=2'], 'ft_proj_selector'),
     (['--resnet_depth=42'], 'resnet_depth'),
     (['--temperature=0'], 'temperature'),
+    (['--frozen_batch_norm=moving_stats'], 'frozen_batch_norm'),
+    (['--train_mode=finetune', '--frozen_batch_norm=moving_stats'], 'frozen_batch_norm'),
     (['--model_dir='], 'model_dir'),
 ])
 def test_bad_flags_raise_config_error_naming_the_flag(run_module, argv, flag):

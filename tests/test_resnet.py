@@ -248,9 +248,15 @@ def test_invalid_arguments_raise():
     resnet_lib.resnet(18, width_multiplier=0)
 
 
-@pytest.mark.parametrize('k', [-1, 0, 2, 4])
-def test_fine_tune_after_block_freezes_and_keeps_statistics(k):
-  enc = resnet_lib.resnet(18, cifar_stem=True, fine_tune_after_block=k)
+@pytest.mark.parametrize('k,frozen_bn', [(-1, 'batch_stats'), (0, 'batch_stats'),
+                                         (2, 'moving_stats'), (4, 'moving_stats'),
+                                         (4, 'batch_stats')])
+def test_fine_tune_after_block_freezes(k, frozen_bn):
+  """Frozen parts train nothing and pass no gradient; their BN statistics stay fixed and their
+  endpoints ignore training=True with moving_stats; with batch_stats (the original) they move,
+  and the endpoints equal an all-trainable copy's training-mode ones."""
+  enc = resnet_lib.resnet(18, cifar_stem=True, fine_tune_after_block=k,
+                          frozen_batch_norm=frozen_bn)
   x = _images(4, 8)
   enc(x)
   parts = (enc.stem,) + enc.block_groups
@@ -261,8 +267,13 @@ def test_fine_tune_after_block_freezes_and_keeps_statistics(k):
   for part in free:
     assert {id(v) for v in part.trainable_variables} <= trainable
     assert part.trainable_variables
+  unfrozen = resnet_lib.resnet(18, cifar_stem=True)
+  unfrozen(x)
+  for a, b in zip(unfrozen.variables, enc.variables):
+    a.assign(b)
   before = {id(bn): bn.moving_mean.numpy() for bn in _batch_norms(enc)}
   reference = enc(x, training=False, return_endpoints=True)
+  trained = unfrozen(x, training=True, return_endpoints=True)
   frozen_kernels = [v.value for part in frozen for v in part.variables if v.name == 'kernel']
   with tf.GradientTape() as tape:
     tape.watch([x] + frozen_kernels)
@@ -270,16 +281,20 @@ def test_fine_tune_after_block_freezes_and_keeps_statistics(k):
     loss = tf.reduce_sum(endpoints['final_avg_pool'] ** 2)
   for part in frozen:
     for bn in _batch_norms(part):
-      np.testing.assert_array_equal(bn.moving_mean.numpy(), before[id(bn)])
+      moved = np.any(bn.moving_mean.numpy() != before[id(bn)])
+      assert moved == (frozen_bn == 'batch_stats'), bn.path
   for part in free:
     for bn in _batch_norms(part):
       assert np.any(bn.moving_mean.numpy() != before[id(bn)])
-  # Frozen parts run in inference mode: their endpoints ignore training=True.
+  if frozen_bn == 'batch_stats':  # Every statistic moved as in the all-trainable copy.
+    for a, b in zip(unfrozen.variables, enc.variables):
+      np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6, err_msg=b.path)
   last_frozen = ('initial_max_pool', 'block_group1', 'block_group2', 'block_group3',
                  'block_group4')[k] if k >= 0 else None
   if last_frozen:
-    np.testing.assert_allclose(endpoints[last_frozen].numpy(),
-                               reference[last_frozen].numpy(), rtol=1e-5, atol=1e-6)
+    want = (trained if frozen_bn == 'batch_stats' else reference)[last_frozen]
+    np.testing.assert_allclose(endpoints[last_frozen].numpy(), want.numpy(), rtol=1e-5,
+                               atol=1e-5)
   # stop_gradient at the end of the frozen part: no gradient reaches it or the images.
   grads = tape.gradient(loss, [x] + frozen_kernels)
   assert (grads[0] is None) == (k >= 0)

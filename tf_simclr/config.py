@@ -30,6 +30,9 @@ ENDPOINTS = ('initial_conv', 'initial_max_pool', 'block_group1', 'block_group2',
              'logits_sup')
 # How a fine-tune/distill run starts its supervised head (see TrainConfig.logits_layer_init).
 LOGITS_LAYER_INITS = ('checkpoint', 'zeros', 'random')
+# BN layers of frozen encoder parts in training: batch statistics + moving-average updates (the
+# original), or inference mode with fixed moving statistics.
+FROZEN_BATCH_NORMS = ('batch_stats', 'moving_stats')
 # The built-in dataset (data/synthetic.py): generated in memory, no download.
 BUILTIN_DATASET = 'shapes10'
 
@@ -87,6 +90,8 @@ class ModelConfig:
   supervised_head_stop_gradient: bool = False
   # -1 trains everything; k in 0..4 freezes the stem and block groups 1..k (4 = linear eval).
   fine_tune_after_block: int = -1
+  # How the frozen parts' BN layers train (FROZEN_BATCH_NORMS); no effect when nothing is frozen.
+  frozen_batch_norm: str = 'batch_stats'
   # Keras dtype policy of the layers (variables stay float32); see tf_simclr/precision.py.
   precision: str = 'float32'
 
@@ -112,6 +117,7 @@ class ModelConfig:
            f'[{-n}, {n - 1}] (0 = encoder output, -1 = last head layer).')
     _check(-1 <= self.fine_tune_after_block <= 4,
            f'--fine_tune_after_block={self.fine_tune_after_block} must be in -1..4.')
+    _check_choice('frozen_batch_norm', self.frozen_batch_norm, FROZEN_BATCH_NORMS)
     _check_choice('precision', self.precision, PRECISIONS)
 
   @property
@@ -137,6 +143,11 @@ def model_config(train_mode: str, image_size: int, lineareval_while_pretraining:
   if train_mode == 'pretrain' and fine_tune_after_block != -1:
     raise ConfigError('--fine_tune_after_block freezes layers and only applies to '
                       '--train_mode=finetune; leave it at -1 for pretraining.')
+  frozen_bn = architecture.get('frozen_batch_norm', ModelConfig.frozen_batch_norm)
+  if frozen_bn != ModelConfig.frozen_batch_norm and (
+      train_mode != 'finetune' or fine_tune_after_block == -1):
+    raise ConfigError(f'--frozen_batch_norm={frozen_bn} only applies to frozen layers: use it '
+                      'with --train_mode=finetune --fine_tune_after_block=0..4, or drop it.')
   return ModelConfig(
       cifar_stem=small_images(image_size),
       supervised_head=train_mode != 'pretrain' or lineareval_while_pretraining,

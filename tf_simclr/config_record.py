@@ -105,6 +105,7 @@ RESUME_FIXED_FLAGS = (
     # Architecture.
     'image_size', 'resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio', 'proj_head_mode',
     'proj_out_dim', 'num_proj_layers', 'ft_proj_selector', 'fine_tune_after_block',
+    'frozen_batch_norm',
     'lineareval_while_pretraining', 'batch_norm_decay', 'global_bn')
 HISTORY_KEY = 'history'
 # Not compared: the record's own history and the override itself.

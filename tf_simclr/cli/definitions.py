@@ -26,6 +26,7 @@ GROUPS = (
     ('training', 'Objective, optimizer, schedule, checkpoints', (
         'optimizer', 'learning_rate_scaling', 'warmup_epochs', 'weight_decay', 'momentum',
         'temperature', 'hidden_norm', 'lineareval_while_pretraining', 'fine_tune_after_block',
+        'frozen_batch_norm',
         'logits_layer_init', 'zero_init_logits_layer', 'checkpoint_epochs', 'checkpoint_steps',
         'steps_per_loop', 'keep_checkpoint_max', 'allow_flag_changes', 'lock_lease_s',
         'train_summary_steps', 'variable_schema')),
@@ -138,6 +139,11 @@ flags.DEFINE_integer('fine_tune_after_block', -1,
                      'The layers after which block that we will fine-tune. -1 means fine-tuning '
                      'everything. 0 means fine-tuning after stem block. 4 means fine-tuning '
                      'just the linear head.')
+flags.DEFINE_enum('frozen_batch_norm', cfg.FROZEN_BATCH_NORMS[0], list(cfg.FROZEN_BATCH_NORMS),
+                  'BN layers of the parts --fine_tune_after_block freezes, in training: '
+                  'batch_stats (the original: batch statistics, moving averages keep updating; '
+                  'its linear-eval numbers) or moving_stats (inference mode, statistics fixed: '
+                  'the features a probe of the checkpoint sees).')
 flags.DEFINE_enum('logits_layer_init', 'checkpoint', list(cfg.LOGITS_LAYER_INITS),
                   'Fine-tune/distill start of the supervised head: checkpoint (the original: '
                   'the head --checkpoint holds when its shape fits, else a fresh N(0, 0.01) '
