@@ -129,6 +129,14 @@ def test_bad_flags_raise_config_error_naming_the_flag(run_module, argv, flag):
     run_module.config_from_flags(_parse(argv))
 
 
+def test_distill_loss_scale_is_checked_and_recorded(run_module):
+  with pytest.raises(cfg.ConfigError, match='--distill_loss_scale'):
+    cfg.DistillConfig(loss_scale='t2')
+  assert cfg.DistillConfig().loss_scale == 'none'  # SimCLRv2 Eq. 2
+  from tf_simclr import config_record
+  assert {'distill_loss_scale', 'frozen_batch_norm'} <= set(config_record.RESUME_FIXED_FLAGS)
+
+
 def test_resolve_steps_runs_exactly_the_epochs_steps():
   train = cfg.TrainConfig(model_dir='/tmp/x', train_batch_size=512, train_epochs=1000,
                           checkpoint_epochs=1)

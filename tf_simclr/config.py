@@ -33,6 +33,8 @@ LOGITS_LAYER_INITS = ('checkpoint', 'zeros', 'random')
 # BN layers of frozen encoder parts in training: batch statistics + moving-average updates (the
 # original), or inference mode with fixed moving statistics.
 FROZEN_BATCH_NORMS = ('batch_stats', 'moving_stats')
+# The distillation loss: SimCLRv2 Eq. 2 as printed, or times T^2 (the authors' colab, Hinton et al.).
+DISTILL_LOSS_SCALES = ('none', 't_squared')
 # The built-in dataset (data/synthetic.py): generated in memory, no download.
 BUILTIN_DATASET = 'shapes10'
 
@@ -225,11 +227,14 @@ class DistillConfig:
   temperature: float = 1.0
   # Weight of the label loss on the labeled subset (paper Eq. 3); 0 = pure distillation.
   label_weight: float = 0.0
+  # none: the paper's Eq. 2; t_squared: times T^2, the authors' colab (DISTILL_LOSS_SCALES).
+  loss_scale: str = 'none'
 
   def __post_init__(self):
     _check(self.temperature > 0, f'--distill_temperature={self.temperature} must be > 0.')
     _check(0 <= self.label_weight <= 1,
            f'--distill_label_weight={self.label_weight} must be in [0, 1].')
+    _check_choice('distill_loss_scale', self.loss_scale, DISTILL_LOSS_SCALES)
 
 
 def distill_config(train_mode: str, resolve_teacher, **fields) -> DistillConfig:

@@ -78,6 +78,7 @@ def config_from_flags(flag_values) -> 'Config':
       f.train_mode,
       lambda: teacher_lib.teacher_model_config(model, f.teacher_checkpoint, overrides),
       teacher_checkpoint=f.teacher_checkpoint, temperature=f.distill_temperature,
+      loss_scale=f.distill_loss_scale,
       label_weight=f.distill_label_weight)
   probe = cfg.ProbeConfig(
       knn=f.knn_monitor, knn_k=f.knn_k, knn_temperature=f.knn_temperature,

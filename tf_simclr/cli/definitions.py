@@ -41,7 +41,7 @@ GROUPS = (
     ('tpu', 'Cloud TPUs', (
         'use_tpu', 'tpu_name', 'tpu_zone', 'gcp_project', 'master', 'allow_local_paths_on_tpu')),
     ('distillation', 'Teacher and student', (
-        'teacher_checkpoint', 'distill_temperature', 'distill_label_weight',
+        'teacher_checkpoint', 'distill_temperature', 'distill_loss_scale', 'distill_label_weight',
         'teacher_resnet_depth', 'teacher_width_multiplier', 'teacher_sk_ratio', 'teacher_se_ratio',
         'teacher_proj_head_mode', 'teacher_precision', 'teacher_num_proj_layers',
         'teacher_proj_out_dim', 'teacher_ft_proj_selector')),
@@ -232,7 +232,12 @@ flags.DEFINE_string('teacher_checkpoint', None,
                     'Distillation teacher: a fine-tuned checkpoint or model_dir of ours, or an '
                     'exported SavedModel directory.')
 flags.DEFINE_float('distill_temperature', 1.0,
-                   'Softmax temperature of teacher and student in distillation (paper: 1.0).')
+                   'Softmax temperature of teacher and student in distillation (SimCLRv2: 0.1 '
+                   'for self-distillation, 1.0 for big-to-small).')
+flags.DEFINE_enum('distill_loss_scale', cfg.DISTILL_LOSS_SCALES[0], list(cfg.DISTILL_LOSS_SCALES),
+                  'none: the distillation loss of SimCLRv2 Eq. 2; t_squared: times '
+                  'distill_temperature^2, as the authors\' colab add_kd_loss and Hinton et al. '
+                  '(equal at temperature 1).')
 flags.DEFINE_float('distill_label_weight', 0.0,
                    'Weight alpha of the label loss on the labelled subset mixed into '
                    'distillation (paper Eq. 3); 0 is pure distillation.')
