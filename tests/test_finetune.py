@@ -46,10 +46,12 @@ def _part(path):
   return 0 if parts[2] == 'stem' else int(parts[3]) + 1
 
 
-@pytest.mark.parametrize('after_block', [-1, 2, 4])
-def test_fine_tune_after_block_freezes_weights_and_bn_statistics(tmp_path, pretrained,
-                                                                 after_block):
-  config = _finetune_config(tmp_path, pretrained, model__fine_tune_after_block=after_block)
+@pytest.mark.parametrize('after_block,frozen_bn', [(-1, 'batch_stats'), (2, 'moving_stats'),
+                                                   (4, 'moving_stats'), (2, 'batch_stats')])
+def test_fine_tune_after_block_freezes_weights(tmp_path, pretrained, after_block, frozen_bn):
+  """Frozen parts keep their weights; their BN statistics move only with batch_stats."""
+  config = _finetune_config(tmp_path, pretrained, model__fine_tune_after_block=after_block,
+                            model__frozen_batch_norm=frozen_bn)
   modes.run(config, export_fn=modes.no_export)
   before = checkpoint_values(pretrained)
   after = checkpoint_values(tf.train.latest_checkpoint(str(tmp_path)))
@@ -61,7 +63,11 @@ def test_fine_tune_after_block_freezes_weights_and_bn_statistics(tmp_path, pretr
   assert len(frozen) + len(trained) == len(encoder) == 105
   moving = [p for p in frozen if p.endswith(('moving_mean', 'moving_variance'))]
   assert bool(moving) == (after_block >= 0)
-  assert not [p for p in frozen if changed[p]], 'frozen encoder parts (incl. BN stats) moved'
+  assert not [p for p in frozen if changed[p] and p not in moving], 'frozen weights moved'
+  if frozen_bn == 'batch_stats':
+    assert all(changed[p] for p in moving if p.endswith('moving_mean'))
+  else:
+    assert not [p for p in moving if changed[p]], 'frozen BN statistics moved'
   # Every trained part updates kernels and BN statistics; the supervised head always trains.
   for part in range(after_block + 1, 5):
     in_part = [p for p in trained if _part(p) == part]

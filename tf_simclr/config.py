@@ -36,6 +36,11 @@ ENDPOINTS = ('initial_conv', 'initial_max_pool', 'block_group1', 'block_group2',
              'logits_sup')
 # How a fine-tune/distill run starts its supervised head (see TrainConfig.logits_layer_init).
 LOGITS_LAYER_INITS = ('checkpoint', 'zeros', 'random')
+# BN layers of frozen encoder parts in training: batch statistics + moving-average updates (the
+# original), or inference mode with fixed moving statistics.
+FROZEN_BATCH_NORMS = ('batch_stats', 'moving_stats')
+# The distillation loss: SimCLRv2 Eq. 2 as printed, or times T^2 (the authors' colab, Hinton et al.).
+DISTILL_LOSS_SCALES = ('none', 't_squared')
 # The built-in dataset (data/synthetic.py): generated in memory, no download.
 BUILTIN_DATASET = 'shapes10'
 
@@ -93,6 +98,8 @@ class ModelConfig:
   supervised_head_stop_gradient: bool = False
   # -1 trains everything; k in 0..4 freezes the stem and block groups 1..k (4 = linear eval).
   fine_tune_after_block: int = -1
+  # How the frozen parts' BN layers train (FROZEN_BATCH_NORMS); no effect when nothing is frozen.
+  frozen_batch_norm: str = 'batch_stats'
   # Keras dtype policy of the layers (variables stay float32); see tf_simclr/precision.py.
   precision: str = 'float32'
 
@@ -118,6 +125,7 @@ class ModelConfig:
            f'[{-n}, {n - 1}] (0 = encoder output, -1 = last head layer).')
     _check(-1 <= self.fine_tune_after_block <= 4,
            f'--fine_tune_after_block={self.fine_tune_after_block} must be in -1..4.')
+    _check_choice('frozen_batch_norm', self.frozen_batch_norm, FROZEN_BATCH_NORMS)
     _check_choice('precision', self.precision, PRECISIONS)
 
   @property
@@ -143,6 +151,11 @@ def model_config(train_mode: str, image_size: int, lineareval_while_pretraining:
   if train_mode == 'pretrain' and fine_tune_after_block != -1:
     raise ConfigError('--fine_tune_after_block freezes layers and only applies to '
                       '--train_mode=finetune; leave it at -1 for pretraining.')
+  frozen_bn = architecture.get('frozen_batch_norm', ModelConfig.frozen_batch_norm)
+  if frozen_bn != ModelConfig.frozen_batch_norm and (
+      train_mode != 'finetune' or fine_tune_after_block == -1):
+    raise ConfigError(f'--frozen_batch_norm={frozen_bn} only applies to frozen layers: use it '
+                      'with --train_mode=finetune --fine_tune_after_block=0..4, or drop it.')
   return ModelConfig(
       cifar_stem=small_images(image_size),
       supervised_head=train_mode != 'pretrain' or lineareval_while_pretraining,
@@ -220,11 +233,14 @@ class DistillConfig:
   temperature: float = 1.0
   # Weight of the label loss on the labeled subset (paper Eq. 3); 0 = pure distillation.
   label_weight: float = 0.0
+  # none: the paper's Eq. 2; t_squared: times T^2, the authors' colab (DISTILL_LOSS_SCALES).
+  loss_scale: str = 'none'
 
   def __post_init__(self):
     _check(self.temperature > 0, f'--distill_temperature={self.temperature} must be > 0.')
     _check(0 <= self.label_weight <= 1,
            f'--distill_label_weight={self.label_weight} must be in [0, 1].')
+    _check_choice('distill_loss_scale', self.loss_scale, DISTILL_LOSS_SCALES)
 
 
 def distill_config(train_mode: str, resolve_teacher, **fields) -> DistillConfig:

@@ -104,10 +104,11 @@ RESUME_FIXED_FLAGS = (
     'train_mode', 'dataset', 'train_split', 'train_label_fraction', 'label_fraction_seed',
     'train_batch_size', 'optimizer', 'momentum', 'learning_rate', 'learning_rate_scaling',
     'warmup_epochs', 'weight_decay', 'temperature', 'hidden_norm', 'distill_temperature',
-    'distill_label_weight',
+    'distill_loss_scale', 'distill_label_weight',
     # Architecture.
     'image_size', 'resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio', 'proj_head_mode',
     'proj_out_dim', 'num_proj_layers', 'ft_proj_selector', 'fine_tune_after_block',
+    'frozen_batch_norm',
     'lineareval_while_pretraining', 'batch_norm_decay', 'global_bn')
 HISTORY_KEY = 'history'
 # Not compared: the record's own history and the override itself.

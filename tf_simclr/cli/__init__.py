@@ -35,7 +35,7 @@ def config_from_flags(flag_values) -> cfg.Config:
   f = flag_values
   model = cfg.model_config(
       f.train_mode, f.image_size, lineareval_while_pretraining=f.lineareval_while_pretraining,
-      fine_tune_after_block=f.fine_tune_after_block,
+      fine_tune_after_block=f.fine_tune_after_block, frozen_batch_norm=f.frozen_batch_norm,
       resnet_depth=f.resnet_depth, width_multiplier=f.width_multiplier,
       sk_ratio=f.sk_ratio, se_ratio=f.se_ratio,
       batch_norm_decay=f.batch_norm_decay, global_bn=f.global_bn,
@@ -82,6 +82,7 @@ def config_from_flags(flag_values) -> cfg.Config:
       f.train_mode,
       lambda: teacher_lib.teacher_model_config(model, f.teacher_checkpoint, overrides),
       teacher_checkpoint=f.teacher_checkpoint, temperature=f.distill_temperature,
+      loss_scale=f.distill_loss_scale,
       label_weight=f.distill_label_weight)
   probe = cfg.ProbeConfig(
       knn=f.knn_monitor, knn_k=f.knn_k, knn_temperature=f.knn_temperature,

@@ -26,6 +26,7 @@ GROUPS = (
     ('training', 'Objective, optimizer, schedule, checkpoints', (
         'optimizer', 'learning_rate_scaling', 'warmup_epochs', 'weight_decay', 'momentum',
         'temperature', 'hidden_norm', 'lineareval_while_pretraining', 'fine_tune_after_block',
+        'frozen_batch_norm',
         'logits_layer_init', 'zero_init_logits_layer', 'checkpoint_epochs', 'checkpoint_steps',
         'steps_per_loop', 'keep_checkpoint_max', 'allow_flag_changes', 'lock_lease_s',
         'train_summary_steps', 'variable_schema')),
@@ -41,7 +42,7 @@ GROUPS = (
     ('tpu', 'Cloud TPUs', (
         'use_tpu', 'tpu_name', 'tpu_zone', 'gcp_project', 'master', 'allow_local_paths_on_tpu')),
     ('distillation', 'Teacher and student', (
-        'teacher_checkpoint', 'distill_temperature', 'distill_label_weight',
+        'teacher_checkpoint', 'distill_temperature', 'distill_loss_scale', 'distill_label_weight',
         'teacher_resnet_depth', 'teacher_width_multiplier', 'teacher_sk_ratio', 'teacher_se_ratio',
         'teacher_proj_head_mode', 'teacher_precision', 'teacher_num_proj_layers',
         'teacher_proj_out_dim', 'teacher_ft_proj_selector')),
@@ -142,6 +143,11 @@ flags.DEFINE_integer('fine_tune_after_block', -1,
                      'The layers after which block that we will fine-tune. -1 means fine-tuning '
                      'everything. 0 means fine-tuning after stem block. 4 means fine-tuning '
                      'just the linear head.')
+flags.DEFINE_enum('frozen_batch_norm', cfg.FROZEN_BATCH_NORMS[0], list(cfg.FROZEN_BATCH_NORMS),
+                  'BN layers of the parts --fine_tune_after_block freezes, in training: '
+                  'batch_stats (the original: batch statistics, moving averages keep updating; '
+                  'its linear-eval numbers) or moving_stats (inference mode, statistics fixed: '
+                  'the features a probe of the checkpoint sees).')
 flags.DEFINE_enum('logits_layer_init', 'checkpoint', list(cfg.LOGITS_LAYER_INITS),
                   'Fine-tune/distill start of the supervised head: checkpoint (the original: '
                   'the head --checkpoint holds when its shape fits, else a fresh N(0, 0.01) '
@@ -247,7 +253,12 @@ flags.DEFINE_string('teacher_checkpoint', None,
                     'Distillation teacher: a fine-tuned checkpoint or model_dir of ours, or an '
                     'exported SavedModel directory.')
 flags.DEFINE_float('distill_temperature', 1.0,
-                   'Softmax temperature of teacher and student in distillation (paper: 1.0).')
+                   'Softmax temperature of teacher and student in distillation (SimCLRv2: 0.1 '
+                   'for self-distillation, 1.0 for big-to-small).')
+flags.DEFINE_enum('distill_loss_scale', cfg.DISTILL_LOSS_SCALES[0], list(cfg.DISTILL_LOSS_SCALES),
+                  'none: the distillation loss of SimCLRv2 Eq. 2; t_squared: times '
+                  'distill_temperature^2, as the authors\' colab add_kd_loss and Hinton et al. '
+                  '(equal at temperature 1).')
 flags.DEFINE_float('distill_label_weight', 0.0,
                    'Weight alpha of the label loss on the labelled subset mixed into '
                    'distillation (paper Eq. 3); 0 is pure distillation.')

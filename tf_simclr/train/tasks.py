@@ -226,7 +226,8 @@ class DistillTask(SupervisedTask):
     teacher_logits = tf.stop_gradient(self.teacher(images))
     logits = self.model(images, training=True)[simclr.LOGITS_SUP]
     distill = self.config.distill
-    distill_loss = losses.distillation_loss(teacher_logits, logits, distill.temperature)
+    distill_loss = losses.distillation_loss(teacher_logits, logits, distill.temperature,
+                                            distill.loss_scale)
     logs = {'distill_loss': distill_loss,
             'teacher_agreement': tf.reduce_mean(tf.cast(tf.equal(
                 tf.argmax(teacher_logits, 1), tf.argmax(logits, 1)), tf.float32))}
@@ -234,7 +235,8 @@ class DistillTask(SupervisedTask):
     if self.uses_label_mask:
       mask = batch[2]
       loss = losses.mixed_distillation_loss(teacher_logits, logits, labels, mask,
-                                            distill.temperature, distill.label_weight)
+                                            distill.temperature, distill.label_weight,
+                                            distill.loss_scale)
       logs['labeled_fraction'] = tf.reduce_mean(mask)
     return self._finish(loss, logs)
 
