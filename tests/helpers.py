@@ -133,3 +133,40 @@ def config_from_argv(argv):
   fv = parse_flags(argv)
   cli.fill_flags_from_record(fv)
   return cli.config_from_flags(fv)
+
+
+_TINY_BUILDERS = {}
+
+
+def tiny_tfds_builder(class_name, splits, shape, num_classes, example):
+  """A TFDS GeneratorBasedBuilder class, generated offline and registered as the snake_case of
+  `class_name` (e.g. TinyGrayDataset -> --dataset=tiny_gray_dataset); made once per name.
+
+  splits: {split: number of examples}; example(split, i) -> (uint8 image of `shape`, label).
+  """
+  if class_name in _TINY_BUILDERS:
+    return _TINY_BUILDERS[class_name]
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=shape),
+            'label': tfds.features.ClassLabel(num_classes=num_classes)}),
+        supervised_keys=('image', 'label'))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split, n) for split, n in splits.items()}
+
+  def _generate_examples(self, split, n):
+    for i in range(n):
+      image, label = example(split, i)
+      yield i, {'image': image, 'label': int(label)}
+
+  builder = type(class_name, (tfds.core.GeneratorBasedBuilder,), dict(
+      VERSION=tfds.core.Version('1.0.0'), _info=_info, _split_generators=_split_generators,
+      _generate_examples=_generate_examples, __module__=__name__))
+  _TINY_BUILDERS[class_name] = builder
+  return builder

@@ -15,7 +15,7 @@ from tf_simclr import config as cfg
 from tf_simclr.data import synthetic
 from tf_simclr.models import simclr
 from tf_simclr.run import modes
-from tf_simclr.train import assemble
+from tf_simclr.train import assemble, tasks
 
 from helpers import (TINY_MODEL, build_state, checkpoint_values, parse_flags, run_cli,
                      tiny_config)
@@ -85,7 +85,7 @@ def test_logits_layer_init_sets_the_head_after_the_restore(tmp_path, pretrained,
   config = _finetune_config(tmp_path, pretrained, train__zero_init_logits_layer=True,
                             train__logits_layer_init=init)
   model, _, state = build_state(config, tmp_path)
-  assert assemble.initialize_weights(config, model, state) == 'initialized'
+  assert assemble.initialize_weights(config, model, state, tasks.FinetuneTask) == 'initialized'
   ours = weights.match.object_variable_paths(model)
   for path, value in head_before.items():
     got = ours[path].numpy()

@@ -5,6 +5,12 @@ from the builtin it refines, so `except ValueError` / `except FileNotFoundError`
 """
 
 
+def first_line(error: BaseException) -> str:
+  """The first line of an error's message (TensorFlow errors carry long op traces)."""
+  text = str(error).strip()
+  return text.splitlines()[0] if text else ''
+
+
 class UserError(Exception):
   """Base of the errors caused by flags, files or data; the message names the fix."""
 

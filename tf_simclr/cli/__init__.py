@@ -59,7 +59,6 @@ def config_from_flags(flag_values) -> 'Config':
       steps_per_loop=f.steps_per_loop, checkpoint=f.checkpoint,
       keep_checkpoint_max=f.keep_checkpoint_max, keep_hub_module_max=f.keep_hub_module_max,
       temperature=f.temperature, hidden_norm=f.hidden_norm,
-      lineareval_while_pretraining=f.lineareval_while_pretraining,
       zero_init_logits_layer=f.zero_init_logits_layer,
       logits_layer_init=f.logits_layer_init, eval_name=f.eval_name, seed=f.seed,
       eval_timeout=f.eval_timeout, jit_compile=f.jit_compile, embed_split=f.embed_split,
@@ -70,7 +69,7 @@ def config_from_flags(flag_values) -> 'Config':
       strategy=strategy, tpu_name=f.tpu_name, tpu_zone=f.tpu_zone, gcp_project=f.gcp_project,
       master=f.master, allow_tpu=f.use_tpu is not False,
       allow_local_paths_on_tpu=f.allow_local_paths_on_tpu)
-  overrides = {name: getattr(f, f'teacher_{name}') for name in teacher_lib.ARCHITECTURE_FIELDS
+  overrides = {name: getattr(f, f'teacher_{name}') for name in cfg.ARCHITECTURE_FLAGS
                if getattr(f, f'teacher_{name}') is not None}
   if f.teacher_precision is not None:
     overrides['precision'] = f.teacher_precision

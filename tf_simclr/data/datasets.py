@@ -269,11 +269,6 @@ class DatasetSource:
                split, path, type(e).__name__)
 
 
-def validate_split(source: DatasetSource, split: str, flag: str = '--train_split') -> None:
-  """Raises DatasetError naming `flag` and the available splits unless `split` is readable."""
-  source.validate_split(split, flag)
-
-
 def _resolve_builtin(name: str) -> DatasetSource:
   return DatasetSource(
       name=name, kind='builtin', num_classes=synthetic.NUM_CLASSES,
