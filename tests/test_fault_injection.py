@@ -299,7 +299,7 @@ def test_train_split_smaller_than_one_batch_is_an_error(tmp_path):
   assert not (tmp_path / 'run' / run_dir.FLAGS_FILE).exists()
 
 
-# ---- Issue 15: changed flags on resume, SIGINT, clear one-line errors. ----
+# ---- Changed flags on resume, SIGINT, clear one-line errors. ----
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):

@@ -1,6 +1,6 @@
 """Fine-tuning takes the original's steps: two steps through the real assembly (schedule, LARS,
 exclusions, FinetuneTask, loop) from fixed weights and fixed batches equal a plain-TF/numpy
-reference of google-research/simclr's update rule, whatever the loop size (issue 20).
+reference of google-research/simclr's update rule, whatever the loop size.
 
 The reference shares nothing with the code under test but the model's forward pass: its own
 gradient tape over all trainable variables (skipping the ones without a gradient, as the

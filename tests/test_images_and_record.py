@@ -1,5 +1,5 @@
 """images:PATH datasets, --mode=embed's rows under any strategy, modes reading the run's record,
-and validation that leaves no debris (issue 17). In-process, no training."""
+and validation that leaves no debris. In-process, no training."""
 
 import dataclasses
 import json

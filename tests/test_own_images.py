@@ -1,4 +1,4 @@
-"""Your own images end to end (issue 17): an unlabelled nested folder (`images:PATH`) is pretrained
+"""Your own images end to end: an unlabelled nested folder (`images:PATH`) is pretrained
 on, embedded (`--mode=embed`), exported with `--mode=export --model_dir` alone, and the export is
 reloaded in a fresh process without tf_simclr, all through real `run.py` processes.
 
