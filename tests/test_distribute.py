@@ -5,6 +5,7 @@ import json
 import pytest
 import tensorflow as tf
 
+from tf_simclr import cpu_kernels
 from tf_simclr import distribute
 from tf_simclr.config import ConfigError, DistributeConfig
 
@@ -96,8 +97,8 @@ def test_nvidia_gpu_that_tensorflow_does_not_see_is_a_warning(monkeypatch, tmp_p
   if tf.config.list_physical_devices('GPU'):
     pytest.skip('this machine has a GPU TensorFlow sees')
   driver = tmp_path / 'proc_driver_nvidia'
-  monkeypatch.setattr(distribute, '_NVIDIA_PATHS', (str(driver),))
-  monkeypatch.setattr(distribute.shutil, 'which', lambda name: None)
+  monkeypatch.setattr(cpu_kernels, '_NVIDIA_PATHS', (str(driver),))
+  monkeypatch.setattr(cpu_kernels.shutil, 'which', lambda name: None)
   with caplog.at_level('WARNING'):
     assert not distribute.warn_if_gpu_unused()  # no NVIDIA device here
   assert 'sees no GPU' not in caplog.text

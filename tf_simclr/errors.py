@@ -23,6 +23,10 @@ class DatasetError(ConfigError):
   """The dataset cannot serve the requested split/fraction; the message names the flag and fix."""
 
 
+class BadImagesError(DatasetError):
+  """Image files of a folder: dataset that cannot be decoded; the message names them."""
+
+
 class CheckpointNotFoundError(UserError, FileNotFoundError):
   """A weights path that holds no checkpoint, export or SavedModel."""
 

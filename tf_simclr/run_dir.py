@@ -62,6 +62,31 @@ def check_usable(model_dir: str, create: bool) -> None:
                         'choose another folder.')
 
 
+def entries(model_dir: str) -> Optional[frozenset]:
+  """The names in model_dir now (None: it does not exist): what `restore_entries` goes back to."""
+  if not tf.io.gfile.isdir(model_dir):
+    return None
+  return frozenset(tf.io.gfile.listdir(model_dir))
+
+
+def restore_entries(model_dir: str, before: Optional[frozenset]) -> bool:
+  """Removes what a refused run added to model_dir (and model_dir, if it made it), unless the run
+  saved a checkpoint, which is progress to keep. Returns whether it removed anything."""
+  added = set(entries(model_dir) or ()) - set(before or ())
+  if any(checkpoint_index_step(name.rstrip('/')) is not None for name in added):
+    return False
+  for name in added:
+    path = os.path.join(model_dir, name.rstrip('/'))
+    if tf.io.gfile.isdir(path):
+      tf.io.gfile.rmtree(path)
+    else:
+      tf.io.gfile.remove(path)
+  if before is None and tf.io.gfile.isdir(model_dir) and not tf.io.gfile.listdir(model_dir):
+    tf.io.gfile.rmtree(model_dir)
+    return True
+  return bool(added)
+
+
 @dataclasses.dataclass(frozen=True)
 class Holder:
   """Who holds a lock."""

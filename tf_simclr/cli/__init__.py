@@ -19,6 +19,7 @@ from absl import logging
 
 from tf_simclr import config as cfg
 from tf_simclr.cli import definitions  # noqa: F401  (defines the flags)
+from tf_simclr.cli import quiet
 from tf_simclr.cli import usage
 
 FLAGS = flags.FLAGS
@@ -130,6 +131,8 @@ def _ignore_signals() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]} (flags take the form --name=value).')
+  quiet.start_tensorflow()  # First: TensorFlow's start-up, without CUDA's lines on a CPU machine.
+  quiet.install_log_filter()
   from tf_simclr.errors import UserError
   for ignored in ('train_summary_steps', 'variable_schema'):
     if FLAGS[ignored].present:

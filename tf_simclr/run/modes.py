@@ -15,7 +15,7 @@ from tf_simclr import distribute
 from tf_simclr import run_dir
 from tf_simclr import precision as precision_lib
 from tf_simclr.config import Config
-from tf_simclr.errors import UserError
+from tf_simclr.errors import BadImagesError, UserError
 from tf_simclr.data import datasets, pipeline
 from tf_simclr.evaluation import evaluate as evaluate_lib
 from tf_simclr.evaluation import probe, reading
@@ -99,12 +99,20 @@ def run(config: Config, flags_dict: Optional[Dict] = None,
   `export_hook(config)`; `no_export` skips it).
   """
   ctx = prepare(config, flags_dict)
+  refused = False
   try:
     return _run_mode(ctx, export_fn or export_hook(config))
+  except BadImagesError:
+    refused = True
+    raise
   finally:
     distribute.remove_worker_dirs()  # A non-chief's throw-away checkpoints and summaries.
     if ctx.lock is not None:
       ctx.lock.release()
+    # Images that do not decode are found while reading: the refused run leaves model_dir as it
+    # was (its flags.json, summaries and lock gone) unless it saved a checkpoint.
+    if refused and ctx.lock is not None:
+      run_dir.restore_entries(config.train.model_dir, ctx.model_dir_before)
 
 
 def _run_mode(ctx: Context, export_fn: Callable) -> Optional[Dict[str, float]]:

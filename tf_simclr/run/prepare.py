@@ -44,6 +44,8 @@ class Context:
   lock: Optional[run_dir.RunLock] = None  # held by a training run's chief
   flags_dict: Optional[Dict] = None  # written to flags.json once training has its weights
   optimizer_changed: bool = False  # resumed with another --optimizer (--allow_flag_changes)
+  # model_dir's names before this run wrote anything (None: it did not exist; run_dir.entries).
+  model_dir_before: Optional[frozenset] = None
   readouts: readouts_lib.ReadoutState = dataclasses.field(default_factory=readouts_lib.ReadoutState)
 
 
@@ -102,6 +104,7 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
     from tf_simclr import weights  # pylint: disable=g-import-not-at-top
     num_classes = weights.describe(config.distill.teacher_checkpoint)['num_classes'] or 0
   # Training, probe and embed write into model_dir (probe/embed: result files only).
+  model_dir_before = run_dir.entries(train.model_dir)
   run_dir.check_usable(train.model_dir, create=needs_train or train.mode in ('probe', 'embed'))
   # Only a training run's chief holds the lock, taken before anything is written.
   lock, failure = None, None
@@ -136,7 +139,7 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
   return Context(config=config, strategy=strategy, source=source, steps=steps,
                  num_classes=num_classes, label_subset=label_subset, lock=lock,
                  flags_dict=flags_dict, optimizer_changed=optimizer_changed,
-                 task_class=task_class)
+                 task_class=task_class, model_dir_before=model_dir_before)
 
 
 def _unlabelled_config(config: Config, task_class) -> Config:
