@@ -72,6 +72,7 @@ def digests(model_dir):
           for name in os.listdir(model_dir) if os.path.isfile(os.path.join(model_dir, name))}
 
 
+@pytest.mark.slow
 def test_run_survives_sigterm_kill_damage_and_concurrency(tmp_path):
   model_dir = tmp_path / 'run'
   # 1. SIGTERM mid-loop: a checkpoint at the next step boundary, a distinct message, exit 3.
@@ -165,6 +166,7 @@ def test_run_survives_sigterm_kill_damage_and_concurrency(tmp_path):
   assert not missing.exists()
 
 
+@pytest.mark.slow
 def test_divergence_stops_without_saving_or_exporting(tmp_path):
   model_dir = tmp_path / 'diverged'
   p = start(model_dir, tmp_path / 'p.log', '--train_steps=6', '--checkpoint_steps=2',
@@ -186,6 +188,7 @@ def test_divergence_stops_without_saving_or_exporting(tmp_path):
 
 # ---- In-process pieces (no training). ----
 
+@pytest.mark.slow
 def test_lock_names_a_live_holder_and_takes_over_a_dead_one(tmp_path):
   lock_path = tmp_path / run_dir.LOCK_FILE
   sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
@@ -319,6 +322,7 @@ def run_to_end(model_dir, tmp_path, name, *flags):
   return finish(start(model_dir, tmp_path / f'{name}.log', *flags), tmp_path / f'{name}.log')
 
 
+@pytest.mark.slow
 def test_resume_with_changed_flags(trained, tmp_path):
   model_dir = copy_of(trained, tmp_path)
   before = digests(model_dir)
@@ -373,6 +377,7 @@ def test_resume_with_changed_flags(trained, tmp_path):
   assert not any(n.startswith('damaged-') for n in os.listdir(model_dir))
 
 
+@pytest.mark.slow
 def test_sigint_saves_and_says_so(trained, tmp_path):
   model_dir = copy_of(trained, tmp_path)
   p = start(model_dir, tmp_path / 'p.log', f'--train_steps={LONG}')
@@ -391,6 +396,7 @@ def test_sigint_saves_and_says_so(trained, tmp_path):
   assert not (model_dir / 'LOCK').exists()
 
 
+@pytest.mark.slow
 def test_eval_that_cannot_write_result_json_reports_it(trained, tmp_path):
   model_dir = copy_of(trained, tmp_path)
   (model_dir / 'result.json').mkdir()  # unwritable even for root (tests may run as root)
@@ -401,6 +407,7 @@ def test_eval_that_cannot_write_result_json_reports_it(trained, tmp_path):
   assert f'cannot write {model_dir}/result.json' in out and 'Traceback' not in out
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_one_clear_line(tmp_path):
   garbage = tmp_path / 'garbage'
   garbage.mkdir()

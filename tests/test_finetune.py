@@ -46,6 +46,7 @@ def _part(path):
   return 0 if parts[2] == 'stem' else int(parts[3]) + 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('after_block', [-1, 2, 4])
 def test_fine_tune_after_block_freezes_weights_and_bn_statistics(tmp_path, pretrained,
                                                                  after_block):
@@ -74,6 +75,7 @@ def test_fine_tune_after_block_freezes_weights_and_bn_statistics(tmp_path, pretr
   assert head and not [p for p in head if changed[p]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('init', ['checkpoint', 'zeros', 'random'])
 def test_logits_layer_init_sets_the_head_after_the_restore(tmp_path, pretrained, init):
   """checkpoint (default, the original's behaviour even with --zero_init_logits_layer=True, whose
@@ -102,6 +104,7 @@ def test_logits_layer_init_sets_the_head_after_the_restore(tmp_path, pretrained,
     np.testing.assert_array_equal(ours[p].numpy(), restored[p], err_msg=p)
 
 
+@pytest.mark.slow
 def test_resume_from_model_dir_wins_over_checkpoint(tmp_path, pretrained, caplog):
   modes.run(_finetune_config(tmp_path, pretrained), export_fn=modes.no_export)
   first = checkpoint_values(str(tmp_path / 'ckpt-1'))
@@ -124,6 +127,7 @@ def _parse_run_flags(argv):
   return run_cli().config_from_flags(parse_flags(argv))
 
 
+@pytest.mark.slow
 def test_finetune_without_checkpoint_on_label_fraction_from_run_flags(tmp_path, caplog):
   """run.py flags -> a from-scratch fine-tune on a 10% class-balanced, seeded subset."""
   argv = ['--train_mode=finetune', '--dataset=shapes10', '--image_size=16', '--resnet_depth=18',
@@ -165,6 +169,7 @@ def test_train_split_slicing_counts_steps_on_the_slice(tmp_path):
   assert ctx.steps.train_steps == 1000 // 8
 
 
+@pytest.mark.slow
 def test_restore_of_another_architecture_is_an_error(pretrained):
   for change, needle in ((dict(num_proj_layers=3), 'projection_head/linear_layers/2'),
                          (dict(proj_out_dim=8),
@@ -178,6 +183,7 @@ def test_restore_of_another_architecture_is_an_error(pretrained):
     assert pretrained in message
 
 
+@pytest.mark.slow
 def test_new_supervised_head_with_another_class_count_may_be_fresh(pretrained):
   model = simclr.build_model(cfg.ModelConfig(**TINY_MODEL), 7)
   model.build_for_size(16)

@@ -175,6 +175,7 @@ def keras_sgd():
   return keras.optimizers.SGD(0.01)
 
 
+@pytest.mark.slow
 def test_float16_overflow_skips_steps_and_lowers_the_loss_scale(tmp_path):
   trainer, optimizer, model, initial, data = _float16_trainer(tmp_path, _Amplified, 1)
   # The first step alone: gradients x 1e3 x 2**15 overflow float16 and must be skipped.
@@ -205,6 +206,7 @@ class _NaNLoss(tasks.PretrainTask):
     return loss * np.float32(np.nan), logs
 
 
+@pytest.mark.slow
 def test_float16_persistent_non_finite_loss_stops(tmp_path):
   trainer, optimizer, _, _, data = _float16_trainer(tmp_path, _NaNLoss, 2)
   trainer.max_consecutive_skips = 3
