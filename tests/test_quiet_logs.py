@@ -1,5 +1,6 @@
-"""Quiet logs: no CUDA start-up lines on a machine without an NVIDIA driver (a real process), no
-per-save/per-export TensorFlow lines, and a run refused for bad images leaves model_dir as it was."""
+"""Quiet logs: no CUDA start-up lines on a machine without an NVIDIA driver (a real process),
+no per-save/per-export TensorFlow lines, and a run refused for bad images leaves model_dir as it
+was."""
 
 import logging
 import os

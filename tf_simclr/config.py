@@ -290,7 +290,7 @@ class TrainConfig:
   seed: Optional[int] = None
   # --mode=eval: seconds to wait for each new checkpoint (0: forever).
   eval_timeout: float = 3600
-  # XLA-compile the train and eval steps (slower on CPU; see README).
+  # XLA-compile the train and eval steps (slower on CPU; see docs/performance.md).
   jit_compile: bool = False
   # --mode=embed: the split (None: --train_split) and the endpoint written to features.npy.
   embed_split: Optional[str] = None

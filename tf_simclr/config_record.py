@@ -17,7 +17,7 @@ from tf_simclr.config import ARCHITECTURE_FLAGS, ConfigError, same_value
 
 log = logging.getLogger(__name__)
 
-# ---- The run's record for --mode=eval|export|probe|embed (README, "What lands in --model_dir").
+# ---- The run's record for --mode=eval|export|probe|embed (docs/restarts.md).
 # Architecture and head flags: filled from the record when not given; a given value must agree.
 RECORD_MUST_AGREE = ARCHITECTURE_FLAGS
 # The rest of the model and the data: filled from the record when not given; a given value wins

@@ -102,7 +102,7 @@ def warn_if_gpu_unused() -> bool:
     return False
   logging.warning('This machine has an NVIDIA GPU (%s) but TensorFlow sees no GPU, so this run '
                   'uses the CPU. Install TensorFlow with its CUDA libraries: '
-                  'pip install "tensorflow[and-cuda]==%s" (README, "GPUs"); check with '
+                  'pip install "tensorflow[and-cuda]==%s" (docs/multi_device.md); check with '
                   'python -c "import tensorflow as tf; '
                   'print(tf.config.list_physical_devices(\'GPU\'))".', sign, tf.__version__)
   return True

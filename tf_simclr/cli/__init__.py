@@ -146,7 +146,7 @@ def main(argv):
     sys.exit(2)
   from tf_simclr import cpu_kernels
   from tf_simclr.run import modes
-  logging.info('TensorFlow CPU kernels: %s (%s=%s; see README, "Speed on CPUs").',
+  logging.info('TensorFlow CPU kernels: %s (%s=%s; see docs/performance.md).',
                'oneDNN' if cpu_kernels.onednn_enabled() else 'Eigen', cpu_kernels.ENV,
                os.environ.get(cpu_kernels.ENV, 'unset'))
   try:
