@@ -1,6 +1,7 @@
 """Helpers shared by test modules (fixtures live in conftest.py): tiny configs and builders."""
 
 import dataclasses
+import os
 import pathlib
 import sys
 
@@ -170,3 +171,20 @@ def tiny_tfds_builder(class_name, splits, shape, num_classes, example):
       _generate_examples=_generate_examples, __module__=__name__))
   _TINY_BUILDERS[class_name] = builder
   return builder
+
+
+def write_png(path, array):
+  """Writes a uint8 (H, W, C) array as a PNG at `path`, making its folder."""
+  path = str(path)
+  tf.io.gfile.makedirs(os.path.dirname(path))
+  tf.io.write_file(path, tf.io.encode_png(np.asarray(array, np.uint8)))
+
+
+def png_folder(root, per_class, classes=('a', 'b'), size=6, seed=0):
+  """A folder: dataset root/<split>/<class>/<i>.png of seeded noise; per_class: {split: n}."""
+  rng = np.random.default_rng(seed)
+  for split, n in per_class.items():
+    for label in classes:
+      for i in range(n):
+        write_png(os.path.join(str(root), split, label, f'{i}.png'),
+                  rng.integers(0, 255, (size, size, 3), dtype=np.uint8))

@@ -128,11 +128,6 @@ def test_unknown_dataset_error(tmp_path):
   assert '--dataset' in message and 'folder:PATH' in message and 'shapes10' in message
 
 
-def _write_png(path, array):
-  tf.io.gfile.makedirs(os.path.dirname(path))
-  tf.io.write_file(path, tf.io.encode_png(array))
-
-
 @pytest.fixture
 def image_folder(tmp_path):
   """train/{a,b}, test/{a,b}; class b holds a grayscale and an RGBA PNG."""
@@ -141,12 +136,12 @@ def image_folder(tmp_path):
   rgba = rng.integers(0, 256, (9, 7, 4), dtype=np.uint8)
   gray = rng.integers(0, 256, (8, 8, 1), dtype=np.uint8)
   for i in range(3):
-    _write_png(str(root / 'train' / 'a' / f'{i}.png'),
+    helpers.write_png(str(root / 'train' / 'a' / f'{i}.png'),
                rng.integers(0, 256, (10, 12, 3), dtype=np.uint8))
-  _write_png(str(root / 'train' / 'b' / 'gray.png'), gray)
-  _write_png(str(root / 'train' / 'b' / 'rgba.png'), rgba)
-  _write_png(str(root / 'test' / 'a' / '0.png'), rng.integers(0, 256, (10, 12, 3), np.uint8))
-  _write_png(str(root / 'test' / 'b' / '0.png'), gray)
+  helpers.write_png(str(root / 'train' / 'b' / 'gray.png'), gray)
+  helpers.write_png(str(root / 'train' / 'b' / 'rgba.png'), rgba)
+  helpers.write_png(str(root / 'test' / 'a' / '0.png'), rng.integers(0, 256, (10, 12, 3), np.uint8))
+  helpers.write_png(str(root / 'test' / 'b' / '0.png'), gray)
   return root, gray, rgba
 
 

@@ -263,14 +263,7 @@ def test_failed_save_names_model_dir(tmp_path):
 
 
 def test_corrupt_image_is_named_or_skipped(tmp_path):
-  rng = np.random.default_rng(0)
-  for split in ('train', 'test'):
-    for label in ('a', 'b'):
-      folder = tmp_path / split / label
-      folder.mkdir(parents=True)
-      for i in range(3):
-        image = rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)
-        tf.io.write_file(str(folder / f'{i}.png'), tf.io.encode_png(image))
+  helpers.png_folder(tmp_path, {'train': 3, 'test': 3})
   bad = tmp_path / 'train' / 'b' / 'broken.jpg'
   bad.write_bytes(b'\xff\xd8 not really a jpeg')
   source = datasets.resolve_dataset(f'folder:{tmp_path}')
@@ -420,8 +413,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
       (folder / split / label).mkdir(parents=True)
       if label == 'a':
         for i in range(8):
-          tf.io.write_file(str(folder / split / label / f'{i}.png'),
-                           tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)))
+          helpers.write_png(folder / split / label / f'{i}.png', np.zeros((8, 8, 3)))
   cases = {
       'garbage': (['--checkpoint=' + str(garbage / 'ckpt-5')],
                   f'--checkpoint={garbage}/ckpt-5: {garbage}/ckpt-5.index cannot be read as a '
@@ -554,8 +546,7 @@ def test_empty_class_folder_is_named_or_skipped(tmp_path):
     for label, n in counts.items():
       (tmp_path / split / label).mkdir(parents=True)
       for i in range(n):
-        tf.io.write_file(str(tmp_path / split / label / f'{i}.png'),
-                         tf.io.encode_png(np.full((4, 4, 3), ord(label), np.uint8)))
+        helpers.write_png(tmp_path / split / label / f'{i}.png', np.full((4, 4, 3), ord(label)))
   with pytest.raises(datasets.DatasetError) as e:
     datasets.resolve_dataset(f'folder:{tmp_path}')
   assert f'{tmp_path}/test/b, {tmp_path}/train/b' in str(e.value)

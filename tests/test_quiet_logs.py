@@ -7,9 +7,7 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from tf_simclr import cpu_kernels
 from tf_simclr import errors
@@ -78,13 +76,7 @@ def test_routine_tensorflow_lines_are_dropped(caplog):
 
 
 def _folder_with_a_bad_image(root):
-  rng = np.random.default_rng(0)
-  for split, n in (('train', 16), ('test', 4)):
-    for label in ('a', 'b'):
-      folder = root / split / label
-      folder.mkdir(parents=True)
-      for i in range(n // 2):
-        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(folder / f'{i}.png')
+  helpers.png_folder(root, {'train': 8, 'test': 2}, size=12)
   (root / 'train' / 'a' / 'bad.jpg').write_bytes(b'\xff\xd8\xff\xe0 not a jpeg' * 8)
 
 

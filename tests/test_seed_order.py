@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import helpers
@@ -68,8 +67,7 @@ def test_labels_are_read_once_then_from_the_cache(sharded, monkeypatch):
 def test_same_seed_shuffles_an_images_folder_the_same_way(tmp_path):
   """images:PATH shuffles its file list with --seed (before: unseeded, a new order each run)."""
   for i in range(12):
-    tf.io.write_file(str(tmp_path / f'{i:02d}.png'),
-                     tf.io.encode_png(np.full((2, 2, 1), i, np.uint8)))
+    helpers.write_png(tmp_path / f'{i:02d}.png', np.full((2, 2, 1), i))
   source = datasets.resolve_dataset(f'images:{tmp_path}')
 
   def order(seed):
