@@ -89,3 +89,30 @@ def test_legacy_flags_are_accepted_and_ignored_with_a_warning(caplog):
   for name in ('train_summary_steps', 'variable_schema'):
     assert any(f'--{name} is accepted' in r.getMessage() and 'no effect' in r.getMessage()
                for r in caplog.records), name
+
+
+@pytest.mark.slow
+def test_sigint_outside_the_training_loop_exits_130_saying_nothing_was_saved(tmp_path):
+  """Ctrl-C while --mode=eval waits for a checkpoint: exit 130 and the one line, no traceback."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  root = os.path.dirname(README)
+  log_path = tmp_path / 'log.txt'
+  with open(log_path, 'w') as log:
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(root, 'run.py'), '--mode=eval', '--dataset=shapes10',
+         '--eval_split=test', '--image_size=8', '--resnet_depth=18', '--width_multiplier=0.0625',
+         f'--model_dir={tmp_path / "run"}', '--eval_timeout=600'],
+        cwd=root, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'), stdout=log,
+        stderr=subprocess.STDOUT)
+  deadline = time.time() + 240
+  while 'Waiting for a checkpoint' not in log_path.read_text():
+    assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-2000:]
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGINT)
+  assert proc.wait(timeout=60) == 130
+  text = log_path.read_text()
+  assert 'Interrupted (SIGINT) outside the training loop' in text and 'saved nothing' in text
+  assert 'Traceback' not in text
