@@ -243,7 +243,8 @@ def test_no_network_fails_in_seconds(tmp_path, monkeypatch):
   start_time = time.time()
   with pytest.raises(datasets.DatasetError, match='cs.toronto.edu cannot be reached'):
     datasets.resolve_dataset('cifar10', data_dir=str(tmp_path))
-  assert time.time() - start_time < 10
+  # TFDS's own retries take minutes; 60 s leaves room for a loaded 2-core machine.
+  assert time.time() - start_time < 60
 
 
 def test_failed_save_names_model_dir(tmp_path):
