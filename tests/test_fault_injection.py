@@ -454,6 +454,7 @@ def _tiny_state(model_dir, optimizer):
   return state, state.model.encoder.stem.convs[0].kernel
 
 
+@pytest.mark.slow
 def test_a_second_damaged_copy_of_a_step_never_overwrites_the_first(tmp_path):
   """Damage ckpt-2, resume (set aside; step 2 is saved again), damage it again, resume: both
   damaged copies are kept byte for byte under names of their own."""
@@ -479,6 +480,7 @@ def test_a_second_damaged_copy_of_a_step_never_overwrites_the_first(tmp_path):
   assert copies[0] != copies[1]
 
 
+@pytest.mark.slow
 def test_unreadable_index_file_is_set_aside(tmp_path, caplog):
   state, kernel = _tiny_state(tmp_path, 'momentum')
   kernel.assign(tf.fill(kernel.shape, 0.5))
@@ -494,6 +496,7 @@ def test_unreadable_index_file_is_set_aside(tmp_path, caplog):
   assert 'cannot be read' in caplog.text
 
 
+@pytest.mark.slow
 def test_optimizer_slot_mismatch_is_an_error_or_skipped(tmp_path, caplog):
   state, kernel = _tiny_state(tmp_path, 'momentum')
   kernel.assign(tf.fill(kernel.shape, 0.5))
@@ -560,6 +563,7 @@ def test_empty_class_folder_is_named_or_skipped(tmp_path):
   assert sorted(pairs) == [(ord('a'), 0)] * 3 + [(ord('c'), 1)] * 2
 
 
+@pytest.mark.slow
 def test_activation_estimate_counts_every_conv_output():
   from tf_simclr import memory
   from tf_simclr.models import resnet

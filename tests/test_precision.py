@@ -124,6 +124,7 @@ def _one_step(config, strategy, initial, images, labels, tmp_path):
                        tmp_path / type(strategy).__name__)
 
 
+@pytest.mark.slow
 def test_two_replica_bfloat16_step_equals_one_device(tmp_path, two_replica_strategy):
   config = _config(tmp_path, 'mixed_bfloat16')
   _, initial = _model(config)

@@ -149,6 +149,7 @@ def _pretrain_batch(batch_size, image_size, num_classes, seed):
   return images, labels
 
 
+@pytest.mark.slow
 def test_two_replicas_take_exactly_the_single_device_step(tmp_path, two_replica_strategy):
   """One full pretraining step (NT-Xent across replicas, synchronized BN, LARS, weight decay,
   linear eval head) on 2 replicas equals the same step on one device with the global batch."""

@@ -133,6 +133,7 @@ def _summary_images(log_dir):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('train_mode', ['pretrain', 'finetune', 'distill'])
 def test_xla_multi_step_function_takes_the_uncompiled_step(train_mode, tmp_path,
                                                            two_replica_strategy):
@@ -151,6 +152,7 @@ def test_xla_multi_step_function_takes_the_uncompiled_step(train_mode, tmp_path,
   assert_same_updates(xla_weights, weights, initial['model'])
 
 
+@pytest.mark.slow
 def test_xla_rejects_a_host_only_op_in_the_step(tmp_path):
   """The proxy can fail: a summary write inside the step does not compile."""
   with pytest.raises((tf.errors.InvalidArgumentError, tf.errors.UnimplementedError),
@@ -220,6 +222,7 @@ def test_metrics_are_all_reduced_and_summed_on_each_replica(two_replica_strategy
   assert accumulator.result() == {'loss': 0.0}
 
 
+@pytest.mark.slow
 def test_two_replica_compiled_part_of_the_step_needs_no_merge_call(tmp_path,
                                                                    two_replica_strategy):
   """--jit_compile on several replicas nests the compiled part of the step in a tf.function,
