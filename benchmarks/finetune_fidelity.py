@@ -19,11 +19,9 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
-import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cli_run import ROOT, run_cli  # pylint: disable=g-import-not-at-top
 RESULTS = os.path.join(ROOT, 'benchmarks', 'results', 'finetune_fidelity.json')
 FIXTURE = os.path.join(os.path.dirname(ROOT), 'shared', 'fixtures', 'original_tf2', 'saved_model',
                        'variables', 'variables')
@@ -41,13 +39,7 @@ FINETUNE = ['--train_mode=finetune', '--learning_rate_scaling=sqrt',
 
 def run(name: str, model_dir: str, flags: list) -> dict:
   """One run.py subprocess (log in model_dir/run.log); returns its result.json."""
-  os.makedirs(model_dir, exist_ok=True)
-  cmd = [sys.executable, os.path.join(ROOT, 'run.py'), f'--model_dir={model_dir}'] + flags
-  print(f'[{name}] {" ".join(cmd[2:])}', flush=True)
-  with open(os.path.join(model_dir, 'run.log'), 'w') as log:
-    code = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-  if code != 0:
-    raise SystemExit(f'[{name}] failed with exit code {code}; see {model_dir}/run.log')
+  run_cli(name, model_dir, flags)
   with open(os.path.join(model_dir, 'result.json')) as f:
     return json.load(f)
 
@@ -67,7 +59,7 @@ def main(argv=None):
   parser.add_argument('--train_steps', type=int, default=90)
   parser.add_argument('--train_batch_size', type=int, default=64)
   parser.add_argument('--learning_rate', type=float, default=0.05,
-                      help='0.05: issue 20 (x sqrt(64) = 0.4); the original README uses 0.005')
+                      help='0.05: the fidelity comparison\'s (x sqrt(64) = 0.4); the original README uses 0.005')
   parser.add_argument('--architecture', default=' '.join(ARCHITECTURE),
                       help="--checkpoint's architecture flags (default: the digits32 fixture's)")
   parser.add_argument('--eval_split', default='test')

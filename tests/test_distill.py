@@ -44,6 +44,7 @@ def _distill_config(model_dir, teacher_ckpt, label_weight, **overrides):
                                 temperature=1.0, label_weight=label_weight))
 
 
+@pytest.mark.slow
 def test_teacher_architecture_comes_from_its_flags_json(teacher_checkpoint):
   student = cfg.ModelConfig(**{**TINY_MODEL, **STUDENT})
   teacher = teacher_lib.teacher_model_config(student, teacher_checkpoint, {})
@@ -52,6 +53,7 @@ def test_teacher_architecture_comes_from_its_flags_json(teacher_checkpoint):
   assert override.proj_out_dim == 4 and override.fine_tune_after_block == -1
 
 
+@pytest.mark.slow
 def test_distill_trains_student_only_and_evaluates_the_student(tmp_path, teacher_checkpoint):
   config = _distill_config(tmp_path, teacher_checkpoint, label_weight=0.5,
                            data__train_label_fraction=0.1, train__mode='train_then_eval',

@@ -5,6 +5,7 @@ import json
 import pytest
 import tensorflow as tf
 
+from tf_simclr import cpu_kernels
 from tf_simclr import distribute
 from tf_simclr.config import ConfigError, DistributeConfig
 
@@ -86,7 +87,9 @@ def test_named_tpu_is_resolved_and_failures_are_reported(monkeypatch, no_local_t
   # --use_tpu=false: auto never probes, even with a TPU named in the environment.
   strategy = distribute.make_strategy(DistributeConfig(strategy='auto', allow_tpu=False),
                                       env={'TPU_NAME': 'env-tpu'})
-  assert len(seen) == 2 and strategy.num_replicas_in_sync >= 1
+  # No TPU probed: the default strategy here (one replica), or all local GPUs.
+  assert len(seen) == 2
+  assert strategy.num_replicas_in_sync == max(1, len(tf.config.list_logical_devices('GPU')))
   with pytest.raises(ConfigError, match='use_tpu'):
     distribute.make_strategy(DistributeConfig(strategy='tpu', allow_tpu=False), env={})
 
@@ -96,8 +99,8 @@ def test_nvidia_gpu_that_tensorflow_does_not_see_is_a_warning(monkeypatch, tmp_p
   if tf.config.list_physical_devices('GPU'):
     pytest.skip('this machine has a GPU TensorFlow sees')
   driver = tmp_path / 'proc_driver_nvidia'
-  monkeypatch.setattr(distribute, '_NVIDIA_PATHS', (str(driver),))
-  monkeypatch.setattr(distribute.shutil, 'which', lambda name: None)
+  monkeypatch.setattr(cpu_kernels, '_NVIDIA_PATHS', (str(driver),))
+  monkeypatch.setattr(cpu_kernels.shutil, 'which', lambda name: None)
   with caplog.at_level('WARNING'):
     assert not distribute.warn_if_gpu_unused()  # no NVIDIA device here
   assert 'sees no GPU' not in caplog.text

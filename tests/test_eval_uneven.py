@@ -13,31 +13,17 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import helpers
 from tf_simclr import config as cfg
 from tf_simclr.data import datasets, pipeline
 from tf_simclr.models import simclr
 from tf_simclr.evaluation import evaluate
 
 
-class TinyFiveFileDataset(tfds.core.GeneratorBasedBuilder):
-  """50 8x8 RGB images in 5 files, 5 classes."""
-  VERSION = tfds.core.Version('1.0.0')
-
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(8, 8, 3)),
-            'label': tfds.features.ClassLabel(num_classes=5)}),
-        supervised_keys=('image', 'label'))
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {'test': self._generate_examples(50)}
-
-  def _generate_examples(self, n):
-    for i in range(n):
-      yield i, {'image': np.full((8, 8, 3), i * 5, np.uint8), 'label': i % 5}
+# 50 8x8 RGB images (pixel value 5 * index) in 5 files, 5 classes.
+TinyFiveFileDataset = helpers.tiny_tfds_builder(
+    'TinyFiveFileDataset', {'test': 50}, (8, 8, 3), 5,
+    lambda split, i: (np.full((8, 8, 3), i * 5, np.uint8), i % 5))
 
 
 @pytest.fixture(scope='module')

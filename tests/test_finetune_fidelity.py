@@ -1,6 +1,6 @@
 """Fine-tuning takes the original's steps: two steps through the real assembly (schedule, LARS,
 exclusions, FinetuneTask, loop) from fixed weights and fixed batches equal a plain-TF/numpy
-reference of google-research/simclr's update rule, whatever the loop size (issue 20).
+reference of google-research/simclr's update rule, whatever the loop size.
 
 Linear eval and partial fine-tuning (issue 28): with --fine_tune_after_block=k the reference is
 an all-trainable copy of the model whose forward pass the test composes itself, as the original's

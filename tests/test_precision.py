@@ -70,6 +70,20 @@ def _loss_and_grads(config, model):
   return loss, dict(zip([v.path for v in variables], tape.gradient(loss, variables)))
 
 
+def _numpy_nt_xent(hidden, temperature):
+  """NT-Xent in float64: rows i and i + N are positives, every other row a negative; the sum of
+  the two views' mean cross-entropies, as the original."""
+  h = hidden.astype(np.float64)
+  h /= np.linalg.norm(h, axis=1, keepdims=True)
+  n = len(h) // 2
+  logits = h @ h.T / temperature
+  np.fill_diagonal(logits, -np.inf)
+  positive = logits[np.arange(2 * n), (np.arange(2 * n) + n) % (2 * n)]
+  top = logits.max(axis=1)
+  lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+  return float(np.sum(lse - positive) / n)
+
+
 def test_bfloat16_step_matches_float32_and_keeps_float32_where_it_matters(tmp_path):
   f32, initial = _model(_config(tmp_path))
   bf16, _ = _model(_config(tmp_path, 'mixed_bfloat16'), initial=initial)
@@ -86,6 +100,14 @@ def test_bfloat16_step_matches_float32_and_keeps_float32_where_it_matters(tmp_pa
   loss16, grads16 = _loss_and_grads(_config(tmp_path, 'mixed_bfloat16'), bf16)
   assert loss16.dtype == tf.float32
   assert float(loss16) == pytest.approx(float(loss32), rel=0.02)
+  # NT-Xent itself runs in float32: on the bfloat16 model's projections it matches a float64
+  # numpy NT-Xent to float32 precision (in bfloat16 it would be off by ~1e-2 relative).
+  views = _batch(8)[0]
+  both = tf.constant(np.concatenate([views[..., :3], views[..., 3:]], 0))
+  hidden = bf16(both, training=True)[simclr.PROJ_HEAD_OUTPUT]
+  got, _, _ = losses.nt_xent(hidden, 0.5)
+  assert got.dtype == tf.float32
+  assert float(got) == pytest.approx(_numpy_nt_xent(hidden.numpy(), 0.5), rel=2e-5)
   assert grads16.keys() == grads32.keys()
   for path, g in grads16.items():
     assert g is not None and g.dtype == tf.float32, path
@@ -102,6 +124,7 @@ def _one_step(config, strategy, initial, images, labels, tmp_path):
                        tmp_path / type(strategy).__name__)
 
 
+@pytest.mark.slow
 def test_two_replica_bfloat16_step_equals_one_device(tmp_path, two_replica_strategy):
   config = _config(tmp_path, 'mixed_bfloat16')
   _, initial = _model(config)
@@ -153,6 +176,7 @@ def keras_sgd():
   return keras.optimizers.SGD(0.01)
 
 
+@pytest.mark.slow
 def test_float16_overflow_skips_steps_and_lowers_the_loss_scale(tmp_path):
   trainer, optimizer, model, initial, data = _float16_trainer(tmp_path, _Amplified, 1)
   # The first step alone: gradients x 1e3 x 2**15 overflow float16 and must be skipped.
@@ -183,6 +207,7 @@ class _NaNLoss(tasks.PretrainTask):
     return loss * np.float32(np.nan), logs
 
 
+@pytest.mark.slow
 def test_float16_persistent_non_finite_loss_stops(tmp_path):
   trainer, optimizer, _, _, data = _float16_trainer(tmp_path, _NaNLoss, 2)
   trainer.max_consecutive_skips = 3

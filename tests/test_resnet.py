@@ -59,6 +59,7 @@ def test_encoder_parameter_count_matches_original(name):
   assert _num_params(_layout_encoder(name).trainable_variables) == LAYOUTS[name][1]
 
 
+@pytest.mark.slow
 def test_parameter_counts_match_simclrv2_table1():
   """SimCLRv2 paper, Table 1 (millions, rounded as printed)."""
   counts = {'R50 1x': _layout_encoder('r50_1x_sk0'), 'R50 1x SK': _layout_encoder('r50_1x_sk1'),
@@ -335,6 +336,7 @@ def test_frozen_batch_norm_layer_matches_numpy(policy, batch_stats):
   np.testing.assert_allclose(bn.moving_variance.numpy(), want_var, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('k', [-1, 4])
 def test_global_bn_matches_single_device_statistics(two_replica_strategy, k):
   """Synchronized BN over 2 replicas == one device on the concatenated batch; also in frozen
@@ -375,6 +377,7 @@ def test_global_bn_matches_single_device_statistics(two_replica_strategy, k):
   assert max(np.abs(whole.numpy() - part).max() for _, whole, part in moving) > 1e-3
 
 
+@pytest.mark.slow
 def test_fractional_width_scales_every_layer_and_keeps_integer_widths_exact():
   """--width_multiplier=0.25 gives a 16-32-64-128 ResNet-18 (small CPU models); 2 doubles."""
   images = tf.zeros([1, 16, 16, 3])

@@ -16,14 +16,22 @@ from tf_simclr.errors import ConfigError, DatasetError
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 PROJ_HEAD_MODES = ('none', 'linear', 'nonlinear')
 TRAIN_MODES = ('pretrain', 'finetune', 'distill')
+# --mode: those that train, and those that read a run (its record and checkpoints) and never train.
+TRAINING_MODES = ('train', 'train_then_eval')
 # Inspecting a run (evaluation/): nearest neighbours of query images, near-duplicate groups,
 # the pretraining augmentation's views; all write pictures into model_dir.
 INSPECT_MODES = ('neighbors', 'duplicates', 'preview_augment')
-MODES = ('train', 'eval', 'train_then_eval', 'export', 'probe', 'embed') + INSPECT_MODES
-# Modes that read a run (its record and checkpoints) and never train.
 READING_MODES = ('eval', 'export', 'probe', 'embed') + INSPECT_MODES
+MODES = TRAINING_MODES + READING_MODES
 # Modes that read (or compute) the embeddings of --embed_split.
 EMBEDDING_MODES = ('embed', 'neighbors', 'duplicates')
+# The flags that fix the encoder and projection head: a reading mode takes them from the run's
+# record and a given value must agree (config_record), a resume may not change them, and the
+# distillation teacher has a --teacher_* flag for each.
+ARCHITECTURE_FLAGS = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio', 'proj_head_mode',
+                      'proj_out_dim', 'num_proj_layers', 'ft_proj_selector')
+# The model_dir LOCK's lease in seconds (--lock_lease_s; run_dir.RunLock).
+LOCK_LEASE_S = 300.0
 OPTIMIZERS = ('momentum', 'adam', 'lars')
 LR_SCALINGS = ('linear', 'sqrt')
 COLOR_JITTER_IMPLS = ('simclrv1', 'simclrv2')
@@ -305,7 +313,6 @@ class TrainConfig:
   keep_hub_module_max: int = 1
   temperature: float = 0.1
   hidden_norm: bool = True
-  lineareval_while_pretraining: bool = True
   zero_init_logits_layer: bool = False
   # checkpoint (the original): the head --checkpoint holds when its shape fits, else N(0, 0.01);
   # --zero_init_logits_layer does nothing (the original zeroes before the variables exist).
@@ -315,7 +322,7 @@ class TrainConfig:
   seed: Optional[int] = None
   # --mode=eval: seconds to wait for each new checkpoint (0: forever).
   eval_timeout: float = 3600
-  # XLA-compile the train and eval steps (slower on CPU; see README).
+  # XLA-compile the train and eval steps (slower on CPU; see docs/performance.md).
   jit_compile: bool = False
   # --mode=embed: the split (None: --train_split) and the endpoint written to features.npy.
   embed_split: Optional[str] = None
@@ -331,7 +338,7 @@ class TrainConfig:
   # Resume although flags the checkpoints depend on changed (config_record.check_resume_flags).
   allow_flag_changes: bool = False
   # The model_dir LOCK's lease (run_dir.py): renewed every loop and every lease/4 seconds.
-  lock_lease_s: float = 300.0
+  lock_lease_s: float = LOCK_LEASE_S
 
   def __post_init__(self):
     _check(bool(self.model_dir), '--model_dir is required: the folder for checkpoints, '
@@ -460,14 +467,12 @@ def check_same_architecture(model: ModelConfig, stored_flags: dict, where: str) 
   def stored(name):
     return stored_flags.get(name)
 
-  pairs = [('resnet_depth', model.resnet_depth), ('width_multiplier', model.width_multiplier),
-           ('sk_ratio', model.sk_ratio), ('se_ratio', model.se_ratio),
-           ('proj_head_mode', model.proj_head_mode)]
-  if model.proj_head_mode == stored('proj_head_mode'):
-    if model.proj_head_mode == 'nonlinear':
-      pairs.append(('num_proj_layers', model.num_proj_layers))
-    if model.proj_head_mode != 'none':
-      pairs.append(('proj_out_dim', model.proj_out_dim))
+  # The head's size only counts when both heads are of one kind; ft_proj_selector picks a layer.
+  same_head = model.proj_head_mode == stored('proj_head_mode')
+  skipped = {'ft_proj_selector',
+             *(() if same_head and model.proj_head_mode == 'nonlinear' else ('num_proj_layers',)),
+             *(() if same_head and model.proj_head_mode != 'none' else ('proj_out_dim',))}
+  pairs = [(name, getattr(model, name)) for name in ARCHITECTURE_FLAGS if name not in skipped]
   wrong = [f'--{name}={value!r} here but {stored(name)!r} in the run'
            for name, value in pairs
            if stored(name) is not None and not _same(stored(name), value)]

@@ -23,6 +23,7 @@ from typing import Dict, Mapping, Optional
 from absl import logging
 import tensorflow as tf
 
+from tf_simclr import cpu_kernels
 from tf_simclr.config import ConfigError, DistributeConfig
 from tf_simclr.errors import UserError
 
@@ -90,30 +91,18 @@ def _tpu_strategy(config: DistributeConfig, target: str) -> tf.distribute.Strate
   return tf.distribute.TPUStrategy(resolver)
 
 
-# Signs of an NVIDIA GPU and its driver on this machine (besides nvidia-smi on the PATH).
-_NVIDIA_PATHS = ('/proc/driver/nvidia', '/dev/nvidia0')
-
-
-def nvidia_sign() -> Optional[str]:
-  """A path showing an NVIDIA GPU on this machine (driver folder, device, nvidia-smi), or None."""
-  for path in _NVIDIA_PATHS:
-    if os.path.exists(path):
-      return path
-  return shutil.which('nvidia-smi')
-
-
 def warn_if_gpu_unused() -> bool:
   """Warns (and returns True) when this machine has an NVIDIA GPU that TensorFlow does not see.
 
   Plain `pip install tensorflow` brings no CUDA libraries; TensorFlow's own "skipping GPU"
   message is hidden by the log level run.py sets, so without this the run silently uses the CPU.
   """
-  sign = nvidia_sign()
+  sign = cpu_kernels.nvidia_sign()
   if sign is None or tf.config.list_physical_devices('GPU'):
     return False
   logging.warning('This machine has an NVIDIA GPU (%s) but TensorFlow sees no GPU, so this run '
                   'uses the CPU. Install TensorFlow with its CUDA libraries: '
-                  'pip install "tensorflow[and-cuda]==%s" (README, "GPUs"); check with '
+                  'pip install "tensorflow[and-cuda]==%s" (docs/multi_device.md); check with '
                   'python -c "import tensorflow as tf; '
                   'print(tf.config.list_physical_devices(\'GPU\'))".', sign, tf.__version__)
   return True

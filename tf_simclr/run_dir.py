@@ -29,12 +29,12 @@ from typing import Dict, Optional
 
 import tensorflow as tf
 
-from tf_simclr.config import ConfigError
+from tf_simclr.config import LOCK_LEASE_S, ConfigError
+from tf_simclr.errors import first_line
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = 'LOCK'
-DEFAULT_LEASE_S = 300.0
 FLAGS_FILE = 'flags.json'
 
 
@@ -81,15 +81,35 @@ def check_usable(model_dir: str, create: bool) -> None:
     tf.io.gfile.makedirs(model_dir)
   except (tf.errors.OpError, OSError) as e:
     raise ModelDirError(f'--model_dir={model_dir} cannot be created ({type(e).__name__}: '
-                        f'{_first_line(e)}): choose a folder you can write to.') from e
+                        f'{first_line(e)}): choose a folder you can write to.') from e
   if _is_local(model_dir) and not os.access(model_dir, os.W_OK | os.X_OK):
     raise ModelDirError(f'--model_dir={model_dir} is not writable: fix its permissions or '
                         'choose another folder.')
 
 
-def _first_line(error: BaseException) -> str:
-  text = str(error).strip()
-  return text.splitlines()[0] if text else ''
+def entries(model_dir: str) -> Optional[frozenset]:
+  """The names in model_dir now (None: it does not exist): what `restore_entries` goes back to."""
+  if not tf.io.gfile.isdir(model_dir):
+    return None
+  return frozenset(tf.io.gfile.listdir(model_dir))
+
+
+def restore_entries(model_dir: str, before: Optional[frozenset]) -> bool:
+  """Removes what a refused run added to model_dir (and model_dir, if it made it), unless the run
+  saved a checkpoint, which is progress to keep. Returns whether it removed anything."""
+  added = set(entries(model_dir) or ()) - set(before or ())
+  if any(checkpoint_index_step(name.rstrip('/')) is not None for name in added):
+    return False
+  for name in added:
+    path = os.path.join(model_dir, name.rstrip('/'))
+    if tf.io.gfile.isdir(path):
+      tf.io.gfile.rmtree(path)
+    else:
+      tf.io.gfile.remove(path)
+  if before is None and tf.io.gfile.isdir(model_dir) and not tf.io.gfile.listdir(model_dir):
+    tf.io.gfile.rmtree(model_dir)
+    return True
+  return bool(added)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +173,7 @@ class RunLock:
   """model_dir/LOCK held by this process for one training run (a context manager): a lease of
   `lease_s` seconds, refreshed by `refresh()` (each loop) and by a background thread."""
 
-  def __init__(self, model_dir: str, lease_s: float = DEFAULT_LEASE_S):
+  def __init__(self, model_dir: str, lease_s: float = LOCK_LEASE_S):
     self.model_dir = model_dir
     self.path = os.path.join(model_dir, LOCK_FILE)
     self.lease_s = float(lease_s)
@@ -230,7 +250,7 @@ class RunLock:
     except (tf.errors.PermissionDeniedError, PermissionError, OSError,
             tf.errors.OpError) as e:
       raise ModelDirError(f'--model_dir={self.model_dir} is not writable: cannot create '
-                          f'{self.path} ({type(e).__name__}: {_first_line(e)}).') from e
+                          f'{self.path} ({type(e).__name__}: {first_line(e)}).') from e
     raise ModelDirError(f'Could not take the lock {self.path}; try again.')
 
   def refresh(self, force: bool = False) -> None:
@@ -260,7 +280,7 @@ class RunLock:
         self._rewrite()
       except (tf.errors.OpError, OSError) as e:
         log.warning('Could not renew the lease of %s (%s: %s).', self.path, type(e).__name__,
-                    _first_line(e))
+                    first_line(e))
 
   def _rewrite(self) -> None:
     """Writes this holder's record over the lock file (a renewal)."""

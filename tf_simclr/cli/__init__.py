@@ -19,6 +19,7 @@ from absl import logging
 
 from tf_simclr import config as cfg
 from tf_simclr.cli import definitions  # noqa: F401  (defines the flags)
+from tf_simclr.cli import quiet
 from tf_simclr.cli import usage
 
 FLAGS = flags.FLAGS
@@ -61,7 +62,6 @@ def config_from_flags(flag_values) -> cfg.Config:
       steps_per_loop=f.steps_per_loop, checkpoint=f.checkpoint,
       keep_checkpoint_max=f.keep_checkpoint_max, keep_hub_module_max=f.keep_hub_module_max,
       temperature=f.temperature, hidden_norm=f.hidden_norm,
-      lineareval_while_pretraining=f.lineareval_while_pretraining,
       zero_init_logits_layer=f.zero_init_logits_layer,
       logits_layer_init=f.logits_layer_init, eval_name=f.eval_name, seed=f.seed,
       eval_timeout=f.eval_timeout, jit_compile=f.jit_compile, embed_split=f.embed_split,
@@ -74,7 +74,7 @@ def config_from_flags(flag_values) -> cfg.Config:
       strategy=strategy, tpu_name=f.tpu_name, tpu_zone=f.tpu_zone, gcp_project=f.gcp_project,
       master=f.master, allow_tpu=f.use_tpu is not False,
       allow_local_paths_on_tpu=f.allow_local_paths_on_tpu, cpu_devices=f.cpu_devices)
-  overrides = {name: getattr(f, f'teacher_{name}') for name in teacher_lib.ARCHITECTURE_FIELDS
+  overrides = {name: getattr(f, f'teacher_{name}') for name in cfg.ARCHITECTURE_FLAGS
                if getattr(f, f'teacher_{name}') is not None}
   if f.teacher_precision is not None:
     overrides['precision'] = f.teacher_precision
@@ -137,6 +137,8 @@ def _ignore_signals() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]} (flags take the form --name=value).')
+  quiet.start_tensorflow()  # First: TensorFlow's start-up, without CUDA's lines on a CPU machine.
+  quiet.install_log_filter()
   from tf_simclr.errors import UserError
   for ignored in ('train_summary_steps', 'variable_schema'):
     if FLAGS[ignored].present:
@@ -150,7 +152,7 @@ def main(argv):
     sys.exit(2)
   from tf_simclr import cpu_kernels
   from tf_simclr.run import modes
-  logging.info('TensorFlow CPU kernels: %s (%s=%s; see README, "Speed on CPUs").',
+  logging.info('TensorFlow CPU kernels: %s (%s=%s; see docs/performance.md).',
                'oneDNN' if cpu_kernels.onednn_enabled() else 'Eigen', cpu_kernels.ENV,
                os.environ.get(cpu_kernels.ENV, 'unset'))
   try:

@@ -168,7 +168,7 @@ flags.DEFINE_bool('allow_flag_changes', False,
                   'dataset, batch size, optimizer, learning-rate schedule, temperature, '
                   'architecture) differ from its flags.json; the earlier values are kept there '
                   'under "history". Another --optimizer restores weights and step only.')
-flags.DEFINE_float('lock_lease_s', 300,
+flags.DEFINE_float('lock_lease_s', cfg.LOCK_LEASE_S,
                    'Lease of model_dir/LOCK in seconds: a training run renews it every loop and '
                    'every lease/4 s; a lock not renewed for this long is taken over, from any '
                    'host (its run is gone).')

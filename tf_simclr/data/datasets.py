@@ -29,7 +29,7 @@ import tensorflow_datasets as tfds
 
 from tf_simclr import run_dir
 from tf_simclr.data import image_files, subsets, synthetic, tfds_prepare
-from tf_simclr.errors import DatasetError
+from tf_simclr.errors import BadImagesError, DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -270,11 +270,6 @@ class DatasetSource:
                split, path, type(e).__name__)
 
 
-def validate_split(source: DatasetSource, split: str, flag: str = '--train_split') -> None:
-  """Raises DatasetError naming `flag` and the available splits unless `split` is readable."""
-  source.validate_split(split, flag)
-
-
 def _resolve_builtin(name: str) -> DatasetSource:
   return DatasetSource(
       name=name, kind='builtin', num_classes=synthetic.NUM_CLASSES,
@@ -283,7 +278,7 @@ def _resolve_builtin(name: str) -> DatasetSource:
       class_names=synthetic.CLASS_NAMES)
 
 
-def bad_images_error(source: 'DatasetSource', split: str) -> Optional[DatasetError]:
+def bad_images_error(source: 'DatasetSource', split: str) -> Optional[BadImagesError]:
   """For a folder: dataset whose reading failed: a DatasetError naming the bad files, or None."""
   if source.kind == 'images':
     bad = image_files.find_bad_images(source.files)
@@ -295,7 +290,7 @@ def bad_images_error(source: 'DatasetSource', split: str) -> Optional[DatasetErr
     bad = image_files.find_bad_images(e.image_path for n in names for e in examples[n])
   if not bad:
     return None
-  return DatasetError(
+  return BadImagesError(
       f'--dataset={source.name}: {len(bad)} image file(s) cannot be decoded, first: '
       + ', '.join(bad[:5]) + '. Remove or fix them, or pass --skip_bad_images to leave them out.')
 

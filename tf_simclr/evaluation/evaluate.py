@@ -17,7 +17,7 @@ from tf_simclr import distribute
 from tf_simclr import losses
 from tf_simclr import run_dir
 from tf_simclr.data import datasets, pipeline
-from tf_simclr.errors import CheckpointNotFoundError, UserError
+from tf_simclr.errors import CheckpointNotFoundError, UserError, first_line
 from tf_simclr.evaluation import probe, reading
 from tf_simclr.evaluation import readouts as readouts_lib
 from tf_simclr.models import simclr
@@ -124,10 +124,9 @@ def write_results(model_dir: str, result: Dict[str, float], global_step: int,
     except (tf.errors.OpError, OSError) as e:
       log.warning('Eval results at step %d: %s', global_step,
                   ', '.join(f'{k}={v:.6g}' for k, v in sorted(stored.items())))
-      text = str(e).strip().splitlines()
       raise ResultsNotWrittenError(
           f'Evaluated step {global_step} (results in the line above) but cannot write '
-          f'{path} ({type(e).__name__}: {text[0] if text else ""}): '
+          f'{path} ({type(e).__name__}: {first_line(e)}): '
           f'--model_dir={model_dir} is not writable. Make it writable, or evaluate a copy of '
           'the run.') from e
   writer = tf.summary.create_file_writer(summary_dir or model_dir)
@@ -172,7 +171,7 @@ def evaluate(ctx, model, global_step: int, export_fn: Optional[Callable] = None,
     log.info('Skipping eval: pretraining without --lineareval_while_pretraining has no '
              'supervised head, and the kNN monitor is off.')
     return None
-  result.update(ctx.baseline)
+  result.update(ctx.readouts.baseline)
   if not distribute.is_chief(ctx.strategy):
     return result
   summary_dir = run_dir.eval_summary_dir(config.train.model_dir, config.train.eval_name)
@@ -229,10 +228,7 @@ def probe_checkpoint(ctx, model) -> Dict[str, float]:
     source = weights_source.resolve(config.train.checkpoint)
     weights_match.load(model, source, fresh_ok=READOUT_FRESH_OK)
     log.info('Probing --checkpoint=%s.', config.train.checkpoint)
-    try:
-      step = weights_source.read_global_step(source)
-    except (ValueError, KeyError, tf.errors.OpError):
-      step = 0
+    step = weights_source.read_step_or_zero(source)
   elif (loaded := weights_state.load_newest_intact(model, model_dir, fresh_ok=READOUT_FRESH_OK,
                                                      lead=reading.MODEL_DIR_LEAD)):
     latest, step = loaded
@@ -242,7 +238,7 @@ def probe_checkpoint(ctx, model) -> Dict[str, float]:
                 'random-init encoder.', model_dir)
   result = readouts_lib.readouts(ctx, model, knn=readouts_lib.knn_enabled(ctx),
                                  linear=readouts_lib.linear_probe_enabled(ctx))
-  result.update(ctx.baseline)
+  result.update(ctx.readouts.baseline)
   if not distribute.is_chief(ctx.strategy):
     return result
   stored = write_results(model_dir, result, step, model_dir, merge=True)  # Keeps the head's.

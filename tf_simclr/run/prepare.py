@@ -20,10 +20,11 @@ from tf_simclr import config_record
 from tf_simclr import distribute
 from tf_simclr import memory
 from tf_simclr import run_dir
-from tf_simclr.config import Config, Steps, resolve_steps
+from tf_simclr.config import TRAINING_MODES, Config, Steps, resolve_steps
 from tf_simclr.data import datasets, tfds_prepare
 from tf_simclr.errors import CheckpointNotFoundError
-from tf_simclr.evaluation import probe, reading
+from tf_simclr.evaluation import reading
+from tf_simclr.evaluation import readouts as readouts_lib
 from tf_simclr.train import tasks
 from tf_simclr.weights import source as weights_source
 from tf_simclr.weights import state as weights_state
@@ -31,25 +32,23 @@ from tf_simclr.weights import state as weights_state
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Context:
-  """What every mode needs: the strategy, the data source, the step counts, the model."""
+  """What every mode needs: the strategy, the data source, the step counts, the model. Read-only;
+  the readouts' state (their feature cache, the random-init baseline) lives in `readouts`."""
   config: Config
   strategy: tf.distribute.Strategy
   source: 'datasets.DatasetSource'
   steps: Steps
   num_classes: int
+  task_class: type  # tasks.task_class(config), the one lookup: what differs by training mode
   label_subset: Optional[object] = None
-  task_class: type = tasks.PretrainTask  # tasks.task_class(config): what differs by training mode
   lock: Optional[run_dir.RunLock] = None  # held by a training run's chief
   flags_dict: Optional[Dict] = None  # written to flags.json once training has its weights
-  # Readouts on frozen features (evaluation/probe.py), made on first use; the random-init baseline.
-  readout: Optional[probe.Readout] = None
-  baseline: Dict[str, float] = dataclasses.field(default_factory=dict)
   optimizer_changed: bool = False  # resumed with another --optimizer (--allow_flag_changes)
-
-
-TRAINING_MODES = ('train', 'train_then_eval')
+  # model_dir's names before this run wrote anything (None: it did not exist; run_dir.entries).
+  model_dir_before: Optional[frozenset] = None
+  readouts: readouts_lib.ReadoutState = dataclasses.field(default_factory=readouts_lib.ReadoutState)
 
 
 def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
@@ -80,9 +79,12 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
           weights_source.checkpoint_step(checkpoints[0]))
       optimizer_changed = 'optimizer' in fixed
     config_lib.check_same_architecture(config.model, stored, train.model_dir)
-  if needs_train:  # Weights paths that are missing or not checkpoints: named before the lock.
-    if train.checkpoint and not checkpoints:
-      weights_source.resolve(train.checkpoint)
+  # --checkpoint (when model_dir has none to resume from) and the teacher: a path that is missing
+  # or not a checkpoint is named before anything is built, written or locked. Export reads its
+  # weights first thing (reading.model_from_weights).
+  if train.checkpoint and not checkpoints and train.mode != 'export':
+    weights_source.resolve(train.checkpoint)
+  if needs_train:
     teacher = config.distill.teacher_checkpoint
     if task_class.needs_teacher and not weights_source.is_saved_model(teacher):
       weights_source.resolve(teacher, flag='teacher_checkpoint')
@@ -95,8 +97,6 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
     config, num_classes = reading.model_from_weights(config, 'export')
     return Context(config=config, strategy=strategy, source=None, steps=None,
                    num_classes=num_classes, task_class=task_class)
-  if train.checkpoint and not weights_source.find_checkpoints(train.model_dir):
-    weights_source.checkpoint_prefix(train.checkpoint)  # Exists? (before model_dir is created)
   embed_classes = None
   if train.mode == 'neighbors':  # Before the weights: a missing --query is the simpler fix.
     from tf_simclr.evaluation import neighbors  # pylint: disable=g-import-not-at-top
@@ -109,6 +109,7 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
     from tf_simclr import weights  # pylint: disable=g-import-not-at-top
     num_classes = weights.describe(config.distill.teacher_checkpoint)['num_classes'] or 0
   # Training, probe and embed write into model_dir (probe/embed: result files only).
+  model_dir_before = run_dir.entries(train.model_dir)
   run_dir.check_usable(train.model_dir, create=needs_train or train.mode in (
       ('probe',) + config_lib.EMBEDDING_MODES + config_lib.INSPECT_MODES))
   # Only a training run's chief holds the lock, taken before anything is written.
@@ -146,7 +147,7 @@ def prepare(config: Config, flags_dict: Optional[Dict] = None) -> Context:
   return Context(config=config, strategy=strategy, source=source, steps=steps,
                  num_classes=num_classes, label_subset=label_subset, lock=lock,
                  flags_dict=flags_dict, optimizer_changed=optimizer_changed,
-                 task_class=task_class)
+                 task_class=task_class, model_dir_before=model_dir_before)
 
 
 # How long a worker waits for the chief's model_dir lock token (the chief has passed the same

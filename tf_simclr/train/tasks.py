@@ -249,6 +249,6 @@ def task_class(config: Config) -> type:
   return TASKS[config.train.train_mode]
 
 
-def make_task(config: Config, model, strategy, teacher=None) -> Task:
-  """The task object for `config.train.train_mode`."""
-  return task_class(config)(config, model, strategy, teacher=teacher)
+def make_task(config: Config, model, strategy, teacher=None, cls: Optional[type] = None) -> Task:
+  """The task object for `config.train.train_mode` (`cls`: its class, when already looked up)."""
+  return (cls or task_class(config))(config, model, strategy, teacher=teacher)
