@@ -1,7 +1,7 @@
 """Does fine-tuning a pretrained model reach at least the linear probe on the same features?
 
 Fine-tunes --checkpoint (default: the original's digits32 ResNet-18 in ../shared/fixtures) on a
-small labelled set (--dataset, e.g. digits32 as a class folder) with the issue-20 flags (LARS,
+small labelled set (--dataset, e.g. digits32 as a class folder) with the earlier fine-tuning comparison's flags (LARS,
 lr 0.05 sqrt-scaled, no warmup or decay, whole network, global BN) for --seeds, once per
 --logits_layer_init arm, and reads the same checkpoint's frozen features out with
 `--mode=probe` (linear probe and kNN). Prints a table of mean +- spread (half the max-min range)
@@ -65,7 +65,7 @@ def main(argv=None):
   parser.add_argument('--eval_split', default='test')
   parser.add_argument('--extra_flags', default='',
                       help='more run.py flags for every fine-tuning run (a recipe, e.g. '
-                      '"--optimizer=momentum"); they override the issue-20 flags')
+                      '"--optimizer=momentum"); they override the earlier fine-tuning comparison's flags')
   parser.add_argument('--results', default=RESULTS, help='where the JSON record goes')
   parser.add_argument('--work_dir', default=None)
   args = parser.parse_args(argv)

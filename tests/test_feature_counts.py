@@ -1,5 +1,5 @@
 """Feature extraction, kNN bank, probe, supervised eval and embed give exactly one row per example
-for every split size and replica count (issue 24).
+for every split size and replica count.
 
 A finite, statically shaped distributed dataset ends at the first round in which some replica
 gets no batch; `pipeline.make_feature_dataset` therefore pads the number of batches to whole

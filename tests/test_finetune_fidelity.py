@@ -2,7 +2,7 @@
 exclusions, FinetuneTask, loop) from fixed weights and fixed batches equal a plain-TF/numpy
 reference of google-research/simclr's update rule, whatever the loop size.
 
-Linear eval and partial fine-tuning (issue 28): with --fine_tune_after_block=k the reference is
+Linear eval and partial fine-tuning: with --fine_tune_after_block=k the reference is
 an all-trainable copy of the model whose forward pass the test composes itself, as the original's
 Keras semantics run it: frozen parts called with training=True (batch statistics, moving averages
 updated; Keras' stock BN path of trainable layers) for --frozen_batch_norm=batch_stats, with

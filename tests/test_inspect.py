@@ -1,4 +1,4 @@
-"""Seeing what a model learned (issue 27): TensorBoard projector files from --mode=embed, nearest
+"""Seeing what a model learned: TensorBoard projector files from --mode=embed, nearest
 neighbours, near-duplicate groups and the augmentation preview, on a tiny model trained for two
 steps on a folder of distinct images with planted copies (a flip, a JPEG re-encode, a resize).
 
