@@ -96,6 +96,7 @@ def sweep():
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_sweep_one_row_per_example_on_1_to_8_replicas(sweep):
   """Sizes 1, b +- 1, R*b +- 1 and primes on 1, 2, 3, 4 and 8 replicas (b = 3 per replica):
   every example once (rows == size, labels in split order) with the features the encoder gives

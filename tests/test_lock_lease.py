@@ -51,6 +51,7 @@ def test_lease_within_its_time_by_record_or_file_time_is_not_taken_over(tmp_path
   assert json.loads(path.read_text())['token'] == 'theirs'
 
 
+@pytest.mark.slow
 def test_live_run_on_another_host_keeps_its_lock_past_many_leases(tmp_path):
   """A process on 'another host' holds a 2 s lease; 6 s later it is still refused."""
   code = ('import socket, sys, time\n'

@@ -16,6 +16,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from tf_simclr import weights
 
@@ -101,6 +102,7 @@ def _worker_tmp_left(tmp_path, tag):
           os.walk(tmp_path / f'{tag}_tmp{i}') for f in files]
 
 
+@pytest.mark.slow
 def test_two_workers_train_several_loops_in_lockstep_with_identical_weights(tmp_path):
   """3 training loops with a kNN readout after the 1st and 2nd, then eval: every collective
   (SIGTERM agreement, metrics, eval sums, readout gathers, restored-step agreement) runs
@@ -143,6 +145,7 @@ def tf_reader(path):
   return tf.train.load_checkpoint(str(path))
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_worker_stops_both_at_the_same_saved_step(tmp_path):
   model_dir = tmp_path / 'run'
   flags = ['--mode=train', '--train_steps=100000', '--checkpoint_steps=2', '--eval_split=test']
@@ -166,6 +169,7 @@ def test_sigterm_to_one_worker_stops_both_at_the_same_saved_step(tmp_path):
   assert not _worker_tmp_left(tmp_path, 'term')
 
 
+@pytest.mark.slow
 def test_restart_with_a_folder_per_worker_at_different_steps_is_refused(tmp_path):
   """Worker 0's --model_dir holds ckpt-4, worker 1's ckpt-2 (a folder per machine): both stop
   with exit 2 before training a step, at the start-up check that every worker sees the chief's
@@ -196,6 +200,7 @@ def test_restart_with_a_folder_per_worker_at_different_steps_is_refused(tmp_path
   assert not _worker_tmp_left(tmp_path, 'restart')
 
 
+@pytest.mark.slow
 def test_a_chief_that_cannot_take_the_lock_stops_every_worker(tmp_path):
   """A live run holds model_dir's LOCK: the chief refuses (exit 2, names the holder) and the
   other worker stops too with exit 2 and says why (before: a traceback from its first

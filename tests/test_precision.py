@@ -84,6 +84,7 @@ def _numpy_nt_xent(hidden, temperature):
   return float(np.sum(lse - positive) / n)
 
 
+@pytest.mark.slow
 def test_bfloat16_step_matches_float32_and_keeps_float32_where_it_matters(tmp_path):
   f32, initial = _model(_config(tmp_path))
   bf16, _ = _model(_config(tmp_path, 'mixed_bfloat16'), initial=initial)
@@ -217,6 +218,7 @@ def test_float16_persistent_non_finite_loss_stops(tmp_path):
   assert float(optimizer.dynamic_scale.numpy()) == 2.0 ** 12
 
 
+@pytest.mark.slow
 def test_checkpoints_and_exports_do_not_depend_on_precision(tmp_path):
   """float32 -> mixed_float16 (loss-scale optimizer) -> mixed_bfloat16 resumes, then a float32
   export of the bfloat16 model."""
@@ -290,6 +292,7 @@ def test_original_weights_import_into_a_bfloat16_model(original_fixture_dir):
     assert np.max(np.abs(got - want)) <= 0.05 * np.max(np.abs(want)), name
 
 
+@pytest.mark.slow
 def test_teacher_precision_is_independent_of_the_student(tmp_path):
   """A bfloat16 teacher for a float32 student, from a float32 checkpoint."""
   from tf_simclr import teacher as teacher_lib
@@ -378,6 +381,7 @@ def _step_graph_counts(tmp_path, precision):
   return op_breakdown.graph_counts(graph), types, bn_casts, built.model
 
 
+@pytest.mark.slow
 def test_bfloat16_step_casts_each_weight_once_and_nothing_around_batch_norm(tmp_path):
   """The mixed_bfloat16 step adds to the float32 step only one cast per 16-bit weight (the
   encoder's conv kernels: one read per step, both views being one batch) and its gradient's

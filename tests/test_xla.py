@@ -178,6 +178,7 @@ def test_batched_blur_compiles():
     assert abs(y[i].mean() - x[i].mean()) < 0.03, i
 
 
+@pytest.mark.slow
 def test_xla_eval_step_matches_numpy(tmp_path):
   strategy = tf.distribute.get_strategy()
   model, _ = _build(_config('finetune', tmp_path), strategy)
