@@ -158,6 +158,17 @@ class SimCLR(keras.Model):
     self._train_names = tuple(names)
     self._test_names = (LOSS,) + tuple(tasks.SUPERVISED_METRICS)
 
+  def get_compile_config(self):
+    """What `compile` was given (the optimizer serialised), for `.keras` files."""
+    return super().get_compile_config()
+
+  def compile_from_config(self, config):
+    """Loading a `.keras` file: `compile` again with the saved optimizer (its state follows)."""
+    config = keras.saving.deserialize_keras_object(config)
+    for key in ('loss', 'loss_weights', 'metrics', 'weighted_metrics'):
+      config.pop(key, None)
+    self.compile(**config)
+
   @property
   def metrics(self):
     """The running means of the step's metrics (Keras resets them each epoch)."""
