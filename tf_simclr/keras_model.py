@@ -185,17 +185,17 @@ class SimCLR(keras.Model):
 
   def _batch(self, data, views_expected: int):
     """(images, one-hot labels) of a Keras data element; labels are zeros when there are none."""
-    images, labels = views._image_and_label(data)  # pylint: disable=protected-access
+    images, labels = views.image_and_label(data)
     if images.shape[-1] != 3 * views_expected:
       raise ValueError(
           f'{self.config.train.train_mode} batches need {3 * views_expected} channels '
           f'({views_expected} view(s) of 3 on the channel axis); got {images.shape[-1]}. Let '
           'fit() make them (augment=True) or use tf_simclr.data.training_views.')
-    if labels is None:
-      if self.network.supervised_head is not None:
-        raise ValueError('This model has a supervised head (num_classes) but the data has no '
-                         'labels: give (images, labels) or build it with num_classes=None.')
-      labels = tf.zeros([tf.shape(images)[0], 1])
+    if self.network.supervised_head is None:
+      labels = tf.zeros([tf.shape(images)[0], 1])  # Unused without the head.
+    elif labels is None:
+      raise ValueError('This model has a supervised head (num_classes) but the data has no '
+                       'labels: give (images, labels) or build it with num_classes=None.')
     elif labels.shape.rank == 1:
       labels = tf.one_hot(tf.cast(labels, tf.int32), self.num_classes)
     return images, tf.cast(labels, tf.float32)
@@ -251,7 +251,7 @@ class SimCLR(keras.Model):
     images, labels = self._batch(data, 1)
     logits = self(images, training=False)[simclr_lib.LOGITS_SUP]
     loss = losses.supervised_loss(labels, logits)
-    logs = tasks._supervised_metrics(labels, logits, loss)  # pylint: disable=protected-access
+    logs = tasks.supervised_metrics(labels, logits, loss)
     logs = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.MEAN, logs)
     logs[LOSS] = logs['supervised_loss']
     return self._update_metrics(logs, self._test_names)
@@ -264,7 +264,7 @@ class SimCLR(keras.Model):
       return dataset
 
     def check(*element):
-      images = views._image_and_label(element if len(element) > 1 else element[0])[0]  # pylint: disable=protected-access
+      images = views.image_and_label(element if len(element) > 1 else element[0])[0]
       tf.debugging.assert_equal(
           tf.shape(images)[0] % replicas, 0, message=(
               f'A batch does not split evenly over the {replicas} replicas: batch with '

@@ -9,7 +9,8 @@ The command line reads its datasets through `pipeline.py`; these functions bring
 - images uint8 in [0, 255] or floats; `value_range='auto'` treats a float batch whose largest value
   exceeds 1 as [0, 255] (`keras.utils.image_dataset_from_directory` gives float32 0-255), else
   [0, 1]; pass (0, 1) or (0, 255) to say which;
-- labels integer class ids or one-hot rows (one-hot on output, as the command line's batches).
+- labels integer class ids or one-hot rows (training batches: one-hot, as the command line's,
+  when num_classes is given).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ AUTOTUNE = tf.data.AUTOTUNE
 ValueRange = Union[str, Tuple[float, float]]
 
 
-def _image_and_label(element):
+def image_and_label(element):
   """(image(s), label(s) or None) of one dataset element (tensor, tuple or TFDS dict)."""
   if isinstance(element, dict):
     if 'image' not in element:
@@ -39,7 +40,7 @@ def _image_and_label(element):
 
 
 def _element_spec(dataset: tf.data.Dataset):
-  return _image_and_label(dataset.element_spec)
+  return image_and_label(dataset.element_spec)
 
 
 def to_unit_range(images: tf.Tensor, value_range: ValueRange = 'auto') -> tf.Tensor:
@@ -57,7 +58,7 @@ def _one_hot(labels: tf.Tensor, num_classes: Optional[int], batched: bool) -> tf
   if labels.shape.rank == (2 if batched else 1):
     return tf.cast(labels, tf.float32)  # Already one-hot.
   if not num_classes:
-    raise ValueError('Integer labels need num_classes to become one-hot.')
+    return tf.cast(labels, tf.int32)  # Class ids stay ids without num_classes.
   return tf.one_hot(tf.cast(labels, tf.int32), num_classes)
 
 
@@ -84,7 +85,7 @@ def _apply(dataset, image_fn, out_size: int, channels: int, num_classes, batch_s
     ds = dataset.unbatch() if batched else dataset
 
     def map_example(*element):
-      image, label = _image_and_label(element if len(element) > 1 else element[0])
+      image, label = image_and_label(element if len(element) > 1 else element[0])
       image = per_example(to_unit_range(image, value_range))
       return (image, convert_labels(label, False)) if labelled else image
     return ds.map(map_example, num_parallel_calls=AUTOTUNE).batch(
@@ -93,7 +94,7 @@ def _apply(dataset, image_fn, out_size: int, channels: int, num_classes, batch_s
   signature = tf.TensorSpec([out_size, out_size, channels], tf.float32)
 
   def map_batch(*element):
-    images, labels = _image_and_label(element if len(element) > 1 else element[0])
+    images, labels = image_and_label(element if len(element) > 1 else element[0])
     images = tf.map_fn(per_example, to_unit_range(images, value_range),
                        fn_output_signature=signature)
     return (images, convert_labels(labels, True)) if labelled else images
