@@ -209,16 +209,19 @@ class SimCLR(keras.Model):
     return self._update_metrics(logs, self._train_names)
 
   def make_train_function(self, force=False):
-    """Keras' train function; with steps_per_execution > 1 the steps run in one while-loop
-    (as the command line's Trainer), the step outside any tf.cond: under MirroredStrategy
-    Keras' own multi-step loop puts the replica step in a cond branch, where the optimizer's
-    cross-replica update fails ("You must feed a value for placeholder tensor ...")."""
+    """The train function: `steps_per_execution` steps in one while-loop, as the command line's
+    Trainer runs `steps_per_loop`, the step outside any tf.cond (under MirroredStrategy Keras'
+    own multi-step loop puts it in a cond branch, where the optimizer's cross-replica update
+    fails: "You must feed a value for placeholder tensor ..."). After each execution, as the
+    Trainer after each loop, unsynchronized BN statistics (global_bn=False) are averaged over
+    the replicas."""
     if self.train_function is not None and not force:
       return self.train_function
     steps = self.steps_per_execution
-    if steps == 1 or self.run_eagerly:
+    if self.run_eagerly:
       return super().make_train_function(force)
     strategy = self.distribute_strategy
+    average_bn = loop.bn_statistics_averager(self.network, strategy)
 
     def one_step(data):
       self.train_step(data)
@@ -238,6 +241,8 @@ class SimCLR(keras.Model):
       ran, logs = multi_step(iterator)
       if int(ran) == 0:
         raise StopIteration
+      if average_bn is not None:
+        average_bn()
       return logs
 
     self.train_function = function
@@ -302,6 +307,7 @@ class SimCLR(keras.Model):
     elif batch_size is not None:
       raise ValueError('batch_size batches the data that fit augments: with augment=False, batch '
                        'the dataset yourself.')
+    kwargs.setdefault('shuffle', False)  # Keras cannot shuffle a dataset: shuffle it yourself.
     return super().fit(self._replica_batches(x), **kwargs)
 
   def evaluate(self, x=None, y=None, batch_size=None, *, augment=True, value_range='auto',
