@@ -1,7 +1,7 @@
 """Does fine-tuning a pretrained model reach at least the linear probe on the same features?
 
 Fine-tunes --checkpoint (default: the original's digits32 ResNet-18 in ../shared/fixtures) on a
-small labelled set (--dataset, e.g. digits32 as a class folder) with the issue-20 flags (LARS,
+small labelled set (--dataset, e.g. digits32 as a class folder) with the earlier fine-tuning comparison's flags (LARS,
 lr 0.05 sqrt-scaled, no warmup or decay, whole network, global BN) for --seeds, once per
 --logits_layer_init arm, and reads the same checkpoint's frozen features out with
 `--mode=probe` (linear probe and kNN). Prints a table of mean +- spread (half the max-min range)
@@ -19,11 +19,9 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
-import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cli_run import ROOT, run_cli  # pylint: disable=g-import-not-at-top
 RESULTS = os.path.join(ROOT, 'benchmarks', 'results', 'finetune_fidelity.json')
 FIXTURE = os.path.join(os.path.dirname(ROOT), 'shared', 'fixtures', 'original_tf2', 'saved_model',
                        'variables', 'variables')
@@ -41,13 +39,7 @@ FINETUNE = ['--train_mode=finetune', '--learning_rate_scaling=sqrt',
 
 def run(name: str, model_dir: str, flags: list) -> dict:
   """One run.py subprocess (log in model_dir/run.log); returns its result.json."""
-  os.makedirs(model_dir, exist_ok=True)
-  cmd = [sys.executable, os.path.join(ROOT, 'run.py'), f'--model_dir={model_dir}'] + flags
-  print(f'[{name}] {" ".join(cmd[2:])}', flush=True)
-  with open(os.path.join(model_dir, 'run.log'), 'w') as log:
-    code = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-  if code != 0:
-    raise SystemExit(f'[{name}] failed with exit code {code}; see {model_dir}/run.log')
+  run_cli(name, model_dir, flags)
   with open(os.path.join(model_dir, 'result.json')) as f:
     return json.load(f)
 
@@ -67,13 +59,13 @@ def main(argv=None):
   parser.add_argument('--train_steps', type=int, default=90)
   parser.add_argument('--train_batch_size', type=int, default=64)
   parser.add_argument('--learning_rate', type=float, default=0.05,
-                      help='0.05: issue 20 (x sqrt(64) = 0.4); the original README uses 0.005')
+                      help='0.05: the fidelity comparison\'s (x sqrt(64) = 0.4); the original README uses 0.005')
   parser.add_argument('--architecture', default=' '.join(ARCHITECTURE),
                       help="--checkpoint's architecture flags (default: the digits32 fixture's)")
   parser.add_argument('--eval_split', default='test')
   parser.add_argument('--extra_flags', default='',
                       help='more run.py flags for every fine-tuning run (a recipe, e.g. '
-                      '"--optimizer=momentum"); they override the issue-20 flags')
+                      '"--optimizer=momentum"); they override the earlier fine-tuning comparison's flags')
   parser.add_argument('--results', default=RESULTS, help='where the JSON record goes')
   parser.add_argument('--work_dir', default=None)
   args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""How long the readouts' labels take to read, per dataset kind (issue 16 item 8).
+"""How long the readouts' labels take to read, per dataset kind.
 
 The kNN bank, the linear probe and `--train_label_fraction` need every label of a split. Three
 sources, each timed against reading the same split through its images:

@@ -50,7 +50,7 @@ def category(name: str, op_type: str) -> str:
   return 'other'
 
 
-def replica_step_graph(trainer, batch_shapes) -> 'tf.compat.v1.GraphDef':
+def replica_step_graph(trainer, batch_shapes):
   """The GraphDef of one replica step of `trainer` (a loop.Trainer with its state built) on a
   batch of `batch_shapes` (float32 tensors): the loss, its gradient and the optimizer update."""
   import tensorflow as tf

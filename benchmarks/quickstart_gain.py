@@ -38,12 +38,10 @@ import datetime
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cli_run import ROOT, run_cli  # pylint: disable=g-import-not-at-top
 RESULTS_DIR = os.path.join(ROOT, 'benchmarks', 'results')
 TOP1 = 'eval/label_top_1_accuracy'
 TOP5 = 'eval/label_top_5_accuracy'
@@ -102,19 +100,9 @@ def read_result(model_dir: str) -> dict:
 
 def run_arm(name: str, model_dir: str, flagfile: str, extra: list, python: str) -> dict:
   """Runs run.py for one arm; its output goes to model_dir/run.log."""
-  os.makedirs(model_dir, exist_ok=True)
   cmd = [python, os.path.join(ROOT, 'run.py'), f'--flagfile={flagfile}', *extra,
          f'--model_dir={model_dir}']
-  log_path = os.path.join(model_dir, 'run.log')
-  print(f'[{name}] {" ".join(shlex.quote(c) for c in cmd)}\n[{name}] log: {log_path}', flush=True)
-  t0 = time.time()
-  with open(log_path, 'w') as log:
-    code = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-  wall = time.time() - t0
-  if code != 0:
-    with open(log_path) as f:
-      tail = ''.join(f.readlines()[-15:])
-    raise RuntimeError(f'[{name}] run.py exited with {code}; last lines of {log_path}:\n{tail}')
+  wall = run_cli(name, model_dir, [f'--flagfile={flagfile}', *extra], python=python)
   return {'arm': name, 'model_dir': model_dir, 'command': cmd, 'wall_seconds': wall,
           'reused': False, **_metrics(read_result(model_dir))}
 

@@ -31,12 +31,8 @@ import argparse
 import datetime
 import json
 import os
-import shlex
-import subprocess
-import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cli_run import ROOT, run_cli  # pylint: disable=g-import-not-at-top
 RESULTS_DIR = os.path.join(ROOT, 'benchmarks', 'results')
 QUICKSTART_DIR = '/tmp/tf_simclr_quickstart'
 TOP1 = 'eval/label_top_1_accuracy'
@@ -57,20 +53,7 @@ PROBE_TOP1 = 'eval/linear_probe_top_1_accuracy'
 
 def _run(name: str, argv: list, model_dir: str) -> float:
   """Runs `python run.py argv` (log in model_dir/run.log); returns wall seconds."""
-  os.makedirs(model_dir, exist_ok=True)
-  command = [sys.executable, os.path.join(ROOT, 'run.py')] + argv + [f'--model_dir={model_dir}']
-  log_path = os.path.join(model_dir, 'run.log')
-  print(f'[{name}] {" ".join(shlex.quote(c) for c in command[1:])}', flush=True)
-  start = time.time()
-  with open(log_path, 'w') as log:
-    code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-  seconds = time.time() - start
-  if code:
-    with open(log_path) as f:
-      tail = ''.join(f.readlines()[-25:])
-    raise SystemExit(f'[{name}] run.py exited with {code}; last lines of {log_path}:\n{tail}')
-  print(f'[{name}] done in {seconds / 60:.1f} min', flush=True)
-  return seconds
+  return run_cli(name, model_dir, argv)
 
 
 def read_result(model_dir: str) -> dict:

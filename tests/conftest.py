@@ -51,6 +51,9 @@ def run_module():
 def original_fixture_dir():
   """shared/fixtures/original_tf2, present in CI beside the clone; skipped in a user's clone."""
   path = SHARED_FIXTURES / 'original_tf2'
+  if not path.is_dir() and os.environ.get('CI'):  # In CI a missing fixture is a failure.
+    pytest.fail(f'{path} is missing, and CI is set: the tests of weights written by '
+                'google-research/simclr must run in CI.')
   if not path.is_dir():
     pytest.skip('shared/fixtures/original_tf2 is not beside this clone (it is in CI); '
                 'these tests check import of weights written by google-research/simclr.')

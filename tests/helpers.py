@@ -1,6 +1,7 @@
 """Helpers shared by test modules (fixtures live in conftest.py): tiny configs and builders."""
 
 import dataclasses
+import os
 import pathlib
 import sys
 
@@ -133,3 +134,57 @@ def config_from_argv(argv):
   fv = parse_flags(argv)
   cli.fill_flags_from_record(fv)
   return cli.config_from_flags(fv)
+
+
+_TINY_BUILDERS = {}
+
+
+def tiny_tfds_builder(class_name, splits, shape, num_classes, example):
+  """A TFDS GeneratorBasedBuilder class, generated offline and registered as the snake_case of
+  `class_name` (e.g. TinyGrayDataset -> --dataset=tiny_gray_dataset); made once per name.
+
+  splits: {split: number of examples}; example(split, i) -> (uint8 image of `shape`, label).
+  """
+  if class_name in _TINY_BUILDERS:
+    return _TINY_BUILDERS[class_name]
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=shape),
+            'label': tfds.features.ClassLabel(num_classes=num_classes)}),
+        supervised_keys=('image', 'label'))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split, n) for split, n in splits.items()}
+
+  def _generate_examples(self, split, n):
+    for i in range(n):
+      image, label = example(split, i)
+      yield i, {'image': image, 'label': int(label)}
+
+  builder = type(class_name, (tfds.core.GeneratorBasedBuilder,), dict(
+      VERSION=tfds.core.Version('1.0.0'), _info=_info, _split_generators=_split_generators,
+      _generate_examples=_generate_examples, __module__=__name__))
+  _TINY_BUILDERS[class_name] = builder
+  return builder
+
+
+def write_png(path, array):
+  """Writes a uint8 (H, W, C) array as a PNG at `path`, making its folder."""
+  path = str(path)
+  tf.io.gfile.makedirs(os.path.dirname(path))
+  tf.io.write_file(path, tf.io.encode_png(np.asarray(array, np.uint8)))
+
+
+def png_folder(root, per_class, classes=('a', 'b'), size=6, seed=0):
+  """A folder: dataset root/<split>/<class>/<i>.png of seeded noise; per_class: {split: n}."""
+  rng = np.random.default_rng(seed)
+  for split, n in per_class.items():
+    for label in classes:
+      for i in range(n):
+        write_png(os.path.join(str(root), split, label, f'{i}.png'),
+                  rng.integers(0, 255, (size, size, 3), dtype=np.uint8))

@@ -299,6 +299,15 @@ def test_preprocess_image_train_and_eval(mode):
   assert expected.shape == (26, 26, 3)
   np.testing.assert_allclose(ev[0], ev[1])  # Evaluation is deterministic.
   assert ev.shape == (2, 24, 24, 3) and abs(ev[0].mean() - expected.mean()) < 0.01
+  # Where the crop sits: on ramps (red = 6 x row, green = 8 x column) the output's first and last
+  # rows and columns are the centre crop's (an off-centre crop of the same size fails here).
+  rows, cols = np.meshgrid(np.arange(40), np.arange(30), indexing='ij')
+  ramps = np.stack([6 * rows, 8 * cols, np.full_like(rows, 128)], -1).astype(np.uint8)
+  out = augment.preprocess_image(tf.constant(ramps), 24, 24, is_training=False).numpy()
+  crop = _numpy_center_crop(ramps.astype(np.float32) / 255.0, 24, 24)  # rows 7..32, cols 2..27
+  for got, want in ((out[0, :, 0], crop[0, :, 0]), (out[-1, :, 0], crop[-1, :, 0]),
+                    (out[:, 0, 1], crop[:, 0, 1]), (out[:, -1, 1], crop[:, -1, 1])):
+    assert abs(got.mean() - want.mean()) < 0.5 * 8 / 255, (got.mean(), want.mean())
 
 
 @pytest.mark.parametrize('mode', MODES)

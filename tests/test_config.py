@@ -107,6 +107,10 @@ def test_finetune_flags_map_to_model_config(run_module):
   model = run_module.config_from_flags(fv).model
   assert model.fine_tune_after_block == 4 and model.ft_proj_selector == 1
   assert model.supervised_head and not model.supervised_head_stop_gradient
+  assert model.frozen_batch_norm == 'batch_stats'  # the original's frozen BN
+  fv = _parse(['--train_mode=finetune', '--fine_tune_after_block=4', '--model_dir=/tmp/x',
+               '--frozen_batch_norm=moving_stats'])
+  assert run_module.config_from_flags(fv).model.frozen_batch_norm == 'moving_stats'
 
 
 @pytest.mark.parametrize('argv, flag', [
@@ -115,12 +119,23 @@ def test_finetune_flags_map_to_model_config(run_module):
     (['--proj_head_mode=linear', '--ft_proj_selector=2'], 'ft_proj_selector'),
     (['--resnet_depth=42'], 'resnet_depth'),
     (['--temperature=0'], 'temperature'),
+    (['--frozen_batch_norm=moving_stats'], 'frozen_batch_norm'),
+    (['--train_mode=finetune', '--frozen_batch_norm=moving_stats'], 'frozen_batch_norm'),
     (['--model_dir='], 'model_dir'),
+    (['--cpu_devices=2', '--distribution_strategy=default'], 'cpu_devices'),
 ])
 def test_bad_flags_raise_config_error_naming_the_flag(run_module, argv, flag):
   argv = ['--model_dir=/tmp/x'] + argv
   with pytest.raises(cfg.ConfigError, match=f'--{flag}'):
     run_module.config_from_flags(_parse(argv))
+
+
+def test_distill_loss_scale_is_checked_and_recorded(run_module):
+  with pytest.raises(cfg.ConfigError, match='--distill_loss_scale'):
+    cfg.DistillConfig(loss_scale='t2')
+  assert cfg.DistillConfig().loss_scale == 'none'  # SimCLRv2 Eq. 2
+  from tf_simclr import config_record
+  assert {'distill_loss_scale', 'frozen_batch_norm'} <= set(config_record.RESUME_FIXED_FLAGS)
 
 
 def test_resolve_steps_runs_exactly_the_epochs_steps():

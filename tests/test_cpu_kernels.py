@@ -24,6 +24,7 @@ def _probe(**env):
   return out.stdout.split()[-2:]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.machine().lower() != 'x86_64', reason='oneDNN default is x86-64 only')
 def test_onednn_is_on_unless_the_user_set_the_variable():
   assert _probe() == ['1', 'True']  # TensorFlow really loaded oneDNN kernels

@@ -10,8 +10,8 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
+import helpers
 from tf_simclr.config import DataConfig
 from tf_simclr.data import datasets, pipeline, subsets, synthetic
 from tf_simclr.data.datasets import DatasetError
@@ -111,7 +111,7 @@ def test_builtin_shards_by_input_context():
 def test_bad_split_errors_name_flag_and_splits(flag, split):
   src = datasets.resolve_dataset('shapes10')
   with pytest.raises(DatasetError) as info:
-    datasets.validate_split(src, split, flag)
+    src.validate_split(split, flag)
   assert flag in str(info.value) and "'test'" in str(info.value) and "'train'" in str(info.value)
 
 
@@ -128,11 +128,6 @@ def test_unknown_dataset_error(tmp_path):
   assert '--dataset' in message and 'folder:PATH' in message and 'shapes10' in message
 
 
-def _write_png(path, array):
-  tf.io.gfile.makedirs(os.path.dirname(path))
-  tf.io.write_file(path, tf.io.encode_png(array))
-
-
 @pytest.fixture
 def image_folder(tmp_path):
   """train/{a,b}, test/{a,b}; class b holds a grayscale and an RGBA PNG."""
@@ -141,12 +136,12 @@ def image_folder(tmp_path):
   rgba = rng.integers(0, 256, (9, 7, 4), dtype=np.uint8)
   gray = rng.integers(0, 256, (8, 8, 1), dtype=np.uint8)
   for i in range(3):
-    _write_png(str(root / 'train' / 'a' / f'{i}.png'),
+    helpers.write_png(str(root / 'train' / 'a' / f'{i}.png'),
                rng.integers(0, 256, (10, 12, 3), dtype=np.uint8))
-  _write_png(str(root / 'train' / 'b' / 'gray.png'), gray)
-  _write_png(str(root / 'train' / 'b' / 'rgba.png'), rgba)
-  _write_png(str(root / 'test' / 'a' / '0.png'), rng.integers(0, 256, (10, 12, 3), np.uint8))
-  _write_png(str(root / 'test' / 'b' / '0.png'), gray)
+  helpers.write_png(str(root / 'train' / 'b' / 'gray.png'), gray)
+  helpers.write_png(str(root / 'train' / 'b' / 'rgba.png'), rgba)
+  helpers.write_png(str(root / 'test' / 'a' / '0.png'), rng.integers(0, 256, (10, 12, 3), np.uint8))
+  helpers.write_png(str(root / 'test' / 'b' / '0.png'), gray)
   return root, gray, rgba
 
 
@@ -182,28 +177,14 @@ def test_folder_errors(tmp_path):
 # ----------------------------------------------------------------------------- TFDS builders
 
 
-class TinyGrayDataset(tfds.core.GeneratorBasedBuilder):
-  """A TFDS dataset generated offline: 8x8 grayscale images, 3 classes."""
-  VERSION = tfds.core.Version('1.0.0')
+def _gray_example(split, i):
+  """8x8 grayscale, 3 classes; pixel value 20 * label + index (labels seeded per split)."""
+  label = np.random.default_rng({'train': 0, 'test': 1}[split]).integers(0, 3, i + 1)[i]
+  return np.full((8, 8, 1), 20 * label + i, dtype=np.uint8), label
 
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(8, 8, 1)),
-            'label': tfds.features.ClassLabel(num_classes=3)}),
-        supervised_keys=('image', 'label'))
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {'train': self._generate_examples(40, 0), 'test': self._generate_examples(12, 1)}
-
-  def _generate_examples(self, n, seed):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 3, n)
-    for i in range(n):
-      image = np.full((8, 8, 1), 20 * labels[i] + i, dtype=np.uint8)
-      yield i, {'image': image, 'label': int(labels[i])}
+TinyGrayDataset = helpers.tiny_tfds_builder('TinyGrayDataset', {'train': 40, 'test': 12},
+                                            (8, 8, 1), 3, _gray_example)
 
 
 class TinyManualDataset(TinyGrayDataset):

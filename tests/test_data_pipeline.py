@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import helpers
 from tf_simclr.config import DataConfig
 from tf_simclr.data import datasets, pipeline
 from tf_simclr.data.datasets import DatasetError
@@ -152,9 +153,7 @@ def test_folder_grayscale_and_rgba_through_pipeline(tmp_path):
           'b/rgba.png': rng.integers(0, 256, (17, 19, 4), np.uint8)}
   for split in ('train', 'test'):
     for rel, array in pngs.items():
-      path = os.path.join(str(tmp_path), split, rel)
-      tf.io.gfile.makedirs(os.path.dirname(path))
-      tf.io.write_file(path, tf.io.encode_png(array))
+      helpers.write_png(os.path.join(str(tmp_path), split, rel), array)
   src = datasets.resolve_dataset(f'folder:{tmp_path}')
   cfg = _config(dataset=f'folder:{tmp_path}', train_split='train', eval_split='test',
                 image_size=16, cache_dataset=True)

@@ -15,6 +15,7 @@ from tf_simclr.data import pipeline
 from tf_simclr.models import simclr
 from tf_simclr.evaluation import evaluate
 from tf_simclr.run import modes
+from tf_simclr.train import tasks
 
 from helpers import TINY_MODEL, checkpoint_values, tiny_config
 
@@ -43,6 +44,7 @@ def _distill_config(model_dir, teacher_ckpt, label_weight, **overrides):
                                 temperature=1.0, label_weight=label_weight))
 
 
+@pytest.mark.slow
 def test_teacher_architecture_comes_from_its_flags_json(teacher_checkpoint):
   student = cfg.ModelConfig(**{**TINY_MODEL, **STUDENT})
   teacher = teacher_lib.teacher_model_config(student, teacher_checkpoint, {})
@@ -51,6 +53,7 @@ def test_teacher_architecture_comes_from_its_flags_json(teacher_checkpoint):
   assert override.proj_out_dim == 4 and override.fine_tune_after_block == -1
 
 
+@pytest.mark.slow
 def test_distill_trains_student_only_and_evaluates_the_student(tmp_path, teacher_checkpoint):
   config = _distill_config(tmp_path, teacher_checkpoint, label_weight=0.5,
                            data__train_label_fraction=0.1, train__mode='train_then_eval',
@@ -101,3 +104,33 @@ def test_label_mask_marks_the_labelled_subset(tmp_path):
   assert set(np.unique(masks)) <= {0.0, 1.0}
   # 1000 of 10000 examples are labelled: over 1000 draws the share is near 10%.
   assert 0.05 < masks.mean() < 0.15
+
+
+@pytest.mark.parametrize('scale', ['none', 't_squared'])
+def test_distill_task_loss_at_the_recipe_temperature(tmp_path, scale):
+  """DistillTask's loss at T=0.1 (flags/distill_self.cfg) against the authors' colab formula
+  (`add_kd_loss`: mean of T^2 * H(softmax(t/T), softmax(s/T))) in numpy: equal with t_squared,
+  1/T^2 of it with none (the paper's Eq. 2)."""
+  temperature = 0.1
+  base = tiny_config(tmp_path, train__train_mode='finetune')
+  config = dataclasses.replace(
+      base, train=dataclasses.replace(base.train, train_mode='distill'),
+      distill=cfg.DistillConfig(teacher=base.model, teacher_checkpoint=str(tmp_path),
+                                temperature=temperature, loss_scale=scale))
+  model = simclr.build_model(config.model, 10).build_for_size(16)
+  rng = np.random.default_rng(3)
+  images = tf.constant(rng.uniform(size=(8, 16, 16, 3)).astype(np.float32))
+  labels = tf.one_hot(rng.integers(0, 10, size=8), 10)
+  teacher_logits = rng.normal(scale=0.5, size=(8, 10)).astype(np.float32)
+  task = tasks.make_task(config, model, tf.distribute.get_strategy(),
+                         teacher=lambda x: tf.constant(teacher_logits))
+  student = model(images, training=True)[simclr.LOGITS_SUP].numpy().astype(np.float64)
+  _, logs = task.train_loss((images, labels))
+  t, s = teacher_logits.astype(np.float64) / temperature, student / temperature
+  p_t = np.exp(t - t.max(1, keepdims=True))
+  p_t /= p_t.sum(1, keepdims=True)
+  log_p_s = s - s.max(1, keepdims=True) - np.log(np.exp(s - s.max(1, keepdims=True)).sum(
+      1, keepdims=True))
+  colab = np.mean(temperature ** 2 * -np.sum(p_t * log_p_s, axis=1))
+  want = colab if scale == 't_squared' else colab / temperature ** 2
+  np.testing.assert_allclose(float(logs['distill_loss']), want, rtol=1e-4)

@@ -5,6 +5,7 @@ import json
 import pytest
 import tensorflow as tf
 
+from tf_simclr import cpu_kernels
 from tf_simclr import distribute
 from tf_simclr.config import ConfigError, DistributeConfig
 
@@ -86,7 +87,9 @@ def test_named_tpu_is_resolved_and_failures_are_reported(monkeypatch, no_local_t
   # --use_tpu=false: auto never probes, even with a TPU named in the environment.
   strategy = distribute.make_strategy(DistributeConfig(strategy='auto', allow_tpu=False),
                                       env={'TPU_NAME': 'env-tpu'})
-  assert len(seen) == 2 and strategy.num_replicas_in_sync >= 1
+  # No TPU probed: the default strategy here (one replica), or all local GPUs.
+  assert len(seen) == 2
+  assert strategy.num_replicas_in_sync == max(1, len(tf.config.list_logical_devices('GPU')))
   with pytest.raises(ConfigError, match='use_tpu'):
     distribute.make_strategy(DistributeConfig(strategy='tpu', allow_tpu=False), env={})
 
@@ -96,8 +99,8 @@ def test_nvidia_gpu_that_tensorflow_does_not_see_is_a_warning(monkeypatch, tmp_p
   if tf.config.list_physical_devices('GPU'):
     pytest.skip('this machine has a GPU TensorFlow sees')
   driver = tmp_path / 'proc_driver_nvidia'
-  monkeypatch.setattr(distribute, '_NVIDIA_PATHS', (str(driver),))
-  monkeypatch.setattr(distribute.shutil, 'which', lambda name: None)
+  monkeypatch.setattr(cpu_kernels, '_NVIDIA_PATHS', (str(driver),))
+  monkeypatch.setattr(cpu_kernels.shutil, 'which', lambda name: None)
   with caplog.at_level('WARNING'):
     assert not distribute.warn_if_gpu_unused()  # no NVIDIA device here
   assert 'sees no GPU' not in caplog.text
@@ -116,3 +119,30 @@ def test_nvidia_gpu_that_tensorflow_does_not_see_is_a_warning(monkeypatch, tmp_p
   monkeypatch.setattr(distribute.tf.config, 'list_physical_devices',
                       lambda kind=None: ['GPU:0'] if kind == 'GPU' else [])
   assert not distribute.warn_if_gpu_unused()  # TensorFlow sees it: nothing to say
+
+
+def test_cpu_devices_mirror_over_logical_cpus(no_local_tpu):
+  """--cpu_devices=2 (conftest already split the CPU in two): mirrored and auto both give 2
+  replicas on CPU:0 and CPU:1; more devices than the initialised process has is an error."""
+  if tf.config.list_physical_devices('GPU'):
+    pytest.skip('this machine has a GPU: mirrored uses it')
+  for choice in ('mirrored', 'auto'):
+    strategy = distribute.make_strategy(DistributeConfig(strategy=choice, cpu_devices=2), env={})
+    assert isinstance(strategy, tf.distribute.MirroredStrategy)
+    assert strategy.num_replicas_in_sync == 2
+    assert [d.split('/')[-1] for d in strategy.extended.worker_devices] == [
+        'device:CPU:0', 'device:CPU:1']
+  with pytest.raises(ConfigError, match='--cpu_devices=3: TensorFlow already initialised 2'):
+    distribute.make_strategy(DistributeConfig(strategy='mirrored', cpu_devices=3), env={})
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(cpu_devices=-1), r'--cpu_devices=-1 must lie in \[0, 64\]'),
+    (dict(cpu_devices=65), r'--cpu_devices=65 must lie in \[0, 64\]'),
+    (dict(cpu_devices=2, strategy='default'), "instead of 'default'"),
+    (dict(cpu_devices=2, strategy='multi_worker'), "instead of 'multi_worker'"),
+])
+def test_cpu_devices_validation(kwargs, match):
+  with pytest.raises(ConfigError, match=match):
+    DistributeConfig(**kwargs)
+  DistributeConfig(strategy=kwargs.get('strategy', 'mirrored'), cpu_devices=1)  # 1 is harmless

@@ -1,8 +1,10 @@
 """--eval_steps=0 scores every example exactly once when hosts' shares of the eval split differ.
 
-A 5-file TFDS split read by 2 input pipelines (InputContext): TFDS gives 3 files (30 examples)
-to one host and 2 (20) to the other. ceil(50 / global batch 8) = 7 steps of 4 per host would
-stop the first host after 28 of its 30 examples."""
+49 examples of a 5-file TFDS split read by 2 input pipelines (InputContext, 2 hosts of 2 replicas
+each), global batch 8: the hosts' shares are 24 and 25 examples; ceil(49 / 8) = 7 steps of one
+batch would stop both early. Every
+host yields the same number of (padded) batches, a multiple of its replicas, and the evaluator
+counts only the valid rows."""
 
 import math
 
@@ -11,31 +13,17 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import helpers
 from tf_simclr import config as cfg
 from tf_simclr.data import datasets, pipeline
 from tf_simclr.models import simclr
 from tf_simclr.evaluation import evaluate
 
 
-class TinyFiveFileDataset(tfds.core.GeneratorBasedBuilder):
-  """50 8x8 RGB images in 5 files, 5 classes."""
-  VERSION = tfds.core.Version('1.0.0')
-
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(8, 8, 3)),
-            'label': tfds.features.ClassLabel(num_classes=5)}),
-        supervised_keys=('image', 'label'))
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {'test': self._generate_examples(50)}
-
-  def _generate_examples(self, n):
-    for i in range(n):
-      yield i, {'image': np.full((8, 8, 3), i * 5, np.uint8), 'label': i % 5}
+# 50 8x8 RGB images (pixel value 5 * index) in 5 files, 5 classes.
+TinyFiveFileDataset = helpers.tiny_tfds_builder(
+    'TinyFiveFileDataset', {'test': 50}, (8, 8, 3), 5,
+    lambda split, i: (np.full((8, 8, 3), i * 5, np.uint8), i % 5))
 
 
 @pytest.fixture(scope='module')
@@ -52,17 +40,23 @@ def test_eval_until_exhausted_scores_each_hosts_whole_share(five_files):
   model_config = cfg.model_config('finetune', 8, resnet_depth=18, width_multiplier=0.125)
   model = simclr.build_model(model_config, 5).build_for_size(8)
   evaluator = evaluate.Evaluator(model, tf.distribute.get_strategy(), [], 0.0)
-  global_batch, hosts = 8, 2
-  old_steps = math.ceil(source.num_examples('test') / global_batch)
-  counts, capped = [], []
+  global_batch, hosts, local = 8, 2, 2
+  per_replica = global_batch // (hosts * local)
+  split = 'test[:49]'
+  old_steps = math.ceil(source.num_examples(split) / global_batch)
+  counts, capped, num_batches = [], [], []
   for host in range(hosts):
     context = tf.distribute.InputContext(num_input_pipelines=hosts, input_pipeline_id=host,
-                                         num_replicas_in_sync=hosts)
-    dataset = pipeline.make_eval_dataset(source, data, global_batch // hosts,
-                                         input_context=context)
-    share = sum(int(labels.shape[0]) for _, labels in dataset)
+                                         num_replicas_in_sync=hosts * local)
+    dataset = pipeline.make_feature_dataset(source, data, split, per_replica,
+                                            input_context=context)
+    batches = list(dataset)
+    share = sum(int(valid.numpy().sum()) for *_, valid in batches)
+    num_batches.append(len(batches))
     counts.append(int(evaluator.evaluate(dataset, 0)['num_examples']))
     capped.append(int(evaluator.evaluate(dataset, old_steps)['num_examples']))
     assert counts[-1] == share
-  assert sorted(counts) == [20, 30] and sum(counts) == 50  # every example once
-  assert sorted(capped) == [20, 28]  # what a fixed step count would have scored
+  assert sorted(counts) == [24, 25]  # every example once
+  assert num_batches[0] == num_batches[1] and num_batches[0] % local == 0  # equal, whole rounds
+  assert num_batches[0] == local * math.ceil(math.ceil(max(counts) / per_replica) / local)
+  assert sum(capped) < 49  # what a fixed step count of single-replica batches would have scored

@@ -161,6 +161,7 @@ def test_export_step_replaces_and_prunes(exported):
     export.load(str(exported['model_dir'] / 'nothing_here'))
 
 
+@pytest.mark.slow
 def test_fresh_process_is_independent_of_the_project(child_result):
   result, stderr = child_result
   assert not result['tf_simclr_importable']
@@ -168,6 +169,7 @@ def test_fresh_process_is_independent_of_the_project(child_result):
   assert 'unsaved custom gradients' not in stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('size', ['16', '24'])
 def test_reloaded_endpoints_match_the_model(child_result, exported, size):
   diffs = child_result[0]['inference'][size]
@@ -177,12 +179,14 @@ def test_reloaded_endpoints_match_the_model(child_result, exported, size):
   assert max(diffs.values()) <= 1e-5, diffs
 
 
+@pytest.mark.slow
 def test_serving_signature_and_tfsm_layer(child_result):
   for name in ('serving', 'tfsm_layer'):
     diffs = child_result[0][name]
     assert len(diffs) == 10 and max(diffs.values()) <= 1e-5, (name, diffs)
 
 
+@pytest.mark.slow
 def test_reloaded_module_fine_tunes_through_global_bn(child_result, exported):
   result = child_result[0]
   assert result['num_variables'] == len(exported['model'].trainable_variables)

@@ -72,6 +72,7 @@ def digests(model_dir):
           for name in os.listdir(model_dir) if os.path.isfile(os.path.join(model_dir, name))}
 
 
+@pytest.mark.slow
 def test_run_survives_sigterm_kill_damage_and_concurrency(tmp_path):
   model_dir = tmp_path / 'run'
   # 1. SIGTERM mid-loop: a checkpoint at the next step boundary, a distinct message, exit 3.
@@ -165,6 +166,7 @@ def test_run_survives_sigterm_kill_damage_and_concurrency(tmp_path):
   assert not missing.exists()
 
 
+@pytest.mark.slow
 def test_divergence_stops_without_saving_or_exporting(tmp_path):
   model_dir = tmp_path / 'diverged'
   p = start(model_dir, tmp_path / 'p.log', '--train_steps=6', '--checkpoint_steps=2',
@@ -186,6 +188,7 @@ def test_divergence_stops_without_saving_or_exporting(tmp_path):
 
 # ---- In-process pieces (no training). ----
 
+@pytest.mark.slow
 def test_lock_names_a_live_holder_and_takes_over_a_dead_one(tmp_path):
   lock_path = tmp_path / run_dir.LOCK_FILE
   sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
@@ -240,7 +243,8 @@ def test_no_network_fails_in_seconds(tmp_path, monkeypatch):
   start_time = time.time()
   with pytest.raises(datasets.DatasetError, match='cs.toronto.edu cannot be reached'):
     datasets.resolve_dataset('cifar10', data_dir=str(tmp_path))
-  assert time.time() - start_time < 10
+  # TFDS's own retries take minutes; 60 s leaves room for a loaded 2-core machine.
+  assert time.time() - start_time < 60
 
 
 def test_failed_save_names_model_dir(tmp_path):
@@ -260,14 +264,7 @@ def test_failed_save_names_model_dir(tmp_path):
 
 
 def test_corrupt_image_is_named_or_skipped(tmp_path):
-  rng = np.random.default_rng(0)
-  for split in ('train', 'test'):
-    for label in ('a', 'b'):
-      folder = tmp_path / split / label
-      folder.mkdir(parents=True)
-      for i in range(3):
-        image = rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)
-        tf.io.write_file(str(folder / f'{i}.png'), tf.io.encode_png(image))
+  helpers.png_folder(tmp_path, {'train': 3, 'test': 3})
   bad = tmp_path / 'train' / 'b' / 'broken.jpg'
   bad.write_bytes(b'\xff\xd8 not really a jpeg')
   source = datasets.resolve_dataset(f'folder:{tmp_path}')
@@ -299,7 +296,7 @@ def test_train_split_smaller_than_one_batch_is_an_error(tmp_path):
   assert not (tmp_path / 'run' / run_dir.FLAGS_FILE).exists()
 
 
-# ---- Issue 15: changed flags on resume, SIGINT, clear one-line errors. ----
+# ---- Changed flags on resume, SIGINT, clear one-line errors. ----
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
@@ -319,6 +316,7 @@ def run_to_end(model_dir, tmp_path, name, *flags):
   return finish(start(model_dir, tmp_path / f'{name}.log', *flags), tmp_path / f'{name}.log')
 
 
+@pytest.mark.slow
 def test_resume_with_changed_flags(trained, tmp_path):
   model_dir = copy_of(trained, tmp_path)
   before = digests(model_dir)
@@ -373,6 +371,7 @@ def test_resume_with_changed_flags(trained, tmp_path):
   assert not any(n.startswith('damaged-') for n in os.listdir(model_dir))
 
 
+@pytest.mark.slow
 def test_sigint_saves_and_says_so(trained, tmp_path):
   model_dir = copy_of(trained, tmp_path)
   p = start(model_dir, tmp_path / 'p.log', f'--train_steps={LONG}')
@@ -391,6 +390,7 @@ def test_sigint_saves_and_says_so(trained, tmp_path):
   assert not (model_dir / 'LOCK').exists()
 
 
+@pytest.mark.slow
 def test_eval_that_cannot_write_result_json_reports_it(trained, tmp_path):
   model_dir = copy_of(trained, tmp_path)
   (model_dir / 'result.json').mkdir()  # unwritable even for root (tests may run as root)
@@ -401,6 +401,7 @@ def test_eval_that_cannot_write_result_json_reports_it(trained, tmp_path):
   assert f'cannot write {model_dir}/result.json' in out and 'Traceback' not in out
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_one_clear_line(tmp_path):
   garbage = tmp_path / 'garbage'
   garbage.mkdir()
@@ -413,8 +414,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
       (folder / split / label).mkdir(parents=True)
       if label == 'a':
         for i in range(8):
-          tf.io.write_file(str(folder / split / label / f'{i}.png'),
-                           tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)))
+          helpers.write_png(folder / split / label / f'{i}.png', np.zeros((8, 8, 3)))
   cases = {
       'garbage': (['--checkpoint=' + str(garbage / 'ckpt-5')],
                   f'--checkpoint={garbage}/ckpt-5: {garbage}/ckpt-5.index cannot be read as a '
@@ -454,6 +454,7 @@ def _tiny_state(model_dir, optimizer):
   return state, state.model.encoder.stem.convs[0].kernel
 
 
+@pytest.mark.slow
 def test_a_second_damaged_copy_of_a_step_never_overwrites_the_first(tmp_path):
   """Damage ckpt-2, resume (set aside; step 2 is saved again), damage it again, resume: both
   damaged copies are kept byte for byte under names of their own."""
@@ -479,6 +480,7 @@ def test_a_second_damaged_copy_of_a_step_never_overwrites_the_first(tmp_path):
   assert copies[0] != copies[1]
 
 
+@pytest.mark.slow
 def test_unreadable_index_file_is_set_aside(tmp_path, caplog):
   state, kernel = _tiny_state(tmp_path, 'momentum')
   kernel.assign(tf.fill(kernel.shape, 0.5))
@@ -494,6 +496,7 @@ def test_unreadable_index_file_is_set_aside(tmp_path, caplog):
   assert 'cannot be read' in caplog.text
 
 
+@pytest.mark.slow
 def test_optimizer_slot_mismatch_is_an_error_or_skipped(tmp_path, caplog):
   state, kernel = _tiny_state(tmp_path, 'momentum')
   kernel.assign(tf.fill(kernel.shape, 0.5))
@@ -547,8 +550,7 @@ def test_empty_class_folder_is_named_or_skipped(tmp_path):
     for label, n in counts.items():
       (tmp_path / split / label).mkdir(parents=True)
       for i in range(n):
-        tf.io.write_file(str(tmp_path / split / label / f'{i}.png'),
-                         tf.io.encode_png(np.full((4, 4, 3), ord(label), np.uint8)))
+        helpers.write_png(tmp_path / split / label / f'{i}.png', np.full((4, 4, 3), ord(label)))
   with pytest.raises(datasets.DatasetError) as e:
     datasets.resolve_dataset(f'folder:{tmp_path}')
   assert f'{tmp_path}/test/b, {tmp_path}/train/b' in str(e.value)
@@ -561,6 +563,7 @@ def test_empty_class_folder_is_named_or_skipped(tmp_path):
   assert sorted(pairs) == [(ord('a'), 0)] * 3 + [(ord('c'), 1)] * 2
 
 
+@pytest.mark.slow
 def test_activation_estimate_counts_every_conv_output():
   from tf_simclr import memory
   from tf_simclr.models import resnet

@@ -15,7 +15,7 @@ from tf_simclr import config as cfg
 from tf_simclr.data import synthetic
 from tf_simclr.models import simclr
 from tf_simclr.run import modes
-from tf_simclr.train import assemble
+from tf_simclr.train import assemble, tasks
 
 from helpers import (TINY_MODEL, build_state, checkpoint_values, parse_flags, run_cli,
                      tiny_config)
@@ -46,10 +46,13 @@ def _part(path):
   return 0 if parts[2] == 'stem' else int(parts[3]) + 1
 
 
-@pytest.mark.parametrize('after_block', [-1, 2, 4])
-def test_fine_tune_after_block_freezes_weights_and_bn_statistics(tmp_path, pretrained,
-                                                                 after_block):
-  config = _finetune_config(tmp_path, pretrained, model__fine_tune_after_block=after_block)
+@pytest.mark.slow
+@pytest.mark.parametrize('after_block,frozen_bn', [(-1, 'batch_stats'), (2, 'moving_stats'),
+                                                   (4, 'moving_stats'), (2, 'batch_stats')])
+def test_fine_tune_after_block_freezes_weights(tmp_path, pretrained, after_block, frozen_bn):
+  """Frozen parts keep their weights; their BN statistics move only with batch_stats."""
+  config = _finetune_config(tmp_path, pretrained, model__fine_tune_after_block=after_block,
+                            model__frozen_batch_norm=frozen_bn)
   modes.run(config, export_fn=modes.no_export)
   before = checkpoint_values(pretrained)
   after = checkpoint_values(tf.train.latest_checkpoint(str(tmp_path)))
@@ -61,7 +64,11 @@ def test_fine_tune_after_block_freezes_weights_and_bn_statistics(tmp_path, pretr
   assert len(frozen) + len(trained) == len(encoder) == 105
   moving = [p for p in frozen if p.endswith(('moving_mean', 'moving_variance'))]
   assert bool(moving) == (after_block >= 0)
-  assert not [p for p in frozen if changed[p]], 'frozen encoder parts (incl. BN stats) moved'
+  assert not [p for p in frozen if changed[p] and p not in moving], 'frozen weights moved'
+  if frozen_bn == 'batch_stats':
+    assert all(changed[p] for p in moving if p.endswith('moving_mean'))
+  else:
+    assert not [p for p in moving if changed[p]], 'frozen BN statistics moved'
   # Every trained part updates kernels and BN statistics; the supervised head always trains.
   for part in range(after_block + 1, 5):
     in_part = [p for p in trained if _part(p) == part]
@@ -74,6 +81,7 @@ def test_fine_tune_after_block_freezes_weights_and_bn_statistics(tmp_path, pretr
   assert head and not [p for p in head if changed[p]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('init', ['checkpoint', 'zeros', 'random'])
 def test_logits_layer_init_sets_the_head_after_the_restore(tmp_path, pretrained, init):
   """checkpoint (default, the original's behaviour even with --zero_init_logits_layer=True, whose
@@ -85,7 +93,7 @@ def test_logits_layer_init_sets_the_head_after_the_restore(tmp_path, pretrained,
   config = _finetune_config(tmp_path, pretrained, train__zero_init_logits_layer=True,
                             train__logits_layer_init=init)
   model, _, state = build_state(config, tmp_path)
-  assert assemble.initialize_weights(config, model, state) == 'initialized'
+  assert assemble.initialize_weights(config, model, state, tasks.FinetuneTask) == 'initialized'
   ours = weights.match.object_variable_paths(model)
   for path, value in head_before.items():
     got = ours[path].numpy()
@@ -102,6 +110,7 @@ def test_logits_layer_init_sets_the_head_after_the_restore(tmp_path, pretrained,
     np.testing.assert_array_equal(ours[p].numpy(), restored[p], err_msg=p)
 
 
+@pytest.mark.slow
 def test_resume_from_model_dir_wins_over_checkpoint(tmp_path, pretrained, caplog):
   modes.run(_finetune_config(tmp_path, pretrained), export_fn=modes.no_export)
   first = checkpoint_values(str(tmp_path / 'ckpt-1'))
@@ -124,6 +133,7 @@ def _parse_run_flags(argv):
   return run_cli().config_from_flags(parse_flags(argv))
 
 
+@pytest.mark.slow
 def test_finetune_without_checkpoint_on_label_fraction_from_run_flags(tmp_path, caplog):
   """run.py flags -> a from-scratch fine-tune on a 10% class-balanced, seeded subset."""
   argv = ['--train_mode=finetune', '--dataset=shapes10', '--image_size=16', '--resnet_depth=18',
@@ -165,6 +175,7 @@ def test_train_split_slicing_counts_steps_on_the_slice(tmp_path):
   assert ctx.steps.train_steps == 1000 // 8
 
 
+@pytest.mark.slow
 def test_restore_of_another_architecture_is_an_error(pretrained):
   for change, needle in ((dict(num_proj_layers=3), 'projection_head/linear_layers/2'),
                          (dict(proj_out_dim=8),
@@ -178,6 +189,7 @@ def test_restore_of_another_architecture_is_an_error(pretrained):
     assert pretrained in message
 
 
+@pytest.mark.slow
 def test_new_supervised_head_with_another_class_count_may_be_fresh(pretrained):
   model = simclr.build_model(cfg.ModelConfig(**TINY_MODEL), 7)
   model.build_for_size(16)

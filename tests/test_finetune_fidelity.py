@@ -1,8 +1,14 @@
 """Fine-tuning takes the original's steps: two steps through the real assembly (schedule, LARS,
 exclusions, FinetuneTask, loop) from fixed weights and fixed batches equal a plain-TF/numpy
-reference of google-research/simclr's update rule, whatever the loop size (issue 20).
+reference of google-research/simclr's update rule, whatever the loop size.
 
-The reference shares nothing with the code under test but the model's forward pass: its own
+Linear eval and partial fine-tuning: with --fine_tune_after_block=k the reference is
+an all-trainable copy of the model whose forward pass the test composes itself, as the original's
+Keras semantics run it: frozen parts called with training=True (batch statistics, moving averages
+updated; Keras' stock BN path of trainable layers) for --frozen_batch_norm=batch_stats, with
+training=False for moving_stats; only the unfrozen variables (chosen by path) train.
+
+The reference shares nothing with the code under test but the model's layers: its own
 gradient tape over all trainable variables (skipping the ones without a gradient, as the
 original's apply_gradients), the original's loss (mean softmax cross-entropy plus the LARS-mode
 L2 of the supervised head's kernel), its cosine schedule with sqrt scaling, and its LARS update
@@ -10,6 +16,7 @@ with exclusions chosen by name as the original's regexes ('batch_normalization',
 'head_supervised'), written in numpy. Tiny: ResNet-18 width 0.25, 16 px, batch 8.
 """
 
+import dataclasses
 import math
 import re
 
@@ -30,11 +37,12 @@ LR, WD, MOMENTUM, EETA = 0.05, 1e-3, 0.9, 1e-3
 EXCLUDED = re.compile(r'/(gamma|beta)$|/bias$|head_supervised')
 
 
-def _config(model_dir):
+def _config(model_dir, **model):
+  model = {f'model__{name}': value for name, value in model.items()}
   return tiny_config(model_dir, train__train_mode='finetune', model__width_multiplier=0.25,
                      optim__learning_rate=LR, optim__learning_rate_scaling='sqrt',
                      optim__weight_decay=WD, optim__momentum=MOMENTUM,
-                     train__train_batch_size=BATCH, train__train_steps=STEPS)
+                     train__train_batch_size=BATCH, train__train_steps=STEPS, **model)
 
 
 def _fixed_batches():
@@ -51,15 +59,18 @@ def _fixed_weights(model):
     v.assign(rng.normal(0, 0.1, v.shape).astype(np.float32))
 
 
-def _reference(model, images, labels):
-  """The original's fine-tuning steps in plain TF (gradients) and numpy (schedule, LARS)."""
+def _reference(model, images, labels, variables=None, forward=None):
+  """The original's fine-tuning steps in plain TF (gradients) and numpy (schedule, LARS):
+  `variables` train (default: all trainable), `forward(images)` gives the logits (default: the
+  model's own training-mode pass)."""
   scaled = LR * math.sqrt(BATCH)
-  variables = list(model.trainable_variables)
+  variables = list(model.trainable_variables if variables is None else variables)
+  forward = forward or (lambda x: model(x, training=True)[simclr.LOGITS_SUP])
   velocity = [np.zeros(v.shape, np.float32) for v in variables]
   for t in range(STEPS):
     lr = scaled * 0.5 * (1 + math.cos(math.pi * t / STEPS))  # CosineDecay(scaled, STEPS)(t)
     with tf.GradientTape() as tape:
-      logits = model(tf.constant(images[t]), training=True)[simclr.LOGITS_SUP]
+      logits = forward(tf.constant(images[t]))
       loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels[t], logits))
       # add_weight_decay(adjust_per_optimizer=True) under LARS: the head's kernels only.
       loss += WD * tf.add_n([tf.nn.l2_loss(v) for v in variables
@@ -84,32 +95,46 @@ def _values(model):
   return {v.path: v.numpy() for v in model.variables}
 
 
-@pytest.mark.parametrize('steps_per_loop', [1, 2])
-def test_two_finetune_steps_equal_the_original_update_rule(tmp_path, steps_per_loop):
+def _train_ours(config, steps_per_loop):
+  """(values before, values after) of STEPS steps of the real trainer on the fixed batches."""
   images, labels = _fixed_batches()
-  config = _config(tmp_path / 'ours')
   ctx = modes.prepare(config)
   steps = cfg.Steps(train_steps=STEPS, epoch_steps=STEPS, warmup_steps=0,
                     checkpoint_steps=STEPS, steps_per_loop=steps_per_loop, eval_steps=1)
   built = assemble.assemble_trainer(config, ctx.strategy, steps, CLASSES)
-  model = built.model
-  _fixed_weights(model)
-  start = _values(model)
-
-  reference = modes.build_model(ctx)
-  for v in reference.variables:
-    v.assign(start[v.path])
-  _reference(reference, images, labels)
-  expected = _values(reference)
-
+  _fixed_weights(built.model)
+  start = _values(built.model)
   dataset = ctx.strategy.experimental_distribute_dataset(
       tf.data.Dataset.from_tensor_slices((images, labels)))
   try:
     built.trainer.train(iter(dataset))
   finally:
     ctx.lock.release()
-  got = _values(model)
+  return start, _values(built.model)
 
+
+def _all_trainable_copy(config, start):
+  """The run's model with nothing frozen, holding the values `start`."""
+  model_config = dataclasses.replace(config.model, fine_tune_after_block=-1,
+                                     frozen_batch_norm='batch_stats')
+  reference = simclr.build_model(model_config, CLASSES).build_for_size(SIZE)
+  for v in reference.variables:
+    v.assign(start[v.path])
+  return reference
+
+
+@pytest.mark.parametrize('steps_per_loop', [1, 2])
+def test_two_finetune_steps_equal_the_original_update_rule(tmp_path, steps_per_loop):
+  images, labels = _fixed_batches()
+  config = _config(tmp_path / 'ours')
+  start, got = _train_ours(config, steps_per_loop)
+  reference = _all_trainable_copy(config, start)
+  _reference(reference, images, labels)
+  expected = _values(reference)
+  _assert_same_steps(start, got, expected)
+
+
+def _assert_same_steps(start, got, expected, min_moved=0.8):
   assert set(got) == set(expected)
   moved = 0
   for path, want in expected.items():
@@ -123,6 +148,51 @@ def test_two_finetune_steps_equal_the_original_update_rule(tmp_path, steps_per_l
                                atol=2e-4 * scale + 1e-6 * np.abs(start[path]).max() + 1e-9,
                                err_msg=path)
   # Encoder kernels, BN parameters and statistics, and the head all moved.
-  assert moved > 0.8 * len(expected)
+  assert moved > min_moved * len(expected)
   head = [p for p in expected if 'head_supervised' in p]
   assert head and all(np.abs(expected[p] - start[p]).max() > 0 for p in head)
+
+
+def _original_forward(model, k, frozen_batch_norm):
+  """The original's training-mode logits with the stem and block groups 1..k frozen: its frozen
+  containers' BN layers stay trainable, so they see training=True (batch_stats); moving_stats
+  calls them in inference mode. Gradients are taken only for unfrozen variables, so no
+  stop_gradient is needed."""
+  encoder, selector = model.encoder, model.projection_head.ft_proj_selector
+
+  def forward(images):
+    frozen_training = frozen_batch_norm == 'batch_stats'
+    _, x = encoder.stem(images, training=frozen_training if k >= 0 else True)
+    for i, group in enumerate(encoder.block_groups, start=1):
+      x = group(x, training=frozen_training if i <= k else True)
+    _, hiddens = model.projection_head(tf.reduce_mean(x, [1, 2]), training=True)
+    return model.supervised_head(hiddens[selector], training=True)
+  return forward
+
+
+def _frozen_path(path, k):
+  parts = ['model/resnet/stem/'] + [f'model/resnet/block_group{i}/' for i in range(1, k + 1)]
+  return path.startswith(tuple(parts))
+
+
+@pytest.mark.parametrize('k,frozen_batch_norm', [(4, 'batch_stats'), (2, 'batch_stats'),
+                                                 (4, 'moving_stats')])
+def test_two_linear_eval_steps_equal_the_original_update_rule(tmp_path, k, frozen_batch_norm):
+  """--fine_tune_after_block=k: the steps, the frozen layers' BN statistics included, equal the
+  original's (batch_stats) or the inference-mode reference (moving_stats, statistics fixed)."""
+  images, labels = _fixed_batches()
+  config = _config(tmp_path / 'ours', fine_tune_after_block=k,
+                   frozen_batch_norm=frozen_batch_norm)
+  start, got = _train_ours(config, steps_per_loop=STEPS)
+  reference = _all_trainable_copy(config, start)
+  unfrozen = [v for v in reference.trainable_variables if not _frozen_path(v.path, k)]
+  _reference(reference, images, labels, unfrozen, _original_forward(reference, k,
+                                                                    frozen_batch_norm))
+  expected = _values(reference)
+  _assert_same_steps(start, got, expected, min_moved=0.0)
+  frozen = [p for p in expected if _frozen_path(p, k)]
+  statistics = [p for p in frozen if p.endswith(('moving_mean', 'moving_variance'))]
+  assert statistics and len(statistics) < len(frozen)
+  for path in frozen:
+    moved = not np.array_equal(got[path], start[path])
+    assert moved == (path in statistics and frozen_batch_norm == 'batch_stats'), path

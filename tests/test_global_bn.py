@@ -4,6 +4,7 @@ original's (Keras 2, aggregation MEAN) were."""
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tf_simclr import config as cfg
@@ -63,6 +64,7 @@ def test_averager_sets_every_copy_to_the_mean_of_the_replicas(two_replica_strate
                                atol=1e-6, err_msg=v.path)
 
 
+@pytest.mark.slow
 def test_training_loop_saves_the_averaged_statistics(two_replica_strategy, tmp_path):
   strategy = two_replica_strategy
   keras.utils.set_random_seed(1)

@@ -1,5 +1,5 @@
 """images:PATH datasets, --mode=embed's rows under any strategy, modes reading the run's record,
-and validation that leaves no debris (issue 17). In-process, no training."""
+and validation that leaves no debris. In-process, no training."""
 
 import dataclasses
 import json
@@ -241,6 +241,7 @@ def test_fill_from_record_rules():
   assert out['dataset'] == 'cifar10' and out['sk_ratio'] is None
 
 
+@pytest.mark.slow
 def test_distillation_trains_on_unlabelled_images(tmp_path, photos, original_fixture_dir):
   """SimCLR v2's distillation needs no labels: the student learns the teacher's 10 classes."""
   root, _ = photos

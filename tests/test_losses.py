@@ -151,23 +151,39 @@ def test_distillation_loss_matches_numpy_and_stops_teacher_gradient(temperature)
 
 @pytest.mark.parametrize('temperature', [1.0, 0.1, 2.5])
 def test_distillation_loss_against_the_original_colab_formula(temperature):
-  """The original's v2 recipe (tf2/colabs/distillation_self_training.ipynb, `add_kd_loss`):
+  """The authors' v2 recipe (tf2/colabs/distillation_self_training.ipynb, `add_kd_loss`):
   mean over the batch of T^2 * H(softmax(teacher/T), softmax(student/T)), written here in numpy
-  from that formula. Ours is SimCLRv2 Eq. 2 without the T^2 factor: equal at T = 1 (the colab's
-  and our default), and 1/T^2 of it otherwise (README, Differences from the original)."""
+  from that formula, loss and gradient. --distill_loss_scale=t_squared is that formula at every T;
+  the default (SimCLRv2 Eq. 2) is it divided by T^2: equal at T = 1, 100x larger at T = 0.1
+  (docs/differences.md)."""
   rng = np.random.default_rng(7)
   teacher = rng.normal(scale=3.0, size=(8, 10)).astype(np.float32)
-  student = rng.normal(scale=3.0, size=(8, 10)).astype(np.float32)
-  t, s = teacher.astype(np.float64) / temperature, student.astype(np.float64) / temperature
+  student = tf.constant(rng.normal(scale=3.0, size=(8, 10)).astype(np.float32))
+  t = teacher.astype(np.float64) / temperature
+  s = student.numpy().astype(np.float64) / temperature
   p_t = np.exp(t - t.max(1, keepdims=True))
   p_t /= p_t.sum(1, keepdims=True)
   log_p_s = s - s.max(1, keepdims=True)
   log_p_s -= np.log(np.exp(log_p_s).sum(1, keepdims=True))
   colab = np.mean(temperature ** 2 * -np.sum(p_t * log_p_s, axis=1))
-  ours = float(losses.distillation_loss(teacher, student, temperature))
-  np.testing.assert_allclose(ours * temperature ** 2, colab, rtol=1e-5)
-  if temperature == 1.0:
-    np.testing.assert_allclose(ours, colab, rtol=1e-5)
+  # d colab / d student = T^2 (softmax(s/T) - softmax(t/T)) / (T * batch)
+  colab_grad = temperature * (np.exp(log_p_s) - p_t) / 8
+  got = {}
+  for scale in ('none', 't_squared'):
+    with tf.GradientTape() as tape:
+      tape.watch(student)
+      loss = losses.distillation_loss(teacher, student, temperature, scale=scale)
+    got[scale] = (float(loss), tape.gradient(loss, student).numpy())
+  np.testing.assert_allclose(got['t_squared'][0], colab, rtol=1e-5)
+  np.testing.assert_allclose(got['t_squared'][1], colab_grad, rtol=1e-4,
+                             atol=1e-6 * np.abs(colab_grad).max())
+  np.testing.assert_allclose(got['none'][0] * temperature ** 2, colab, rtol=1e-5)
+  np.testing.assert_allclose(got['none'][1] * temperature ** 2, colab_grad, rtol=1e-4,
+                             atol=1e-6 * np.abs(colab_grad).max())
+  if temperature != 1.0:
+    assert not np.isclose(got['none'][0], colab, rtol=1e-2)
+  with pytest.raises(ValueError, match='scale'):
+    losses.distillation_loss(teacher, student, temperature, scale='t2')
 
 
 def test_mixed_distillation_loss_uses_only_labeled_examples():
@@ -188,6 +204,12 @@ def test_mixed_distillation_loss_uses_only_labeled_examples():
   none = losses.mixed_distillation_loss(teacher, student, labels, np.zeros(4, np.float32),
                                         temperature, weight)
   np.testing.assert_allclose(none.numpy(), (1 - weight) * distill, rtol=1e-5)
+  # t_squared scales the distillation term only, not the label term.
+  scaled = losses.mixed_distillation_loss(teacher, student, labels, mask, temperature, weight,
+                                          scale='t_squared')
+  np.testing.assert_allclose(scaled.numpy(),
+                             (1 - weight) * temperature ** 2 * distill + weight * label_term,
+                             rtol=1e-5)
 
 
 def test_metrics():

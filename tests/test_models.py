@@ -148,6 +148,7 @@ def test_supervised_head_is_dense_with_bias():
 # ---------------------------------------------------------------------------- full model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode,num_layers,selector,sup_width', [
     ('none', 2, 0, 512),
     ('linear', 2, -1, 16),
@@ -175,6 +176,7 @@ def test_model_endpoints(mode, num_layers, selector, sup_width):
       'resnet', 'projection_head', 'head_supervised']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('stop_gradient', [True, False])
 def test_supervised_head_stop_gradient(stop_gradient):
   model = _shared_model(se_ratio=0.25, supervised_head_stop_gradient=stop_gradient)
@@ -206,6 +208,7 @@ def test_build_model_maps_config():
     model(tf.zeros((2, 8, 8, 6)))
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trips_every_variable(tmp_path):
   """DESIGN trap: every variable, BN moving statistics of encoder and heads included."""
   model = _shared_model(se_ratio=0.25, supervised_head_stop_gradient=False)
@@ -232,6 +235,7 @@ def test_checkpoint_round_trips_every_variable(tmp_path):
     np.testing.assert_array_equal(v.numpy(), saved[v.path], err_msg=v.path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fine_tune_after_block,encoder_bns,se_biases', [
     (-1, 21, 16),
     # stem (1 BN) + block groups 1-2 (2 x (2 blocks x 2 + 1 shortcut)) frozen; SE in 4 blocks left.

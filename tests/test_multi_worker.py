@@ -168,7 +168,8 @@ def test_sigterm_to_one_worker_stops_both_at_the_same_saved_step(tmp_path):
 
 def test_restart_with_a_folder_per_worker_at_different_steps_is_refused(tmp_path):
   """Worker 0's --model_dir holds ckpt-4, worker 1's ckpt-2 (a folder per machine): both stop
-  with exit 2 naming both steps before training a step."""
+  with exit 2 before training a step, at the start-up check that every worker sees the chief's
+  lock (before that check: at the restored-step agreement, naming both steps)."""
   first, second = tmp_path / 'worker0_dir', tmp_path / 'worker1_dir'
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
   env.pop('TF_CONFIG', None)
@@ -182,11 +183,13 @@ def test_restart_with_a_folder_per_worker_at_different_steps_is_refused(tmp_path
     path.unlink()
   started = _start_workers(tmp_path, ['--mode=train', '--train_steps=6', '--checkpoint_steps=2'],
                            [first, second], 'restart')
-  for rc, log in _finish(started):
+  results = _finish(started)
+  assert 'does not see the chief\'s run in' in results[1][1], results[1][1][-4000:]
+  assert 'Another worker of this multi-worker run does not see' in results[0][1]
+  for rc, log in results:
     assert rc == 2, log[-4000:]
-    assert 'restored different training steps: 2 and 4' in log, log[-4000:]
-    assert '--model_dir must be one shared location' in log
-    assert 'Traceback' not in log
+    assert 'one shared --model_dir' in log
+    assert 'Traceback' not in log and 'Training from step' not in log
   assert [weights.source.checkpoint_step(p)
           for p in weights.source.find_checkpoints(str(first))] == [4, 2]
   assert not (first / 'LOCK').exists()

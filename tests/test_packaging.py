@@ -7,6 +7,8 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -25,6 +27,7 @@ def test_pyproject_pins_match_requirements():
   assert 'google-research/simclr' in open(os.path.join(ROOT, 'NOTICE')).read()
 
 
+@pytest.mark.slow
 def test_installed_command_equals_run_py(tmp_path):
   """A venv that sees the installed TensorFlow; the project installed without its dependencies
   (no download); the command run outside the clone gives run.py's answer to the same flags."""

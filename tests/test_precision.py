@@ -70,6 +70,20 @@ def _loss_and_grads(config, model):
   return loss, dict(zip([v.path for v in variables], tape.gradient(loss, variables)))
 
 
+def _numpy_nt_xent(hidden, temperature):
+  """NT-Xent in float64: rows i and i + N are positives, every other row a negative; the sum of
+  the two views' mean cross-entropies, as the original."""
+  h = hidden.astype(np.float64)
+  h /= np.linalg.norm(h, axis=1, keepdims=True)
+  n = len(h) // 2
+  logits = h @ h.T / temperature
+  np.fill_diagonal(logits, -np.inf)
+  positive = logits[np.arange(2 * n), (np.arange(2 * n) + n) % (2 * n)]
+  top = logits.max(axis=1)
+  lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+  return float(np.sum(lse - positive) / n)
+
+
 def test_bfloat16_step_matches_float32_and_keeps_float32_where_it_matters(tmp_path):
   f32, initial = _model(_config(tmp_path))
   bf16, _ = _model(_config(tmp_path, 'mixed_bfloat16'), initial=initial)
@@ -86,6 +100,14 @@ def test_bfloat16_step_matches_float32_and_keeps_float32_where_it_matters(tmp_pa
   loss16, grads16 = _loss_and_grads(_config(tmp_path, 'mixed_bfloat16'), bf16)
   assert loss16.dtype == tf.float32
   assert float(loss16) == pytest.approx(float(loss32), rel=0.02)
+  # NT-Xent itself runs in float32: on the bfloat16 model's projections it matches a float64
+  # numpy NT-Xent to float32 precision (in bfloat16 it would be off by ~1e-2 relative).
+  views = _batch(8)[0]
+  both = tf.constant(np.concatenate([views[..., :3], views[..., 3:]], 0))
+  hidden = bf16(both, training=True)[simclr.PROJ_HEAD_OUTPUT]
+  got, _, _ = losses.nt_xent(hidden, 0.5)
+  assert got.dtype == tf.float32
+  assert float(got) == pytest.approx(_numpy_nt_xent(hidden.numpy(), 0.5), rel=2e-5)
   assert grads16.keys() == grads32.keys()
   for path, g in grads16.items():
     assert g is not None and g.dtype == tf.float32, path
@@ -102,6 +124,7 @@ def _one_step(config, strategy, initial, images, labels, tmp_path):
                        tmp_path / type(strategy).__name__)
 
 
+@pytest.mark.slow
 def test_two_replica_bfloat16_step_equals_one_device(tmp_path, two_replica_strategy):
   config = _config(tmp_path, 'mixed_bfloat16')
   _, initial = _model(config)
@@ -153,6 +176,7 @@ def keras_sgd():
   return keras.optimizers.SGD(0.01)
 
 
+@pytest.mark.slow
 def test_float16_overflow_skips_steps_and_lowers_the_loss_scale(tmp_path):
   trainer, optimizer, model, initial, data = _float16_trainer(tmp_path, _Amplified, 1)
   # The first step alone: gradients x 1e3 x 2**15 overflow float16 and must be skipped.
@@ -183,6 +207,7 @@ class _NaNLoss(tasks.PretrainTask):
     return loss * np.float32(np.nan), logs
 
 
+@pytest.mark.slow
 def test_float16_persistent_non_finite_loss_stops(tmp_path):
   trainer, optimizer, _, _, data = _float16_trainer(tmp_path, _NaNLoss, 2)
   trainer.max_consecutive_skips = 3
@@ -417,3 +442,70 @@ def test_fused_bfloat16_batch_norm_matches_numpy():
     want_inf = (xn - 0.1 * mean) / np.sqrt(moving_var + 1e-5) * g + b
     np.testing.assert_allclose(y_inf, want_inf, rtol=2 ** -8,
                                atol=2 ** -8 * np.abs(want_inf).max())
+
+
+class _MarkedOverflow(tasks.PretrainTask):
+  """Pretraining whose loss is multiplied by 1e30 on a replica whose batch holds a negative pixel
+  (a marker: augmented images lie in [0, 1]), so that replica's float16 gradients overflow while
+  its forward pass (and so the BN statistics) stays finite."""
+
+  def train_loss(self, batch):
+    loss, logs = super().train_loss(batch)
+    marked = tf.reduce_any(batch[0] < 0)
+    return loss * tf.where(marked, tf.constant(1e30), tf.constant(1.0)), logs
+
+
+@pytest.mark.slow
+def test_float16_two_replicas_skip_an_overflow_everywhere_and_stay_in_sync(tmp_path,
+                                                                           two_replica_strategy):
+  """mixed_float16 on 2 logical devices, 6 loops of one step from loss scale 2**8; in the third
+  loop only replica 1's gradients overflow. That step is skipped on both replicas (weights and
+  step counter unchanged), the loss scale halves once, training goes on, and every replica holds
+  the same weights after every loop."""
+  strategy = two_replica_strategy
+  config = _config(tmp_path, 'mixed_float16')
+  model, initial = _model(config, strategy)
+  with strategy.scope():
+    optimizer = precision_lib.wrap_optimizer(keras_sgd(), 'mixed_float16')
+    optimizer.build(model.trainable_variables)
+  # Keras starts at 2**15, where this tiny model's first steps overflow by themselves (a few
+  # skips, then a lower scale); start where they fit, so the one overflow is the injected one.
+  optimizer.dynamic_scale.assign(2.0 ** 8)
+  task = _MarkedOverflow(config, model, strategy)
+  variables = weights.match.object_variable_paths(model, 'model')
+  trace = []
+
+  def record(step):
+    per_replica = {p: [x.numpy() for x in strategy.experimental_local_results(v._value)]
+                   for p, v in variables.items()}  # each replica's copy (Keras 3: ._value)
+    trace.append((step, float(optimizer.dynamic_scale.numpy()),
+                  int(optimizer.iterations.numpy()), per_replica))
+
+  steps = cfg.Steps(train_steps=5, epoch_steps=1, warmup_steps=0, checkpoint_steps=100,
+                    steps_per_loop=1, eval_steps=1)
+  state = weights.state.TrainState(model, optimizer, str(tmp_path), 1)
+  trainer = loop.Trainer(task, optimizer, state, strategy, steps, 8,
+                         str(tmp_path / 'summaries'), hooks=((1, record),))
+  batches = [_batch(8, seed=s) for s in range(6)]
+  images = np.stack([b[0] for b in batches])
+  images[2, 5, 0, 0, 0] = -1.0  # in replica 1's half (rows 4-7) of the third global batch
+  labels = np.stack([b[1] for b in batches])
+  data = iter(strategy.experimental_distribute_dataset(
+      tf.data.Dataset.from_tensor_slices((images, labels))))
+  record(0)
+  result = trainer.train(data)
+  print('loss-scale trace (loop, step, scale, applied steps):',
+        [(i, st, s, it) for i, (st, s, it, _) in enumerate(trace)])
+  assert [s for _, s, _, _ in trace] == [2.0 ** 8] * 3 + [2.0 ** 7] * 4
+  assert [it for _, _, it, _ in trace] == [0, 1, 2, 2, 3, 4, 5]
+  assert result.final_step == 5 and trainer.skipped_steps == 1
+  before, after = trace[2][3], trace[3][3]
+  changed = []
+  for path, start in initial.items():
+    for replica in range(2):
+      if 'moving' not in path:  # BN statistics move in the forward pass, as in Keras
+        np.testing.assert_array_equal(after[path][replica], before[path][replica], err_msg=path)
+    for _, _, _, values in trace:  # the replicas agree after every loop
+      np.testing.assert_array_equal(values[path][1], values[path][0], err_msg=path)
+    changed.append(not np.array_equal(trace[-1][3][path][0], start))
+  assert sum(changed) > 0.9 * len(changed)  # the applied steps did train

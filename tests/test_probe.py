@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tf_simclr import config as cfg
@@ -12,6 +13,8 @@ from tf_simclr.data import datasets, subsets
 from tf_simclr.data import pipeline as pipeline_lib
 from tf_simclr.models import resnet
 from tf_simclr.evaluation import probe
+from tf_simclr import weights
+from tf_simclr.models import simclr
 
 from helpers import tiny_config
 
@@ -136,6 +139,7 @@ def _readout_features(strategy, batch_size):
   return readout, encoder, weights
 
 
+@pytest.mark.slow
 def test_two_replicas_equal_one_device(two_replica_strategy):
   one, enc1, w = _readout_features(tf.distribute.get_strategy(), 8)
   two, enc2, _ = _readout_features(two_replica_strategy, 8)
@@ -153,6 +157,7 @@ def test_two_replicas_equal_one_device(two_replica_strategy):
   assert abs(r1[probe.PROBE_TOP1] - r2[probe.PROBE_TOP1]) <= 1 / 29
 
 
+@pytest.mark.slow
 def test_pretrain_then_eval_and_probe_mode_write_the_readouts(tmp_path):
   from tf_simclr.run import modes
   config = tiny_config(
@@ -167,6 +172,29 @@ def test_pretrain_then_eval_and_probe_mode_write_the_readouts(tmp_path):
               'eval/random_init/linear_probe_top_1_accuracy', 'eval/label_top_1_accuracy'):
     assert 0 <= stored[key] <= 1, key
   assert json.load(open(tmp_path / 'result.json')) == stored
+  # The kNN number against numpy: the checkpoint's encoder called on the eval-preprocessed images
+  # (not through the readout's feature step), then a weighted vote of 10 neighbours in numpy.
+  model = simclr.build_model(config.model, 10)
+  model.build_for_size(16)
+  weights.match.load(model, str(tmp_path / 'ckpt-2'))
+  source = datasets.resolve_from_config(config.data)
+
+  def features(split):
+    data = dataclasses.replace(config.data, eval_split=split)
+    rows = [(model(x, training=False)[simclr.FINAL_AVG_POOL].numpy(), y.numpy())
+            for x, y in pipeline_lib.make_eval_dataset(source, data, 16)]
+    x, y = (np.concatenate(part) for part in zip(*rows))
+    return x / np.linalg.norm(x, axis=1, keepdims=True), (y.argmax(1) if y.ndim == 2 else y)
+
+  bank, bank_y = features('train[:48]')
+  query, query_y = features('test[:24]')
+  sims = query @ bank.T
+  top = np.argsort(-sims, axis=1, kind='stable')[:, :10]
+  votes = np.zeros((len(query), 10))
+  for i, row in enumerate(top):
+    np.add.at(votes[i], bank_y[row], np.exp(sims[i, row] / 0.1))
+  assert stored['eval/knn_top_1_accuracy'] == pytest.approx(
+      np.mean(votes.argmax(1) == query_y), abs=1 / 24 + 1e-9)  # one near-tie may flip
   # --mode=probe of the same model_dir: same features, same kNN; no flags.json of its own.
   os.remove(tmp_path / 'flags.json')
   probed = modes.run(dataclasses.replace(

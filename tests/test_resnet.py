@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tf_simclr import precision as precision_lib
 from tf_simclr.models import heads
 from tf_simclr.models import resnet as resnet_lib
+from tf_simclr.models.batch_norm import BatchNormalization
 
 # Architectures of shared/fixtures/original_tf2/layouts (resnet() arguments), with the encoder
 # trainable-parameter counts measured from the original code.
@@ -57,6 +59,7 @@ def test_encoder_parameter_count_matches_original(name):
   assert _num_params(_layout_encoder(name).trainable_variables) == LAYOUTS[name][1]
 
 
+@pytest.mark.slow
 def test_parameter_counts_match_simclrv2_table1():
   """SimCLRv2 paper, Table 1 (millions, rounded as printed)."""
   counts = {'R50 1x': _layout_encoder('r50_1x_sk0'), 'R50 1x SK': _layout_encoder('r50_1x_sk1'),
@@ -248,9 +251,15 @@ def test_invalid_arguments_raise():
     resnet_lib.resnet(18, width_multiplier=0)
 
 
-@pytest.mark.parametrize('k', [-1, 0, 2, 4])
-def test_fine_tune_after_block_freezes_and_keeps_statistics(k):
-  enc = resnet_lib.resnet(18, cifar_stem=True, fine_tune_after_block=k)
+@pytest.mark.parametrize('k,frozen_bn', [(-1, 'batch_stats'), (0, 'batch_stats'),
+                                         (2, 'moving_stats'), (4, 'moving_stats'),
+                                         (4, 'batch_stats')])
+def test_fine_tune_after_block_freezes(k, frozen_bn):
+  """Frozen parts train nothing and pass no gradient; their BN statistics stay fixed and their
+  endpoints ignore training=True with moving_stats; with batch_stats (the original) they move,
+  and the endpoints equal an all-trainable copy's training-mode ones."""
+  enc = resnet_lib.resnet(18, cifar_stem=True, fine_tune_after_block=k,
+                          frozen_batch_norm=frozen_bn)
   x = _images(4, 8)
   enc(x)
   parts = (enc.stem,) + enc.block_groups
@@ -261,8 +270,13 @@ def test_fine_tune_after_block_freezes_and_keeps_statistics(k):
   for part in free:
     assert {id(v) for v in part.trainable_variables} <= trainable
     assert part.trainable_variables
+  unfrozen = resnet_lib.resnet(18, cifar_stem=True)
+  unfrozen(x)
+  for a, b in zip(unfrozen.variables, enc.variables):
+    a.assign(b)
   before = {id(bn): bn.moving_mean.numpy() for bn in _batch_norms(enc)}
   reference = enc(x, training=False, return_endpoints=True)
+  trained = unfrozen(x, training=True, return_endpoints=True)
   frozen_kernels = [v.value for part in frozen for v in part.variables if v.name == 'kernel']
   with tf.GradientTape() as tape:
     tape.watch([x] + frozen_kernels)
@@ -270,30 +284,70 @@ def test_fine_tune_after_block_freezes_and_keeps_statistics(k):
     loss = tf.reduce_sum(endpoints['final_avg_pool'] ** 2)
   for part in frozen:
     for bn in _batch_norms(part):
-      np.testing.assert_array_equal(bn.moving_mean.numpy(), before[id(bn)])
+      moved = np.any(bn.moving_mean.numpy() != before[id(bn)])
+      assert moved == (frozen_bn == 'batch_stats'), bn.path
   for part in free:
     for bn in _batch_norms(part):
       assert np.any(bn.moving_mean.numpy() != before[id(bn)])
-  # Frozen parts run in inference mode: their endpoints ignore training=True.
+  if frozen_bn == 'batch_stats':  # Every statistic moved as in the all-trainable copy.
+    for a, b in zip(unfrozen.variables, enc.variables):
+      np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6, err_msg=b.path)
   last_frozen = ('initial_max_pool', 'block_group1', 'block_group2', 'block_group3',
                  'block_group4')[k] if k >= 0 else None
   if last_frozen:
-    np.testing.assert_allclose(endpoints[last_frozen].numpy(),
-                               reference[last_frozen].numpy(), rtol=1e-5, atol=1e-6)
+    want = (trained if frozen_bn == 'batch_stats' else reference)[last_frozen]
+    np.testing.assert_allclose(endpoints[last_frozen].numpy(), want.numpy(), rtol=1e-5,
+                               atol=1e-5)
   # stop_gradient at the end of the frozen part: no gradient reaches it or the images.
   grads = tape.gradient(loss, [x] + frozen_kernels)
   assert (grads[0] is None) == (k >= 0)
   assert all(g is None for g in grads[1:])
 
 
-def test_global_bn_matches_single_device_statistics(two_replica_strategy):
-  """Synchronized BN over 2 replicas == one device on the concatenated batch."""
+@pytest.mark.parametrize('policy', ['float32', 'mixed_bfloat16'])
+@pytest.mark.parametrize('batch_stats', [True, False])
+def test_frozen_batch_norm_layer_matches_numpy(policy, batch_stats):
+  """A frozen (trainable=False) BN layer in training: batch statistics and the moving-average
+  update against numpy when batch_stats_when_frozen (Keras' and the fused path), the moving
+  statistics untouched otherwise; gamma and beta never train."""
+  rng = np.random.RandomState(0)
+  with precision_lib.policy_scope(policy):
+    bn = BatchNormalization(momentum=0.9, epsilon=1e-5, synchronized=True)
+  x = tf.cast(tf.constant(rng.normal(1.0, 2.0, size=(6, 3, 3, 5)).astype(np.float32)),
+              bn.compute_dtype)
+  bn.build(x.shape)
+  bn.gamma.assign(rng.uniform(0.5, 1.5, size=5))
+  bn.beta.assign(rng.normal(size=5))
+  bn.moving_mean.assign(rng.normal(size=5))
+  bn.moving_variance.assign(rng.uniform(0.5, 2.0, size=5))
+  bn.trainable = False
+  bn.batch_stats_when_frozen = batch_stats
+  assert not bn.trainable_variables
+  start_mean, start_var = bn.moving_mean.numpy(), bn.moving_variance.numpy()
+  y = bn(x, training=True).numpy().astype(np.float64).reshape(-1, 5)
+  xn = x.numpy().astype(np.float64).reshape(-1, 5)
+  mean, var = (xn.mean(0), xn.var(0)) if batch_stats else (start_mean, start_var)
+  want = (xn - mean) / np.sqrt(var + 1e-5) * bn.gamma.numpy() + bn.beta.numpy()
+  tol = 1e-5 if policy == 'float32' else 2 ** -8
+  np.testing.assert_allclose(y, want, rtol=tol, atol=tol * np.abs(want).max())
+  want_mean = 0.9 * start_mean + 0.1 * mean if batch_stats else start_mean
+  want_var = 0.9 * start_var + 0.1 * var if batch_stats else start_var
+  np.testing.assert_allclose(bn.moving_mean.numpy(), want_mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(bn.moving_variance.numpy(), want_var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('k', [-1, 4])
+def test_global_bn_matches_single_device_statistics(two_replica_strategy, k):
+  """Synchronized BN over 2 replicas == one device on the concatenated batch; also in frozen
+  layers (k=4, linear eval) with batch_stats, against an all-trainable single-device copy."""
   strategy = two_replica_strategy
   x = _images(8, 8, seed=3)
   single = resnet_lib.resnet(18, cifar_stem=True, global_bn=True)
   single(x[:2])
   with strategy.scope():
-    mirrored = resnet_lib.resnet(18, cifar_stem=True, global_bn=True)
+    mirrored = resnet_lib.resnet(18, cifar_stem=True, global_bn=True, fine_tune_after_block=k,
+                                 frozen_batch_norm='batch_stats')
     mirrored(x[:2])
   for a, b in zip(mirrored.variables, single.variables):
     a.assign(b)
@@ -323,6 +377,7 @@ def test_global_bn_matches_single_device_statistics(two_replica_strategy):
   assert max(np.abs(whole.numpy() - part).max() for _, whole, part in moving) > 1e-3
 
 
+@pytest.mark.slow
 def test_fractional_width_scales_every_layer_and_keeps_integer_widths_exact():
   """--width_multiplier=0.25 gives a 16-32-64-128 ResNet-18 (small CPU models); 2 doubles."""
   images = tf.zeros([1, 16, 16, 3])

@@ -68,7 +68,7 @@ def test_get_config_round_trip_and_validation():
 
 
 def test_run_shorter_than_its_warmup_never_leaves_warmup():
-  """Issue 7: --train_steps=44 with 10 warmup epochs of 112 steps stays in warmup, as the original.
+  """--train_steps=44 with 10 warmup epochs of 112 steps stays in warmup, as the original.
 
   Hand computation: warmup = floor(10 * 1440 / 128) = 112 steps; peak = 1.0 * 128 / 256 = 0.5;
   the optimizer's update k (0-based) uses lr = k / 112 * 0.5, so the rate at step 44 is 0.19643

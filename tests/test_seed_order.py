@@ -2,32 +2,17 @@
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import helpers
 from tf_simclr import config as cfg
 from tf_simclr.data import datasets, pipeline
 
 
-class TinyShardedDataset(tfds.core.GeneratorBasedBuilder):
-  """60 8x8 images in 6 files; each image's pixel value is its index."""
-  VERSION = tfds.core.Version('1.0.0')
-
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(8, 8, 1)),
-            'label': tfds.features.ClassLabel(num_classes=60)}),
-        supervised_keys=('image', 'label'))
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {'train': self._generate_examples(60)}
-
-  def _generate_examples(self, n):
-    for i in range(n):
-      yield i, {'image': np.full((8, 8, 1), i, np.uint8), 'label': i}
+# 60 8x8 images in 6 files; each image's pixel value is its index, and so is its label.
+TinyShardedDataset = helpers.tiny_tfds_builder(
+    'TinyShardedDataset', {'train': 60}, (8, 8, 1), 60,
+    lambda split, i: (np.full((8, 8, 1), i, np.uint8), i))
 
 
 @pytest.fixture(scope='module')
@@ -82,8 +67,7 @@ def test_labels_are_read_once_then_from_the_cache(sharded, monkeypatch):
 def test_same_seed_shuffles_an_images_folder_the_same_way(tmp_path):
   """images:PATH shuffles its file list with --seed (before: unseeded, a new order each run)."""
   for i in range(12):
-    tf.io.write_file(str(tmp_path / f'{i:02d}.png'),
-                     tf.io.encode_png(np.full((2, 2, 1), i, np.uint8)))
+    helpers.write_png(tmp_path / f'{i:02d}.png', np.full((2, 2, 1), i))
   source = datasets.resolve_dataset(f'images:{tmp_path}')
 
   def order(seed):

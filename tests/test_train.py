@@ -18,6 +18,7 @@ from tf_simclr.train import assemble, loop, tasks
 
 from helpers import assert_same_updates, build_state, one_lars_step, tiny_config
 
+@pytest.mark.slow
 def test_pretrain_then_eval_runs_exact_steps_and_writes_results(tmp_path, caplog):
   config = tiny_config(tmp_path, train__mode='train_then_eval', train__train_steps=5,
                        train__steps_per_loop=2)
@@ -80,6 +81,7 @@ def test_pretrain_then_eval_runs_exact_steps_and_writes_results(tmp_path, caplog
         config, train=dataclasses.replace(config.train, mode='export')))
 
 
+@pytest.mark.slow
 def test_resume_restores_step_weights_slots_and_bn_statistics(tmp_path):
   config = tiny_config(tmp_path, train__train_steps=2)
   modes.run(config)
@@ -119,6 +121,7 @@ class _NaNAfter(tasks.FinetuneTask):
     return loss, logs
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = tiny_config(tmp_path, train__train_mode='finetune', train__train_steps=6,
                        train__checkpoint_steps=2, model__supervised_head_stop_gradient=False)
@@ -146,6 +149,7 @@ def _pretrain_batch(batch_size, image_size, num_classes, seed):
   return images, labels
 
 
+@pytest.mark.slow
 def test_two_replicas_take_exactly_the_single_device_step(tmp_path, two_replica_strategy):
   """One full pretraining step (NT-Xent across replicas, synchronized BN, LARS, weight decay,
   linear eval head) on 2 replicas equals the same step on one device with the global batch."""
@@ -170,6 +174,7 @@ def test_two_replicas_take_exactly_the_single_device_step(tmp_path, two_replica_
     assert double_metrics[name] == pytest.approx(single_metrics[name], rel=1e-4), name
 
 
+@pytest.mark.slow
 def test_resuming_a_model_dir_of_another_architecture_names_the_variables(tmp_path):
   modes.run(tiny_config(tmp_path, train__train_steps=1))
   other = tiny_config(tmp_path, train__train_steps=2, model__proj_out_dim=8)

@@ -117,6 +117,7 @@ def test_original_to_ours_rejects_other_paths(path):
   assert weights.original.original_to_ours(path) is None
 
 
+@pytest.mark.slow
 def test_original_saved_model_reproduces_expected_outputs(original_fixture_dir):
   expected = np.load(original_fixture_dir / 'expected_outputs.npz')
   model = _fixture_model(original_fixture_dir, expected['logits_sup'].shape[-1])
@@ -156,6 +157,7 @@ def _layout_model(name):
                 **LAYOUTS[name])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(LAYOUTS))
 def test_layout_keys_map_onto_our_variables(name, original_fixture_dir):
   prefix = str(original_fixture_dir / 'layouts' / name / 'ckpt-1')

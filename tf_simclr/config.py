@@ -16,13 +16,27 @@ from tf_simclr.errors import ConfigError, DatasetError
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 PROJ_HEAD_MODES = ('none', 'linear', 'nonlinear')
 TRAIN_MODES = ('pretrain', 'finetune', 'distill')
-MODES = ('train', 'eval', 'train_then_eval', 'export', 'probe', 'embed')
-# Modes that read a run (its record and checkpoints) and never train.
-READING_MODES = ('eval', 'export', 'probe', 'embed')
+# --mode: those that train, and those that read a run (its record and checkpoints) and never train.
+TRAINING_MODES = ('train', 'train_then_eval')
+# Inspecting a run (evaluation/): nearest neighbours of query images, near-duplicate groups,
+# the pretraining augmentation's views; all write pictures into model_dir.
+INSPECT_MODES = ('neighbors', 'duplicates', 'preview_augment')
+READING_MODES = ('eval', 'export', 'probe', 'embed') + INSPECT_MODES
+MODES = TRAINING_MODES + READING_MODES
+# Modes that read (or compute) the embeddings of --embed_split.
+EMBEDDING_MODES = ('embed', 'neighbors', 'duplicates')
+# The flags that fix the encoder and projection head: a reading mode takes them from the run's
+# record and a given value must agree (config_record), a resume may not change them, and the
+# distillation teacher has a --teacher_* flag for each.
+ARCHITECTURE_FLAGS = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio', 'proj_head_mode',
+                      'proj_out_dim', 'num_proj_layers', 'ft_proj_selector')
+# The model_dir LOCK's lease in seconds (--lock_lease_s; run_dir.RunLock).
+LOCK_LEASE_S = 300.0
 OPTIMIZERS = ('momentum', 'adam', 'lars')
 LR_SCALINGS = ('linear', 'sqrt')
 COLOR_JITTER_IMPLS = ('simclrv1', 'simclrv2')
 STRATEGIES = ('auto', 'tpu', 'mirrored', 'multi_worker', 'default')
+MAX_CPU_DEVICES = 64  # --cpu_devices: a testing aid; more logical devices only cost memory.
 PRECISIONS = ('float32', 'mixed_bfloat16', 'mixed_float16')
 # The model's endpoints (models/simclr.py), the names of the original's SavedModel outputs.
 ENDPOINTS = ('initial_conv', 'initial_max_pool', 'block_group1', 'block_group2', 'block_group3',
@@ -30,6 +44,11 @@ ENDPOINTS = ('initial_conv', 'initial_max_pool', 'block_group1', 'block_group2',
              'logits_sup')
 # How a fine-tune/distill run starts its supervised head (see TrainConfig.logits_layer_init).
 LOGITS_LAYER_INITS = ('checkpoint', 'zeros', 'random')
+# BN layers of frozen encoder parts in training: batch statistics + moving-average updates (the
+# original), or inference mode with fixed moving statistics.
+FROZEN_BATCH_NORMS = ('batch_stats', 'moving_stats')
+# The distillation loss: SimCLRv2 Eq. 2 as printed, or times T^2 (the authors' colab, Hinton et al.).
+DISTILL_LOSS_SCALES = ('none', 't_squared')
 # The built-in dataset (data/synthetic.py): generated in memory, no download.
 BUILTIN_DATASET = 'shapes10'
 
@@ -87,6 +106,8 @@ class ModelConfig:
   supervised_head_stop_gradient: bool = False
   # -1 trains everything; k in 0..4 freezes the stem and block groups 1..k (4 = linear eval).
   fine_tune_after_block: int = -1
+  # How the frozen parts' BN layers train (FROZEN_BATCH_NORMS); no effect when nothing is frozen.
+  frozen_batch_norm: str = 'batch_stats'
   # Keras dtype policy of the layers (variables stay float32); see tf_simclr/precision.py.
   precision: str = 'float32'
 
@@ -112,6 +133,7 @@ class ModelConfig:
            f'[{-n}, {n - 1}] (0 = encoder output, -1 = last head layer).')
     _check(-1 <= self.fine_tune_after_block <= 4,
            f'--fine_tune_after_block={self.fine_tune_after_block} must be in -1..4.')
+    _check_choice('frozen_batch_norm', self.frozen_batch_norm, FROZEN_BATCH_NORMS)
     _check_choice('precision', self.precision, PRECISIONS)
 
   @property
@@ -137,6 +159,11 @@ def model_config(train_mode: str, image_size: int, lineareval_while_pretraining:
   if train_mode == 'pretrain' and fine_tune_after_block != -1:
     raise ConfigError('--fine_tune_after_block freezes layers and only applies to '
                       '--train_mode=finetune; leave it at -1 for pretraining.')
+  frozen_bn = architecture.get('frozen_batch_norm', ModelConfig.frozen_batch_norm)
+  if frozen_bn != ModelConfig.frozen_batch_norm and (
+      train_mode != 'finetune' or fine_tune_after_block == -1):
+    raise ConfigError(f'--frozen_batch_norm={frozen_bn} only applies to frozen layers: use it '
+                      'with --train_mode=finetune --fine_tune_after_block=0..4, or drop it.')
   return ModelConfig(
       cifar_stem=small_images(image_size),
       supervised_head=train_mode != 'pretrain' or lineareval_while_pretraining,
@@ -214,11 +241,14 @@ class DistillConfig:
   temperature: float = 1.0
   # Weight of the label loss on the labeled subset (paper Eq. 3); 0 = pure distillation.
   label_weight: float = 0.0
+  # none: the paper's Eq. 2; t_squared: times T^2, the authors' colab (DISTILL_LOSS_SCALES).
+  loss_scale: str = 'none'
 
   def __post_init__(self):
     _check(self.temperature > 0, f'--distill_temperature={self.temperature} must be > 0.')
     _check(0 <= self.label_weight <= 1,
            f'--distill_label_weight={self.label_weight} must be in [0, 1].')
+    _check_choice('distill_loss_scale', self.loss_scale, DISTILL_LOSS_SCALES)
 
 
 def distill_config(train_mode: str, resolve_teacher, **fields) -> DistillConfig:
@@ -241,6 +271,9 @@ class DistributeConfig:
   allow_tpu: bool = True
   # --allow_local_paths_on_tpu: a single-host TPU VM may keep model_dir/data on its own disk.
   allow_local_paths_on_tpu: bool = False
+  # --cpu_devices: split the host CPU into this many logical devices (0: leave it whole), so
+  # `mirrored` (or `auto` without accelerators) runs that many replicas on a CPU-only machine.
+  cpu_devices: int = 0
 
   @property
   def tpu_requested(self) -> bool:
@@ -252,6 +285,13 @@ class DistributeConfig:
     _check_choice('distribution_strategy', self.strategy, STRATEGIES)
     _check(self.allow_tpu or self.strategy != 'tpu',
            '--use_tpu=False contradicts --distribution_strategy=tpu; drop one.')
+    _check(0 <= self.cpu_devices <= MAX_CPU_DEVICES,
+           f'--cpu_devices={self.cpu_devices} must lie in [0, {MAX_CPU_DEVICES}] (0: one CPU '
+           'device, the default).')
+    _check(self.cpu_devices <= 1 or self.strategy in ('auto', 'mirrored'),
+           f'--cpu_devices={self.cpu_devices} simulates replicas for MirroredStrategy only; use '
+           f'--distribution_strategy=mirrored (or auto) instead of {self.strategy!r}, or drop '
+           '--cpu_devices.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,7 +313,6 @@ class TrainConfig:
   keep_hub_module_max: int = 1
   temperature: float = 0.1
   hidden_norm: bool = True
-  lineareval_while_pretraining: bool = True
   zero_init_logits_layer: bool = False
   # checkpoint (the original): the head --checkpoint holds when its shape fits, else N(0, 0.01);
   # --zero_init_logits_layer does nothing (the original zeroes before the variables exist).
@@ -283,15 +322,23 @@ class TrainConfig:
   seed: Optional[int] = None
   # --mode=eval: seconds to wait for each new checkpoint (0: forever).
   eval_timeout: float = 3600
-  # XLA-compile the train and eval steps (slower on CPU; see README).
+  # XLA-compile the train and eval steps (slower on CPU; see docs/performance.md).
   jit_compile: bool = False
   # --mode=embed: the split (None: --train_split) and the endpoint written to features.npy.
   embed_split: Optional[str] = None
   embed_endpoint: str = 'final_avg_pool'
+  # --mode=neighbors: the query image or folder, and how many neighbours each.
+  query: Optional[str] = None
+  num_neighbors: int = 8
+  # --mode=duplicates: images whose embeddings have cosine similarity >= this are linked.
+  duplicate_threshold: float = 0.95
+  # --mode=preview_augment: how many training images, and pairs of views of each.
+  num_preview_images: int = 6
+  num_preview_pairs: int = 3
   # Resume although flags the checkpoints depend on changed (config_record.check_resume_flags).
   allow_flag_changes: bool = False
   # The model_dir LOCK's lease (run_dir.py): renewed every loop and every lease/4 seconds.
-  lock_lease_s: float = 300.0
+  lock_lease_s: float = LOCK_LEASE_S
 
   def __post_init__(self):
     _check(bool(self.model_dir), '--model_dir is required: the folder for checkpoints, '
@@ -313,6 +360,16 @@ class TrainConfig:
            f'--keep_checkpoint_max={self.keep_checkpoint_max} must be >= 1.')
     _check(self.temperature > 0, f'--temperature={self.temperature} must be > 0.')
     _check_choice('embed_endpoint', self.embed_endpoint, ENDPOINTS)
+    _check(self.mode != 'neighbors' or bool(self.query),
+           '--mode=neighbors needs --query: an image file or a folder of images.')
+    _check(self.num_neighbors >= 1, f'--num_neighbors={self.num_neighbors} must be >= 1.')
+    _check(0.0 < self.duplicate_threshold <= 1.0,
+           f'--threshold={self.duplicate_threshold} must be in (0, 1] (a cosine '
+           'similarity; 0.95-0.99 finds re-encoded, resized and flipped copies).')
+    _check(self.num_preview_images >= 1,
+           f'--num_preview_images={self.num_preview_images} must be >= 1.')
+    _check(self.num_preview_pairs >= 1,
+           f'--num_preview_pairs={self.num_preview_pairs} must be >= 1.')
     _check(self.eval_timeout >= 0,
            f'--eval_timeout={self.eval_timeout} must be >= 0 (seconds; 0 waits forever).')
     _check(self.lock_lease_s >= 1, f'--lock_lease_s={self.lock_lease_s} must be >= 1 (seconds).')
@@ -410,14 +467,12 @@ def check_same_architecture(model: ModelConfig, stored_flags: dict, where: str) 
   def stored(name):
     return stored_flags.get(name)
 
-  pairs = [('resnet_depth', model.resnet_depth), ('width_multiplier', model.width_multiplier),
-           ('sk_ratio', model.sk_ratio), ('se_ratio', model.se_ratio),
-           ('proj_head_mode', model.proj_head_mode)]
-  if model.proj_head_mode == stored('proj_head_mode'):
-    if model.proj_head_mode == 'nonlinear':
-      pairs.append(('num_proj_layers', model.num_proj_layers))
-    if model.proj_head_mode != 'none':
-      pairs.append(('proj_out_dim', model.proj_out_dim))
+  # The head's size only counts when both heads are of one kind; ft_proj_selector picks a layer.
+  same_head = model.proj_head_mode == stored('proj_head_mode')
+  skipped = {'ft_proj_selector',
+             *(() if same_head and model.proj_head_mode == 'nonlinear' else ('num_proj_layers',)),
+             *(() if same_head and model.proj_head_mode != 'none' else ('proj_out_dim',))}
+  pairs = [(name, getattr(model, name)) for name in ARCHITECTURE_FLAGS if name not in skipped]
   wrong = [f'--{name}={value!r} here but {stored(name)!r} in the run'
            for name, value in pairs
            if stored(name) is not None and not _same(stored(name), value)]

@@ -13,19 +13,20 @@ from typing import Dict, List, Optional, Tuple
 import tensorflow as tf
 
 from tf_simclr import run_dir
-from tf_simclr.config import ConfigError, same_value
+from tf_simclr.config import ARCHITECTURE_FLAGS, ConfigError, same_value
 
 log = logging.getLogger(__name__)
 
-# ---- The run's record for --mode=eval|export|probe|embed (README, "What lands in --model_dir").
+# ---- The run's record for --mode=eval|export|probe|embed (docs/restarts.md).
 # Architecture and head flags: filled from the record when not given; a given value must agree.
-RECORD_MUST_AGREE = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio', 'proj_head_mode',
-                     'proj_out_dim', 'num_proj_layers', 'ft_proj_selector')
+RECORD_MUST_AGREE = ARCHITECTURE_FLAGS
 # The rest of the model and the data: filled from the record when not given; a given value wins
 # (e.g. --dataset=images:OTHER to embed another folder, --eval_split=test).
 RECORD_FILLS = ('train_mode', 'lineareval_while_pretraining', 'image_size', 'batch_norm_decay',
                 'global_bn', 'precision', 'dataset', 'data_dir', 'train_split', 'eval_split',
                 'skip_bad_images', 'color_jitter_impl')
+# --mode=preview_augment also shows the run's augmentation unless flags change it.
+RECORD_FILLS_PREVIEW = ('color_jitter_strength', 'use_blur')
 
 
 def recorded_value(name: str, value):
@@ -37,9 +38,7 @@ def recorded_value(name: str, value):
 def describe_flags(arch: Dict[str, object]) -> Dict[str, object]:
   """The flag values that build the architecture `weights.original.describe` found (unknowns
   left out): the record of weights that come without a run's flags.json (`read_record`)."""
-  names = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio', 'proj_head_mode',
-           'num_proj_layers', 'proj_out_dim')
-  flags = {n: arch[n] for n in names if arch.get(n) is not None}
+  flags = {n: arch[n] for n in ARCHITECTURE_FLAGS if arch.get(n) is not None}
   if arch.get('proj_head_mode') != 'nonlinear':
     flags.pop('num_proj_layers', None)
   if arch.get('cifar_stem'):
@@ -71,7 +70,8 @@ def read_record(model_dir: Optional[str], checkpoint: Optional[str] = None
   return describe_flags(weights.describe(checkpoint)), f'the variables of {checkpoint}'
 
 
-def fill_from_record(record: Dict, values: Dict, given, where: str) -> Dict:
+def fill_from_record(record: Dict, values: Dict, given, where: str,
+                     names=RECORD_MUST_AGREE + RECORD_FILLS) -> Dict:
   """The flag values to use: `values` with every record flag not in `given` taken from `record`.
 
   `values`: current values of the flags (defaults included); `given`: names set explicitly on
@@ -80,7 +80,7 @@ def fill_from_record(record: Dict, values: Dict, given, where: str) -> Dict:
   """
   out = dict(values)
   wrong = []
-  for name in RECORD_MUST_AGREE + RECORD_FILLS:
+  for name in names:
     if name not in record or record[name] is None:
       continue
     if name not in given:
@@ -101,11 +101,9 @@ RESUME_FIXED_FLAGS = (
     'train_mode', 'dataset', 'train_split', 'train_label_fraction', 'label_fraction_seed',
     'train_batch_size', 'optimizer', 'momentum', 'learning_rate', 'learning_rate_scaling',
     'warmup_epochs', 'weight_decay', 'temperature', 'hidden_norm', 'distill_temperature',
-    'distill_label_weight',
-    # Architecture.
-    'image_size', 'resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio', 'proj_head_mode',
-    'proj_out_dim', 'num_proj_layers', 'ft_proj_selector', 'fine_tune_after_block',
-    'lineareval_while_pretraining', 'batch_norm_decay', 'global_bn')
+    'distill_loss_scale', 'distill_label_weight', 'image_size', 'fine_tune_after_block',
+    'frozen_batch_norm', 'lineareval_while_pretraining', 'batch_norm_decay',
+    'global_bn') + ARCHITECTURE_FLAGS
 HISTORY_KEY = 'history'
 # Not compared: the record's own history and the override itself.
 _NOT_COMPARED = (HISTORY_KEY, 'allow_flag_changes')

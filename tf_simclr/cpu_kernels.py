@@ -1,4 +1,5 @@
-"""Which CPU kernels TensorFlow uses: oneDNN on by default for tf-simclr on x86-64.
+"""What this machine offers TensorFlow: oneDNN CPU kernels (on by default for tf-simclr on x86-64),
+bfloat16 units, and whether an NVIDIA GPU driver is present.
 
 TensorFlow turns its oneDNN CPU kernels on by default only on CPUs with AVX512-VNNI/BF16 or AMX;
 on others (AVX2 servers and laptops) it keeps Eigen kernels, which ran this project's ResNet
@@ -11,6 +12,7 @@ This module must not import TensorFlow.
 
 import os
 import platform
+import shutil
 import sys
 from typing import MutableMapping, Optional
 
@@ -57,3 +59,15 @@ def has_bfloat16_units(flags: Optional[frozenset] = None) -> Optional[bool]:
   if flags is None:
     return None
   return bool(flags & {'avx512_bf16', 'amx_bf16'})
+
+
+# Signs of an NVIDIA GPU and its driver on this machine (besides nvidia-smi on the PATH).
+_NVIDIA_PATHS = ('/proc/driver/nvidia', '/dev/nvidia0')
+
+
+def nvidia_sign() -> Optional[str]:
+  """A path showing an NVIDIA GPU on this machine (driver folder, device, nvidia-smi), or None."""
+  for path in _NVIDIA_PATHS:
+    if os.path.exists(path):
+      return path
+  return shutil.which('nvidia-smi')

@@ -23,6 +23,7 @@ from typing import Dict, Mapping, Optional
 from absl import logging
 import tensorflow as tf
 
+from tf_simclr import cpu_kernels
 from tf_simclr.config import ConfigError, DistributeConfig
 from tf_simclr.errors import UserError
 
@@ -90,38 +91,63 @@ def _tpu_strategy(config: DistributeConfig, target: str) -> tf.distribute.Strate
   return tf.distribute.TPUStrategy(resolver)
 
 
-# Signs of an NVIDIA GPU and its driver on this machine (besides nvidia-smi on the PATH).
-_NVIDIA_PATHS = ('/proc/driver/nvidia', '/dev/nvidia0')
-
-
-def nvidia_sign() -> Optional[str]:
-  """A path showing an NVIDIA GPU on this machine (driver folder, device, nvidia-smi), or None."""
-  for path in _NVIDIA_PATHS:
-    if os.path.exists(path):
-      return path
-  return shutil.which('nvidia-smi')
-
-
 def warn_if_gpu_unused() -> bool:
   """Warns (and returns True) when this machine has an NVIDIA GPU that TensorFlow does not see.
 
   Plain `pip install tensorflow` brings no CUDA libraries; TensorFlow's own "skipping GPU"
   message is hidden by the log level run.py sets, so without this the run silently uses the CPU.
   """
-  sign = nvidia_sign()
+  sign = cpu_kernels.nvidia_sign()
   if sign is None or tf.config.list_physical_devices('GPU'):
     return False
   logging.warning('This machine has an NVIDIA GPU (%s) but TensorFlow sees no GPU, so this run '
                   'uses the CPU. Install TensorFlow with its CUDA libraries: '
-                  'pip install "tensorflow[and-cuda]==%s" (README, "GPUs"); check with '
+                  'pip install "tensorflow[and-cuda]==%s" (docs/multi_device.md); check with '
                   'python -c "import tensorflow as tf; '
                   'print(tf.config.list_physical_devices(\'GPU\'))".', sign, tf.__version__)
   return True
 
 
+def split_cpu(num_devices: int) -> list:
+  """Splits the host CPU into `num_devices` logical devices; returns their names.
+
+  A testing and teaching aid (`--cpu_devices`): MirroredStrategy over them runs every multi-
+  replica code path (per-replica batches, all-reduce, gathers, synchronized BN) on one CPU.
+  Logical devices are fixed once TensorFlow has initialised its devices (its first op), so call
+  this first; a process that already has at least `num_devices` CPU devices (e.g. a test
+  session) uses its first `num_devices`.
+  """
+  cpu = tf.config.list_physical_devices('CPU')[0]
+  try:
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(num_devices)])
+  except RuntimeError as e:  # Devices already initialised.
+    have = len(tf.config.list_logical_devices('CPU'))
+    if have < num_devices:
+      raise ConfigError(
+          f'--cpu_devices={num_devices}: TensorFlow already initialised {have} CPU device(s) '
+          'in this process. The split must happen before any other TensorFlow work: create the '
+          'strategy first (from Python: tf_simclr.distribute.split_cpu before any op).') from e
+  return [f'/cpu:{i}' for i in range(num_devices)]
+
+
+def _mirrored(config: DistributeConfig) -> tf.distribute.Strategy:
+  """MirroredStrategy over the local GPUs, else over `config.cpu_devices` logical CPUs."""
+  if config.cpu_devices > 1 and not tf.config.list_physical_devices('GPU'):
+    return tf.distribute.MirroredStrategy(split_cpu(config.cpu_devices))
+  if config.cpu_devices > 1:
+    logging.warning('--cpu_devices=%d is ignored: this machine has GPUs, and mirrored uses them.',
+                    config.cpu_devices)
+  return tf.distribute.MirroredStrategy()
+
+
 def make_strategy(config: DistributeConfig,
                   env: Optional[Mapping[str, str]] = None) -> tf.distribute.Strategy:
-  """Creates the strategy for `config.strategy` (`auto`, `tpu`, `mirrored`, ...) and logs it."""
+  """Creates the strategy for `config.strategy` (`auto`, `tpu`, `mirrored`, ...) and logs it.
+
+  With `config.cpu_devices` > 1 (and no GPU) `mirrored`, and `auto` when it finds no TPU and no
+  cluster, mirror over that many logical CPU devices (`split_cpu`).
+  """
   env = os.environ if env is None else env
   choice = config.strategy
   if choice == 'auto':
@@ -130,8 +156,8 @@ def make_strategy(config: DistributeConfig,
       strategy = _tpu_strategy(config, target)
     elif num_workers_from_tf_config(env) > 1:
       strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    elif tf.config.list_physical_devices('GPU'):
-      strategy = tf.distribute.MirroredStrategy()
+    elif tf.config.list_physical_devices('GPU') or config.cpu_devices > 1:
+      strategy = _mirrored(config)
     else:
       strategy = tf.distribute.get_strategy()
   elif choice == 'tpu':  # DistributeConfig refuses strategy=tpu with allow_tpu=False.
@@ -145,7 +171,7 @@ def make_strategy(config: DistributeConfig,
                       'running as a single worker.')
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
   elif choice == 'mirrored':
-    strategy = tf.distribute.MirroredStrategy()
+    strategy = _mirrored(config)
   elif choice == 'default':
     strategy = tf.distribute.get_strategy()
   else:  # DistributeConfig checks the choice.
@@ -260,6 +286,76 @@ def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
     return tf.constant(value)
 
   return float(strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(place), axis=None)) > 0
+
+
+class WorkerLostError(RuntimeError):
+  """Another worker of this multi-worker run died or stopped: this one stops too (exit 1)."""
+
+
+# What TensorFlow raises in a collective (or a coordination-service call) once a peer is gone:
+# its heartbeat stopped (killed, crashed, interrupted) or its address refuses connections.
+PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.AbortedError,
+                  tf.errors.DeadlineExceededError, tf.errors.CancelledError)
+
+
+def peer_failure(error: BaseException, env: Optional[Mapping[str, str]] = None,
+                 doing: str = '') -> Optional[WorkerLostError]:
+  """A WorkerLostError explaining `error` when it is TensorFlow's report of a lost peer in a
+  multi-worker run (TF_CONFIG lists several workers); None for anything else.
+
+  TensorFlow's coordination service (which MultiWorkerMirroredStrategy starts) notices a worker
+  whose heartbeats stop (kill -9, a crash, a SIGTERM's default exit) within its heartbeat
+  timeout and aborts every collective in flight or to come with UnavailableError: this turns that
+  traceback into a message saying what to do.
+  """
+  if not isinstance(error, PEER_FAILURES):
+    return None
+  if num_workers_from_tf_config(os.environ if env is None else env) < 2:
+    return None
+  detail = ' '.join(str(error).split())
+  return WorkerLostError(
+      'Another worker of this multi-worker run stopped (killed, crashed or interrupted)'
+      + (f' {doing}' if doing else '') + ': stopping this worker too. Restart every worker '
+      'with the same command: training resumes from the newest checkpoint in --model_dir. '
+      f'(TensorFlow: {type(error).__name__}: {detail[:300]})')
+
+
+class ChiefExchange:
+  """Values the chief publishes and the other workers wait for (TensorFlow's coordination
+  service key-value store, which MultiWorkerMirroredStrategy starts on the chief).
+
+  A wait is bounded (`timeout_s`) and ends early with an error when the chief dies: the
+  coordination service is the chief's. Single-process runs: this process is the chief and
+  publishing does nothing.
+  """
+
+  PREFIX = 'tf_simclr/'
+
+  def __init__(self, strategy: tf.distribute.Strategy):
+    self.chief = is_chief(strategy)
+    self.multi_worker = is_multi_worker(strategy) and strategy.num_replicas_in_sync > 1
+
+  def publish(self, key: str, value: str) -> None:
+    if self.multi_worker and self.chief:
+      from tensorflow.python.eager import context  # pylint: disable=g-import-not-at-top
+      context.context().set_config_key_value(self.PREFIX + key, value)
+
+  def wait(self, key: str, timeout_s: float, what: str) -> str:
+    """The chief's value of `key` (non-chief workers only); a UserError after `timeout_s` or
+    when the chief is gone, naming `what` was waited for."""
+    from tensorflow.python.eager import context  # pylint: disable=g-import-not-at-top
+    try:
+      return context.context().get_config_key_value(self.PREFIX + key,
+                                                     max(1, int(timeout_s * 1000)))
+    except tf.errors.DeadlineExceededError:
+      raise AnotherWorkerFailedError(
+          f'Waited {timeout_s:g} s for the chief of this multi-worker run ({what}); stopping '
+          'this worker. Check the chief\'s log.') from None
+    except tf.errors.OpError as e:
+      raise AnotherWorkerFailedError(
+          f'The chief of this multi-worker run stopped while this worker waited for it ({what}; '
+          f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}). '
+          'Its log says why.') from None
 
 
 # model_dir -> this non-chief process's temporary folder (removed by remove_worker_dirs).

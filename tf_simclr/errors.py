@@ -5,6 +5,12 @@ from the builtin it refines, so `except ValueError` / `except FileNotFoundError`
 """
 
 
+def first_line(error: BaseException) -> str:
+  """The first line of an error's message (TensorFlow errors carry long op traces)."""
+  text = str(error).strip()
+  return text.splitlines()[0] if text else ''
+
+
 class UserError(Exception):
   """Base of the errors caused by flags, files or data; the message names the fix."""
 
@@ -15,6 +21,10 @@ class ConfigError(UserError, ValueError):
 
 class DatasetError(ConfigError):
   """The dataset cannot serve the requested split/fraction; the message names the flag and fix."""
+
+
+class BadImagesError(DatasetError):
+  """Image files of a folder: dataset that cannot be decoded; the message names them."""
 
 
 class CheckpointNotFoundError(UserError, FileNotFoundError):

@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 
 import tensorflow as tf
 
+from tf_simclr.config import DISTILL_LOSS_SCALES
+
 # Subtracted from an anchor's similarity with itself, so it never counts as a negative.
 LARGE_NUM = 1e9
 
@@ -108,21 +110,27 @@ def supervised_loss(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
 
 
 def distillation_loss(teacher_logits: tf.Tensor, student_logits: tf.Tensor,
-                      temperature: float = 1.0) -> tf.Tensor:
+                      temperature: float = 1.0, scale: str = 'none') -> tf.Tensor:
   """SimCLRv2 Eq. 2: mean over the batch of H(softmax(teacher/T), softmax(student/T)).
 
-  The teacher's distribution is a constant (no gradient flows into the teacher).
+  `scale='t_squared'` multiplies it by T^2, as the authors' colab `add_kd_loss` and Hinton et al.
+  (2015) do (same at T = 1; at T = 0.1 the loss and its gradients are 100x smaller). The
+  teacher's distribution is a constant (no gradient flows into the teacher).
   """
+  if scale not in DISTILL_LOSS_SCALES:
+    raise ValueError(f'distillation_loss: scale={scale!r} is not one of '
+                     f'{list(DISTILL_LOSS_SCALES)}.')
   student_logits = tf.convert_to_tensor(student_logits)
   teacher_probs = tf.stop_gradient(
       tf.nn.softmax(tf.cast(teacher_logits, student_logits.dtype) / temperature))
-  return tf.reduce_mean(
+  loss = tf.reduce_mean(
       tf.nn.softmax_cross_entropy_with_logits(teacher_probs, student_logits / temperature))
+  return loss * temperature ** 2 if scale == 't_squared' else loss
 
 
 def mixed_distillation_loss(teacher_logits: tf.Tensor, student_logits: tf.Tensor,
                             labels: tf.Tensor, label_mask: tf.Tensor, temperature: float,
-                            label_weight: float) -> tf.Tensor:
+                            label_weight: float, scale: str = 'none') -> tf.Tensor:
   """SimCLRv2 Eq. 3: (1 - label_weight) * distillation + label_weight * label loss.
 
   `label_weight` is the paper's 1 - alpha. The label term is the cross-entropy of the student's
@@ -130,7 +138,7 @@ def mixed_distillation_loss(teacher_logits: tf.Tensor, student_logits: tf.Tensor
   1 (0 when the batch has none); the distillation term covers every example.
   """
   student_logits = tf.convert_to_tensor(student_logits)
-  distill = distillation_loss(teacher_logits, student_logits, temperature)
+  distill = distillation_loss(teacher_logits, student_logits, temperature, scale)
   mask = tf.cast(tf.reshape(label_mask, [-1]), student_logits.dtype)
   per_example = tf.nn.softmax_cross_entropy_with_logits(
       tf.cast(labels, student_logits.dtype), student_logits)

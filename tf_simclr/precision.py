@@ -92,7 +92,7 @@ def cpu_advice(precision: str, bfloat16_units, onednn) -> str:
   """Why `precision` is slow on this CPU ('' where it is the fast choice), from whether the CPU
   has bfloat16 units (avx512_bf16/amx_bf16; None: unknown) and whether oneDNN is on.
 
-  Measured (README, *Speed on CPUs*): with bfloat16 units and oneDNN, mixed_bfloat16 without XLA
+  Measured (benchmarks/README.md): with bfloat16 units and oneDNN, mixed_bfloat16 without XLA
   took 0.70-0.74x the float32 step time, and XLA made every arm slower. Without bfloat16 units,
   bfloat16 was ~8x slower than float32 without XLA and no faster with it; float32 with oneDNN was
   the fast choice. TensorFlow's own (non-oneDNN) 16-bit convolution gradients are ~10x slower.

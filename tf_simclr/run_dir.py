@@ -7,7 +7,8 @@ rewrites its `refreshed` time at every loop boundary and from a background threa
 `lease_s`. A second run on the same folder fails at once naming that holder; a lock whose process
 is dead on this host, or whose lease has expired (no refresh for `lease_s` seconds, by both the
 recorded time and the file's modification time), is taken over with a warning, whatever host wrote
-it. On a local disk the lock is created atomically (a hard link that fails if the name exists); on
+it (on gs:// and other remote file systems the loop boundary renews it at most every
+REMOTE_WRITE_INTERVAL_S). On a local disk the lock is created atomically (a hard link that fails if the name exists); on
 gs:// and other remote file systems it is best effort: written, then read back, so two runs started
 within the same second may both proceed.
 """
@@ -28,12 +29,12 @@ from typing import Dict, Optional
 
 import tensorflow as tf
 
-from tf_simclr.config import ConfigError
+from tf_simclr.config import LOCK_LEASE_S, ConfigError
+from tf_simclr.errors import first_line
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = 'LOCK'
-DEFAULT_LEASE_S = 300.0
 FLAGS_FILE = 'flags.json'
 
 
@@ -43,6 +44,30 @@ class ModelDirError(ConfigError):
 
 def _is_local(path: str) -> bool:
   return '://' not in path
+
+
+# On a remote model_dir (gs:// or any other non-local file system) each write of an object is a
+# whole upload, and GCS allows about one write per second per object: the training loop's
+# summary flushes and lease renewals happen at most this often there (every loop on a local disk).
+REMOTE_WRITE_INTERVAL_S = 30.0
+# Summary events held between two flushes of a remote event file (beyond this many it flushes
+# early; a loop writes about a dozen).
+REMOTE_SUMMARY_QUEUE = 10000
+
+
+def summary_writer(folder: str):
+  """A tf.summary file writer for `folder`; on a remote file system it flushes at most every
+  REMOTE_WRITE_INTERVAL_S (and when closed or flushed explicitly), not at each write."""
+  if _is_local(folder):
+    return tf.summary.create_file_writer(folder)
+  return tf.summary.create_file_writer(folder, max_queue=REMOTE_SUMMARY_QUEUE,
+                                       flush_millis=int(REMOTE_WRITE_INTERVAL_S * 1000))
+
+
+def flushes_each_loop(folder: str) -> bool:
+  """Whether the training loop flushes its summaries in `folder` after every loop (local
+  disks); remote writers flush on their own timer (summary_writer)."""
+  return _is_local(folder)
 
 
 def check_usable(model_dir: str, create: bool) -> None:
@@ -56,15 +81,35 @@ def check_usable(model_dir: str, create: bool) -> None:
     tf.io.gfile.makedirs(model_dir)
   except (tf.errors.OpError, OSError) as e:
     raise ModelDirError(f'--model_dir={model_dir} cannot be created ({type(e).__name__}: '
-                        f'{_first_line(e)}): choose a folder you can write to.') from e
+                        f'{first_line(e)}): choose a folder you can write to.') from e
   if _is_local(model_dir) and not os.access(model_dir, os.W_OK | os.X_OK):
     raise ModelDirError(f'--model_dir={model_dir} is not writable: fix its permissions or '
                         'choose another folder.')
 
 
-def _first_line(error: BaseException) -> str:
-  text = str(error).strip()
-  return text.splitlines()[0] if text else ''
+def entries(model_dir: str) -> Optional[frozenset]:
+  """The names in model_dir now (None: it does not exist): what `restore_entries` goes back to."""
+  if not tf.io.gfile.isdir(model_dir):
+    return None
+  return frozenset(tf.io.gfile.listdir(model_dir))
+
+
+def restore_entries(model_dir: str, before: Optional[frozenset]) -> bool:
+  """Removes what a refused run added to model_dir (and model_dir, if it made it), unless the run
+  saved a checkpoint, which is progress to keep. Returns whether it removed anything."""
+  added = set(entries(model_dir) or ()) - set(before or ())
+  if any(checkpoint_index_step(name.rstrip('/')) is not None for name in added):
+    return False
+  for name in added:
+    path = os.path.join(model_dir, name.rstrip('/'))
+    if tf.io.gfile.isdir(path):
+      tf.io.gfile.rmtree(path)
+    else:
+      tf.io.gfile.remove(path)
+  if before is None and tf.io.gfile.isdir(model_dir) and not tf.io.gfile.listdir(model_dir):
+    tf.io.gfile.rmtree(model_dir)
+    return True
+  return bool(added)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +173,7 @@ class RunLock:
   """model_dir/LOCK held by this process for one training run (a context manager): a lease of
   `lease_s` seconds, refreshed by `refresh()` (each loop) and by a background thread."""
 
-  def __init__(self, model_dir: str, lease_s: float = DEFAULT_LEASE_S):
+  def __init__(self, model_dir: str, lease_s: float = LOCK_LEASE_S):
     self.model_dir = model_dir
     self.path = os.path.join(model_dir, LOCK_FILE)
     self.lease_s = float(lease_s)
@@ -136,6 +181,9 @@ class RunLock:
                      started=datetime.datetime.now(datetime.timezone.utc).isoformat(
                          timespec='seconds'),
                      token=uuid.uuid4().hex, refreshed=time.time(), lease_s=self.lease_s)
+    # Remote: no more than one renewal per REMOTE_WRITE_INTERVAL_S (and 4 per lease).
+    self.write_interval_s = 0.0 if _is_local(self.path) else min(REMOTE_WRITE_INTERVAL_S,
+                                                                 self.lease_s / 4)
     self.held = False
     self.lost_to: Optional[Holder] = None
     self._stop = threading.Event()
@@ -202,11 +250,18 @@ class RunLock:
     except (tf.errors.PermissionDeniedError, PermissionError, OSError,
             tf.errors.OpError) as e:
       raise ModelDirError(f'--model_dir={self.model_dir} is not writable: cannot create '
-                          f'{self.path} ({type(e).__name__}: {_first_line(e)}).') from e
+                          f'{self.path} ({type(e).__name__}: {first_line(e)}).') from e
     raise ModelDirError(f'Could not take the lock {self.path}; try again.')
 
-  def refresh(self) -> None:
-    """Renews the lease (rewrites `refreshed`); raises LockLostError if another run holds it."""
+  def refresh(self, force: bool = False) -> None:
+    """Renews the lease (rewrites `refreshed`); raises LockLostError if another run holds it.
+
+    On a remote model_dir a call within `write_interval_s` of the last renewal does nothing
+    (the training loop calls this at every loop boundary) unless `force`.
+    """
+    if (self.held and not force and
+        time.time() - self.me.refreshed < self.write_interval_s):
+      return
     if not self.held:
       if self.lost_to is not None:
         raise LockLostError(
@@ -222,22 +277,26 @@ class RunLock:
         return self.refresh()
       self.me = dataclasses.replace(self.me, refreshed=time.time())
       try:
-        if _is_local(self.path):
-          tmp = f'{self.path}.{self.me.token}'
-          with open(tmp, 'w') as f:
-            f.write(self._payload())
-          os.replace(tmp, self.path)  # Atomic: the lock never disappears meanwhile.
-        else:
-          with tf.io.gfile.GFile(self.path, 'w') as f:
-            f.write(self._payload())
+        self._rewrite()
       except (tf.errors.OpError, OSError) as e:
         log.warning('Could not renew the lease of %s (%s: %s).', self.path, type(e).__name__,
-                    _first_line(e))
+                    first_line(e))
+
+  def _rewrite(self) -> None:
+    """Writes this holder's record over the lock file (a renewal)."""
+    if _is_local(self.path):
+      tmp = f'{self.path}.{self.me.token}'
+      with open(tmp, 'w') as f:
+        f.write(self._payload())
+      os.replace(tmp, self.path)  # Atomic: the lock never disappears meanwhile.
+    else:
+      with tf.io.gfile.GFile(self.path, 'w') as f:
+        f.write(self._payload())
 
   def _keep_renewing(self) -> None:
     while not self._stop.wait(self.lease_s / 4):
       try:
-        self.refresh()
+        self.refresh(force=True)
       except LockLostError as e:
         log.error('%s', e)  # The next loop boundary's refresh() raises it in the main thread.
         return
@@ -264,6 +323,16 @@ class RunLock:
 
   def __exit__(self, *exc):
     self.release()
+
+
+def lock_token(model_dir: str) -> Optional[str]:
+  """The unique id (token) of the run holding model_dir/LOCK, or None without a lock file.
+
+  A multi-worker run's workers read it to prove they all see the chief's model_dir (one shared
+  folder, not a folder per machine).
+  """
+  holder = _read_holder(os.path.join(model_dir, LOCK_FILE))
+  return holder.token if holder is not None else None
 
 
 def flags_path(model_dir: str) -> str:
@@ -393,3 +462,18 @@ def embeddings_dir(model_dir: str, split: str) -> str:
   return os.path.join(model_dir, EMBEDDINGS_DIR, split.replace('/', '_'))
 
 
+# Beside them, what --mode=embed writes for TensorBoard's projector (`tensorboard --logdir
+# MODEL_DIR`, Projector tab) and what --mode=neighbors / --mode=duplicates write.
+PROJECTOR_CHECKPOINT_NAME = 'projector'  # projector-1.{index,data-*} + `checkpoint`
+PROJECTOR_METADATA_FILE = 'metadata.tsv'
+PROJECTOR_SPRITE_FILE = 'sprite.png'
+NEIGHBORS_CSV = 'neighbors.csv'
+NEIGHBORS_PNG = 'neighbors.png'
+DUPLICATES_CSV = 'duplicates.csv'
+DUPLICATES_PNG = 'duplicates.png'
+# --mode=preview_augment: model_dir/augment_preview.png.
+AUGMENT_PREVIEW_FILE = 'augment_preview.png'
+
+
+def augment_preview_path(model_dir: str) -> str:
+  return os.path.join(model_dir, AUGMENT_PREVIEW_FILE)

@@ -18,10 +18,6 @@ from tf_simclr.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURE_FIELDS = ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio',
-                       'proj_head_mode', 'num_proj_layers', 'proj_out_dim', 'ft_proj_selector')
-
-
 def teacher_model_config(student: ModelConfig, teacher_checkpoint: Optional[str],
                          overrides: Dict[str, object]) -> ModelConfig:
   """The teacher's ModelConfig: overrides, else its flags.json, else the student's values."""
@@ -30,7 +26,7 @@ def teacher_model_config(student: ModelConfig, teacher_checkpoint: Optional[str]
   if flags_path:
     with tf.io.gfile.GFile(flags_path) as f:
       saved = json.load(f)
-    values.update({k: saved[k] for k in ARCHITECTURE_FIELDS if k in saved})
+    values.update({k: saved[k] for k in config.ARCHITECTURE_FLAGS if k in saved})
     log.info('Teacher architecture read from %s', flags_path)
   values.update(overrides)
   return config.teacher_model_config(student, **values)

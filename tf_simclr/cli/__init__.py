@@ -19,6 +19,7 @@ from absl import logging
 
 from tf_simclr import config as cfg
 from tf_simclr.cli import definitions  # noqa: F401  (defines the flags)
+from tf_simclr.cli import quiet
 from tf_simclr.cli import usage
 
 FLAGS = flags.FLAGS
@@ -27,13 +28,15 @@ EXIT_PREEMPTED = 3
 # Exit status after SIGINT (Ctrl-C), as a shell reports a process killed by it (128 + 2).
 EXIT_INTERRUPTED = 130
 
-def config_from_flags(flag_values) -> 'Config':
+
+
+def config_from_flags(flag_values) -> cfg.Config:
   """Turns parsed flags into a frozen, validated Config (the only FLAGS reader)."""
   from tf_simclr import teacher as teacher_lib  # Imported late so --help stays fast.
   f = flag_values
   model = cfg.model_config(
       f.train_mode, f.image_size, lineareval_while_pretraining=f.lineareval_while_pretraining,
-      fine_tune_after_block=f.fine_tune_after_block,
+      fine_tune_after_block=f.fine_tune_after_block, frozen_batch_norm=f.frozen_batch_norm,
       resnet_depth=f.resnet_depth, width_multiplier=f.width_multiplier,
       sk_ratio=f.sk_ratio, se_ratio=f.se_ratio,
       batch_norm_decay=f.batch_norm_decay, global_bn=f.global_bn,
@@ -59,18 +62,19 @@ def config_from_flags(flag_values) -> 'Config':
       steps_per_loop=f.steps_per_loop, checkpoint=f.checkpoint,
       keep_checkpoint_max=f.keep_checkpoint_max, keep_hub_module_max=f.keep_hub_module_max,
       temperature=f.temperature, hidden_norm=f.hidden_norm,
-      lineareval_while_pretraining=f.lineareval_while_pretraining,
       zero_init_logits_layer=f.zero_init_logits_layer,
       logits_layer_init=f.logits_layer_init, eval_name=f.eval_name, seed=f.seed,
       eval_timeout=f.eval_timeout, jit_compile=f.jit_compile, embed_split=f.embed_split,
-      embed_endpoint=f.embed_endpoint, allow_flag_changes=f.allow_flag_changes,
+      embed_endpoint=f.embed_endpoint, query=f.query, num_neighbors=f.num_neighbors,
+      duplicate_threshold=f.threshold, num_preview_images=f.num_preview_images,
+      num_preview_pairs=f.num_preview_pairs, allow_flag_changes=f.allow_flag_changes,
       lock_lease_s=f.lock_lease_s)
   strategy = 'tpu' if f.use_tpu is True else f.distribution_strategy
   distribute = cfg.DistributeConfig(
       strategy=strategy, tpu_name=f.tpu_name, tpu_zone=f.tpu_zone, gcp_project=f.gcp_project,
       master=f.master, allow_tpu=f.use_tpu is not False,
-      allow_local_paths_on_tpu=f.allow_local_paths_on_tpu)
-  overrides = {name: getattr(f, f'teacher_{name}') for name in teacher_lib.ARCHITECTURE_FIELDS
+      allow_local_paths_on_tpu=f.allow_local_paths_on_tpu, cpu_devices=f.cpu_devices)
+  overrides = {name: getattr(f, f'teacher_{name}') for name in cfg.ARCHITECTURE_FLAGS
                if getattr(f, f'teacher_{name}') is not None}
   if f.teacher_precision is not None:
     overrides['precision'] = f.teacher_precision
@@ -78,6 +82,7 @@ def config_from_flags(flag_values) -> 'Config':
       f.train_mode,
       lambda: teacher_lib.teacher_model_config(model, f.teacher_checkpoint, overrides),
       teacher_checkpoint=f.teacher_checkpoint, temperature=f.distill_temperature,
+      loss_scale=f.distill_loss_scale,
       label_weight=f.distill_label_weight)
   probe = cfg.ProbeConfig(
       knn=f.knn_monitor, knn_k=f.knn_k, knn_temperature=f.knn_temperature,
@@ -98,10 +103,11 @@ def fill_flags_from_record(flag_values) -> None:
   record, where = config_record.read_record(f.model_dir, f.checkpoint)
   if record is None:
     return
-  names = config_record.RECORD_MUST_AGREE + config_record.RECORD_FILLS
+  names = config_record.RECORD_MUST_AGREE + config_record.RECORD_FILLS + (
+      config_record.RECORD_FILLS_PREVIEW if f.mode == 'preview_augment' else ())
   given = {name for name in names if f[name].present}
   values = config_record.fill_from_record(record, {name: f[name].value for name in names}, given,
-                                          where)
+                                          where, names)
   filled = sorted(name for name in names if name not in given and values[name] != f[name].value)
   for name in filled:
     f[name].value = values[name]
@@ -131,6 +137,8 @@ def _ignore_signals() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]} (flags take the form --name=value).')
+  quiet.start_tensorflow()  # First: TensorFlow's start-up, without CUDA's lines on a CPU machine.
+  quiet.install_log_filter()
   from tf_simclr.errors import UserError
   for ignored in ('train_summary_steps', 'variable_schema'):
     if FLAGS[ignored].present:
@@ -144,7 +152,7 @@ def main(argv):
     sys.exit(2)
   from tf_simclr import cpu_kernels
   from tf_simclr.run import modes
-  logging.info('TensorFlow CPU kernels: %s (%s=%s; see README, "Speed on CPUs").',
+  logging.info('TensorFlow CPU kernels: %s (%s=%s; see docs/performance.md).',
                'oneDNN' if cpu_kernels.onednn_enabled() else 'Eigen', cpu_kernels.ENV,
                os.environ.get(cpu_kernels.ENV, 'unset'))
   try:
@@ -162,6 +170,10 @@ def main(argv):
   except modes.USER_ERRORS as e:
     logging.error('%s', e)
     sys.exit(2)
+  except modes.WORKER_LOST as e:
+    _ignore_signals()
+    logging.error('%s', e)
+    sys.exit(1)
 
 
 def run() -> None:

@@ -26,21 +26,23 @@ GROUPS = (
     ('training', 'Objective, optimizer, schedule, checkpoints', (
         'optimizer', 'learning_rate_scaling', 'warmup_epochs', 'weight_decay', 'momentum',
         'temperature', 'hidden_norm', 'lineareval_while_pretraining', 'fine_tune_after_block',
+        'frozen_batch_norm',
         'logits_layer_init', 'zero_init_logits_layer', 'checkpoint_epochs', 'checkpoint_steps',
         'steps_per_loop', 'keep_checkpoint_max', 'allow_flag_changes', 'lock_lease_s',
         'train_summary_steps', 'variable_schema')),
     ('evaluation', 'Eval, kNN monitor, linear probe, embeddings', (
         'eval_steps', 'eval_batch_size', 'eval_name', 'eval_timeout', 'knn_monitor', 'knn_k',
         'knn_temperature', 'knn_every_epochs', 'knn_max_bank_size', 'linear_probe',
-        'random_init_baseline', 'embed_split', 'embed_endpoint')),
+        'random_init_baseline', 'embed_split', 'embed_endpoint', 'query', 'num_neighbors',
+        'threshold', 'num_preview_images', 'num_preview_pairs')),
     ('export', 'SavedModel exports', (
         'keep_hub_module_max',)),
     ('distributed', 'Devices and strategies', (
-        'distribution_strategy',)),
+        'distribution_strategy', 'cpu_devices')),
     ('tpu', 'Cloud TPUs', (
         'use_tpu', 'tpu_name', 'tpu_zone', 'gcp_project', 'master', 'allow_local_paths_on_tpu')),
     ('distillation', 'Teacher and student', (
-        'teacher_checkpoint', 'distill_temperature', 'distill_label_weight',
+        'teacher_checkpoint', 'distill_temperature', 'distill_loss_scale', 'distill_label_weight',
         'teacher_resnet_depth', 'teacher_width_multiplier', 'teacher_sk_ratio', 'teacher_se_ratio',
         'teacher_proj_head_mode', 'teacher_precision', 'teacher_num_proj_layers',
         'teacher_proj_out_dim', 'teacher_ft_proj_selector')),
@@ -52,9 +54,12 @@ flags.DEFINE_enum('mode', 'train', list(cfg.MODES),
                   'train_then_eval, export (SavedModel of the latest checkpoint, else of '
                   '--checkpoint), probe (kNN and linear probe on frozen features of --checkpoint, '
                   'else of the newest checkpoint in model_dir, else of the random-init encoder), '
-                  'or embed (features of every image of --embed_split to '
-                  'model_dir/embeddings/<split>/). eval, export, probe and embed read the '
-                  'architecture and data flags not given from the run\'s flags.json.')
+                  'embed (features of every image of --embed_split to '
+                  'model_dir/embeddings/<split>/, with TensorBoard projector files), neighbors '
+                  '(nearest images to --query), duplicates (groups of near-duplicate images) or '
+                  'preview_augment (model_dir/augment_preview.png: pretraining views). All but '
+                  'train and train_then_eval read the architecture and data flags not given from '
+                  'the run\'s flags.json.')
 flags.DEFINE_enum('train_mode', 'pretrain', list(cfg.TRAIN_MODES),
                   'The objective and trainable components: pretrain (contrastive), finetune '
                   '(supervised), distill (student learns a teacher).')
@@ -138,6 +143,11 @@ flags.DEFINE_integer('fine_tune_after_block', -1,
                      'The layers after which block that we will fine-tune. -1 means fine-tuning '
                      'everything. 0 means fine-tuning after stem block. 4 means fine-tuning '
                      'just the linear head.')
+flags.DEFINE_enum('frozen_batch_norm', cfg.FROZEN_BATCH_NORMS[0], list(cfg.FROZEN_BATCH_NORMS),
+                  'BN layers of the parts --fine_tune_after_block freezes, in training: '
+                  'batch_stats (the original: batch statistics, moving averages keep updating; '
+                  'its linear-eval numbers) or moving_stats (inference mode, statistics fixed: '
+                  'the features a probe of the checkpoint sees).')
 flags.DEFINE_enum('logits_layer_init', 'checkpoint', list(cfg.LOGITS_LAYER_INITS),
                   'Fine-tune/distill start of the supervised head: checkpoint (the original: '
                   'the head --checkpoint holds when its shape fits, else a fresh N(0, 0.01) '
@@ -158,7 +168,7 @@ flags.DEFINE_bool('allow_flag_changes', False,
                   'dataset, batch size, optimizer, learning-rate schedule, temperature, '
                   'architecture) differ from its flags.json; the earlier values are kept there '
                   'under "history". Another --optimizer restores weights and step only.')
-flags.DEFINE_float('lock_lease_s', 300,
+flags.DEFINE_float('lock_lease_s', cfg.LOCK_LEASE_S,
                    'Lease of model_dir/LOCK in seconds: a training run renews it every loop and '
                    'every lease/4 s; a lock not renewed for this long is taken over, from any '
                    'host (its run is gone).')
@@ -200,6 +210,17 @@ flags.DEFINE_string('embed_split', None,
 flags.DEFINE_string('embed_endpoint', 'final_avg_pool',
                     '--mode=embed: the model endpoint written to features.npy, e.g. '
                     'proj_head_output or block_group4 (flattened).')
+flags.DEFINE_string('query', None,
+                    '--mode=neighbors: an image file or a folder of images whose nearest images '
+                    'of --embed_split are written to neighbors.csv and neighbors.png.')
+flags.DEFINE_integer('num_neighbors', 8, '--mode=neighbors: neighbours per query image.')
+flags.DEFINE_float('threshold', 0.95,
+                   '--mode=duplicates: images whose embeddings have a cosine similarity of at '
+                   'least this (in (0, 1]) are near-duplicates; groups are connected components.')
+flags.DEFINE_integer('num_preview_images', 6,
+                     '--mode=preview_augment: training images shown (the first of the split).')
+flags.DEFINE_integer('num_preview_pairs', 3,
+                     '--mode=preview_augment: pairs of training views shown per image.')
 
 # ---- export: SavedModel exports. ----
 flags.DEFINE_integer('keep_hub_module_max', 1, 'Maximum number of Hub modules to keep.')
@@ -208,6 +229,12 @@ flags.DEFINE_integer('keep_hub_module_max', 1, 'Maximum number of Hub modules to
 flags.DEFINE_enum('distribution_strategy', 'auto', list(cfg.STRATEGIES),
                   'auto: TPU if configured or found, else MultiWorkerMirrored when TF_CONFIG '
                   'names several workers, else Mirrored over local GPUs, else the default (CPU).')
+flags.DEFINE_integer('cpu_devices', 0,
+                     'Testing and teaching aid: split the host CPU into this many logical '
+                     'devices, so --distribution_strategy=mirrored (or auto on a machine without '
+                     'GPUs/TPUs) runs that many replicas on a CPU. 0: one CPU device. Replicas '
+                     'share the same cores: no speed-up, but the multi-device code paths run '
+                     '(docs/multi_device.md).')
 
 # ---- tpu: Cloud TPUs. ----
 flags.DEFINE_bool('use_tpu', None,
@@ -226,7 +253,12 @@ flags.DEFINE_string('teacher_checkpoint', None,
                     'Distillation teacher: a fine-tuned checkpoint or model_dir of ours, or an '
                     'exported SavedModel directory.')
 flags.DEFINE_float('distill_temperature', 1.0,
-                   'Softmax temperature of teacher and student in distillation (paper: 1.0).')
+                   'Softmax temperature of teacher and student in distillation (SimCLRv2: 0.1 '
+                   'for self-distillation, 1.0 for big-to-small).')
+flags.DEFINE_enum('distill_loss_scale', cfg.DISTILL_LOSS_SCALES[0], list(cfg.DISTILL_LOSS_SCALES),
+                  'none: the distillation loss of SimCLRv2 Eq. 2; t_squared: times '
+                  'distill_temperature^2, as the authors\' colab add_kd_loss and Hinton et al. '
+                  '(equal at temperature 1).')
 flags.DEFINE_float('distill_label_weight', 0.0,
                    'Weight alpha of the label loss on the labelled subset mixed into '
                    'distillation (paper Eq. 3); 0 is pure distillation.')

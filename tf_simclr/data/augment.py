@@ -216,6 +216,15 @@ def batch_random_blur(images, height, width, blur_probability=0.5):
     return tf.clip_by_value(images, 0.0, 1.0)
 
 
+def blur_train_views(images, num_views: int, image_size: int, use_blur: bool):
+  """The train step's start: a batch of views concatenated on channels (the train pipeline's
+  output) -> the list of `num_views` view batches, each batch-blurred when `use_blur`."""
+  views = tf.split(images, num_views, axis=-1)
+  if use_blur:
+    views = [batch_random_blur(v, image_size, image_size) for v in views]
+  return views
+
+
 def _resize_if_needed(image, height, width):
   """Bicubic resize to (height, width) unless the image already has that size."""
   shape = tf.shape(image)

@@ -21,7 +21,7 @@ import difflib
 import json
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -29,7 +29,7 @@ import tensorflow_datasets as tfds
 
 from tf_simclr import run_dir
 from tf_simclr.data import image_files, subsets, synthetic, tfds_prepare
-from tf_simclr.errors import DatasetError
+from tf_simclr.errors import BadImagesError, DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -194,15 +194,16 @@ class DatasetSource:
       images = np.concatenate([p[0][a:b] for p, (_, a, b) in zip(parts, ranges)])
       labels = np.concatenate([p[1][a:b] for p, (_, a, b) in zip(parts, ranges)])
       return tf.data.Dataset.from_tensor_slices((images, labels))
-    # Folder: ImageFolder reads whole splits in a fixed order; slices are cut here.
+    # Folder: ImageFolder's file list (its order and labels), cut to the slice before anything
+    # is read, so that a host decodes only its own share of the files; decoded as ImageFolder.
     whole = len(ranges) == 1 and ranges[0][1:] == (0, self.split_sizes[ranges[0][0]])
-    ds = None
-    for name, start, stop in ranges:
-      part = self.builder.as_dataset(split=name, shuffle_files=shuffle_files and whole,
-                                     as_supervised=True)
-      part = part.skip(start).take(stop - start)
-      ds = part if ds is None else ds.concatenate(part)
-    return ds
+    ds = tf.data.Dataset.from_tensor_slices((tf.constant(self.paths(split), tf.string),
+                                             tf.constant(self.labels(split), tf.int64)))
+    if shuffle_files and whole:
+      ds = ds.shuffle(len(ds))  # As ImageFolder: TF's global seed.
+    feature = self.builder.info.features['image']
+    return ds.map(lambda path, label: (feature.decode_example(tf.io.read_file(path)), label),
+                  num_parallel_calls=tf.data.AUTOTUNE)
 
   def decode_image(self, image: tf.Tensor) -> tf.Tensor:
     """Decodes an image read with as_dataset(decode=False) (identity unless TFDS/images:)."""
@@ -269,11 +270,6 @@ class DatasetSource:
                split, path, type(e).__name__)
 
 
-def validate_split(source: DatasetSource, split: str, flag: str = '--train_split') -> None:
-  """Raises DatasetError naming `flag` and the available splits unless `split` is readable."""
-  source.validate_split(split, flag)
-
-
 def _resolve_builtin(name: str) -> DatasetSource:
   return DatasetSource(
       name=name, kind='builtin', num_classes=synthetic.NUM_CLASSES,
@@ -282,7 +278,7 @@ def _resolve_builtin(name: str) -> DatasetSource:
       class_names=synthetic.CLASS_NAMES)
 
 
-def bad_images_error(source: 'DatasetSource', split: str) -> Optional[DatasetError]:
+def bad_images_error(source: 'DatasetSource', split: str) -> Optional[BadImagesError]:
   """For a folder: dataset whose reading failed: a DatasetError naming the bad files, or None."""
   if source.kind == 'images':
     bad = image_files.find_bad_images(source.files)
@@ -294,7 +290,7 @@ def bad_images_error(source: 'DatasetSource', split: str) -> Optional[DatasetErr
     bad = image_files.find_bad_images(e.image_path for n in names for e in examples[n])
   if not bad:
     return None
-  return DatasetError(
+  return BadImagesError(
       f'--dataset={source.name}: {len(bad)} image file(s) cannot be decoded, first: '
       + ', '.join(bad[:5]) + '. Remove or fix them, or pass --skip_bad_images to leave them out.')
 
@@ -354,14 +350,19 @@ def _resolve_images(name: str, skip_bad_images: bool = False) -> DatasetSource:
                        split_sizes={'train': len(paths)}, files=tuple(paths))
 
 
-def _resolve_tfds(name: str, data_dir: Optional[str]) -> DatasetSource:
+def _prepare_here(builder, name: str):
+  tfds_prepare.prepare(builder, name)
+  return builder
+
+
+def _resolve_tfds(name: str, data_dir: Optional[str], prepare=_prepare_here) -> DatasetSource:
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError:
     close = difflib.get_close_matches(name, tfds.list_builders() + [synthetic.NAME], n=3)
     hint = f' Did you mean {" or ".join(close)}?' if close else ''
     raise DatasetError(f'--dataset={name!r} is unknown.{hint} Use {_FORMS}.') from None
-  tfds_prepare.prepare(builder, name)
+  builder = prepare(builder, name)
   info = builder.info
   keys = info.supervised_keys
   label = info.features[keys[1]] if keys and len(keys) == 2 else None
@@ -377,9 +378,12 @@ def _resolve_tfds(name: str, data_dir: Optional[str]) -> DatasetSource:
 
 def resolve_dataset(dataset: str, data_dir: Optional[str] = None,
                     skip_bad_images: bool = False,
-                    skip_empty_classes: bool = False) -> DatasetSource:
+                    skip_empty_classes: bool = False,
+                    prepare_tfds: Callable = _prepare_here) -> DatasetSource:
   """Maps a --dataset value to a DatasetSource (preparing TFDS data if needed).
 
+  prepare_tfds(builder, name) -> builder: prepares a TFDS dataset (multi-worker runs:
+  tfds_prepare.chief_prepares, so that only the chief writes data_dir).
   skip_bad_images: for folder: datasets, decode every image once and leave out those that fail.
   skip_empty_classes: for folder: datasets, leave out class folders without images (else an
   error names them).
@@ -397,14 +401,16 @@ def resolve_dataset(dataset: str, data_dir: Optional[str] = None,
         f'--data_dir={data_dir} does not exist (--dataset={dataset}): point it at the folder '
         f'holding the prepared dataset ({data_dir}/{dataset.split(":")[0]}/<version>), or create '
         'it to have TFDS download and prepare the dataset there.')
-  return _resolve_tfds(dataset, data_dir)
+  return _resolve_tfds(dataset, data_dir, prepare_tfds)
 
 
-def resolve_from_config(data_config, eval_split: bool = True) -> DatasetSource:
+def resolve_from_config(data_config, eval_split: bool = True,
+                        prepare_tfds: Callable = _prepare_here) -> DatasetSource:
   """Resolves data_config.dataset and validates --train_split and (if `eval_split`, and the
-  dataset is labelled) --eval_split."""
+  dataset is labelled) --eval_split. `prepare_tfds`: as resolve_dataset's."""
   source = resolve_dataset(data_config.dataset, data_config.data_dir,
-                           data_config.skip_bad_images, data_config.skip_empty_classes)
+                           data_config.skip_bad_images, data_config.skip_empty_classes,
+                           prepare_tfds)
   source.validate_split(data_config.train_split, '--train_split')
   if eval_split and source.labelled:
     source.validate_split(data_config.eval_split, '--eval_split')

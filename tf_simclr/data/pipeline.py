@@ -122,6 +122,26 @@ def _indexed_source(source, split, label_subset, with_label_mask, input_context)
   return ds.map(decode, num_parallel_calls=AUTOTUNE)
 
 
+def eval_view_fn(data_config):
+  """image (uint8, any size and channel count) -> its eval view (S, S, 3) float32 in [0, 1]."""
+  preprocess = _preprocess_fn(data_config, is_training=False, color_jitter_strength=0.0)
+  return lambda image: preprocess(to_rgb(image))
+
+
+def train_views_fn(data_config, num_views: int):
+  """image -> its `num_views` independently augmented training views concatenated on channels
+  (S, S, 3 * num_views), as each training example gets them before batching. num_views=1
+  (fine-tuning, distillation) only crops and flips, as the original."""
+  strength = data_config.color_jitter_strength if num_views > 1 else 0.0
+  preprocess = _preprocess_fn(data_config, is_training=True, color_jitter_strength=strength)
+
+  def fn(image):
+    image = to_rgb(image)
+    views = [preprocess(image) for _ in range(num_views)]
+    return tf.concat(views, axis=-1) if num_views > 1 else views[0]
+  return fn
+
+
 def make_train_dataset(source: DatasetSource, data_config, batch_size: int, num_views: int,
                        label_subset=None, with_label_mask: bool = False,
                        seed: Optional[int] = None, input_context=None) -> tf.data.Dataset:
@@ -137,8 +157,7 @@ def make_train_dataset(source: DatasetSource, data_config, batch_size: int, num_
     raise ValueError(f'num_views={num_views} must be >= 1.')
   split = data_config.train_split
   num_classes = source.num_classes
-  strength = data_config.color_jitter_strength if num_views > 1 else 0.0
-  preprocess = _preprocess_fn(data_config, is_training=True, color_jitter_strength=strength)
+  views_fn = train_views_fn(data_config, num_views)
   ordered = label_subset is not None
   if ordered:
     ds = _indexed_source(source, split, label_subset, with_label_mask, input_context)
@@ -157,10 +176,7 @@ def make_train_dataset(source: DatasetSource, data_config, batch_size: int, num_
   ds = ds.shuffle(batch_size * buffer_multiplier, seed=seed).repeat(-1)
 
   def map_fn(image, label, *mask):
-    image = to_rgb(image)
-    views = [preprocess(image) for _ in range(num_views)]
-    image = tf.concat(views, axis=-1) if num_views > 1 else views[0]
-    return (image, tf.one_hot(label, num_classes)) + tuple(mask)
+    return (views_fn(image), tf.one_hot(label, num_classes)) + tuple(mask)
 
   ds = ds.map(map_fn, num_parallel_calls=AUTOTUNE)
   return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
@@ -208,6 +224,36 @@ def build_eval_dataset(source: DatasetSource, data_config, global_batch_size: in
   return strategy.distribute_datasets_from_function(dataset_fn)
 
 
+def padded_num_batches(share_sizes, batch_size: int, local_replicas: int) -> int:
+  """Batches each input pipeline must yield so that no replica runs out of data early.
+
+  `share_sizes` holds every input pipeline's number of examples (hosts' shares may differ). A
+  distributed iterator over a finite, statically shaped dataset stops at the first round in which
+  any replica gets no batch, dropping what the others got (TensorFlow enables partial-batch
+  handling only for dynamic shapes or multi-worker runs; TPUs need static shapes). So every
+  pipeline yields the same number of rounds (the most any pipeline needs), each one batch per
+  local replica; batches past a pipeline's data are all padding.
+  """
+  if batch_size < 1 or local_replicas < 1:
+    raise ValueError(f'batch_size={batch_size} and local_replicas={local_replicas} must be >= 1.')
+  batches = [-(-int(n) // batch_size) for n in share_sizes]
+  rounds = -(-max(batches, default=0) // local_replicas)
+  return rounds * local_replicas
+
+
+def feature_indices(source: DatasetSource, split: str, indices=None) -> np.ndarray:
+  """The sorted example indices a feature pass over `split` (or its `indices`) yields once each."""
+  if indices is None:
+    return np.arange(source.num_examples(split), dtype=np.int64)
+  return np.flatnonzero(_membership(source, split, indices))
+
+
+def _padding_batch(batch_size: int, image_size: int):
+  """One batch that is padding only: index -1, zero image and label, valid 0."""
+  return (tf.fill([batch_size], -1), tf.zeros([batch_size, image_size, image_size, 3]),
+          tf.zeros([batch_size], tf.int32), tf.zeros([batch_size], tf.int32))
+
+
 def make_feature_dataset(source: DatasetSource, data_config, split: str, batch_size: int,
                          indices=None, input_context=None) -> tf.data.Dataset:
   """One ordered pass over `split` (or its `indices`) with eval preprocessing, for readouts.
@@ -217,9 +263,17 @@ def make_feature_dataset(source: DatasetSource, data_config, split: str, batch_s
   1/0) marks the real rows, so every replica sees one static shape (TPUStrategy needs it, and its gather
   needs equal shapes on all replicas). Index and label are int32 (TPUs have no int64 path). The
   index lets features gathered from any number of replicas be put back in split order.
+  Whole padding batches follow the data so that every input pipeline yields
+  `padded_num_batches` batches: each local replica gets a batch in every round, on every host.
   """
   # Each input pipeline reads and decodes only its own contiguous range of the split.
   start, stop, member_np = _host_share(source, split, indices, False, input_context)
+  num_pipelines, pipeline_id = input_pipelines(input_context)
+  replicas = input_context.num_replicas_in_sync if input_context is not None else 1
+  total = len(feature_indices(source, split, indices))
+  shares = [b - a for a, b in (host_range(total, num_pipelines, p) for p in range(num_pipelines))]
+  filler = (padded_num_batches(shares, batch_size, max(1, replicas // num_pipelines))
+            - -(-shares[pipeline_id] // batch_size))
   ds = source.read_range(split, start, stop, decode=False).enumerate(start)
   if member_np is not None:
     member = tf.constant(member_np)
@@ -243,12 +297,16 @@ def make_feature_dataset(source: DatasetSource, data_config, split: str, batch_s
             tf.ensure_shape(labels, [batch_size]), valid)
   ds = ds.map(prepare, num_parallel_calls=AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=False).map(pad, num_parallel_calls=AUTOTUNE)
+  if filler:
+    padding = tf.data.Dataset.from_tensors(_padding_batch(batch_size, data_config.image_size))
+    ds = ds.concatenate(padding.repeat(filler))
   return ds.prefetch(AUTOTUNE)
 
 
 def build_feature_dataset(source: DatasetSource, data_config, split: str, global_batch_size: int,
                           strategy, indices=None):
-  """Distributed `make_feature_dataset` (one pass; last batches padded, see `valid`)."""
+  """Distributed `make_feature_dataset`: one pass; the last batches, and whole batches up to
+  a full round on every replica, are padding (see `valid`)."""
   config_lib.check_global_batch('eval_batch_size', global_batch_size,
                                 strategy.num_replicas_in_sync)
 

@@ -7,16 +7,24 @@ TFDS's minutes of retries), with how to prepare it elsewhere and copy it over.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import urllib.error
 import urllib.parse
-from typing import Optional
+from typing import Callable, Optional
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tf_simclr.errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+# How long the other workers of a multi-worker run wait for the chief to prepare a dataset
+# (ImageNet takes hours); the wait ends early when the chief fails or dies.
+CHIEF_PREPARE_WAIT_S = 6 * 3600.0
+_PREPARED = 'ok'
 
 
 def _is_network_error(error: Optional[BaseException]) -> bool:
@@ -71,7 +79,8 @@ def _unreachable_download_hosts(builder, timeout: float = 5.0) -> Optional[str]:
 
 
 def prepare(builder, name: str) -> None:
-  """download_and_prepare with clear errors for manual downloads and network failures."""
+  """download_and_prepare with clear errors for manual downloads and network failures
+  (multi-worker runs: `chief_prepares`)."""
   if builder.is_prepared():
     return
   root = os.fspath(builder.data_dir_root)
@@ -97,3 +106,36 @@ def prepare(builder, name: str) -> None:
                          + pre_download) from e
     raise DatasetError(f'--dataset={name} could not be prepared in {root} '
                        f'({type(e).__name__}: {e}). ' + pre_download) from e
+
+
+def chief_prepares(exchange, timeout_s: float = CHIEF_PREPARE_WAIT_S) -> Callable:
+  """A `prepare(builder, name) -> builder` for multi-worker runs: only the chief runs
+  download_and_prepare (one writer in a shared data_dir, no race); the other workers wait for
+  its result (`exchange`: distribute.ChiefExchange) and stop with its error if it failed.
+  """
+
+  def prepare_on_chief(builder, name: str):
+    if not exchange.multi_worker:
+      prepare(builder, name)
+      return builder
+    key = f'tfds_prepared/{name}'
+    if exchange.chief:
+      try:
+        prepare(builder, name)
+      except Exception as e:  # pylint: disable=broad-except
+        exchange.publish(key, f'{type(e).__name__}: {e}')
+        raise
+      exchange.publish(key, _PREPARED)
+      return builder
+    root = os.fspath(builder.data_dir_root)
+    log.info('Waiting (up to %.0f min) for the chief to prepare --dataset=%s in %s.',
+             timeout_s / 60, name, root)
+    outcome = exchange.wait(key, timeout_s, f'preparing --dataset={name} in {root}')
+    if outcome != _PREPARED:
+      raise DatasetError(f'The chief of this multi-worker run could not prepare --dataset={name} '
+                         f'in {root}; stopping this worker too. The chief\'s error: {outcome}')
+    if builder.is_prepared():
+      return builder
+    return tfds.builder(name, data_dir=root)  # Made before the data existed: read it afresh.
+
+  return prepare_on_chief

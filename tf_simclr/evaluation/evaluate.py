@@ -15,10 +15,9 @@ import tensorflow as tf
 
 from tf_simclr import distribute
 from tf_simclr import losses
-from tf_simclr import metrics as metrics_lib
 from tf_simclr import run_dir
 from tf_simclr.data import datasets, pipeline
-from tf_simclr.errors import CheckpointNotFoundError, UserError
+from tf_simclr.errors import CheckpointNotFoundError, UserError, first_line
 from tf_simclr.evaluation import probe, reading
 from tf_simclr.evaluation import readouts as readouts_lib
 from tf_simclr.models import simclr
@@ -40,18 +39,24 @@ REGULARIZATION = 'eval/regularization_loss'
 READOUT_FRESH_OK = (simclr.SUPERVISED_HEAD, 'projection_head')
 
 
-def eval_outputs(model, images, labels) -> Dict[str, tf.Tensor]:
-  """Per-replica sums for top-1/top-5 evaluation of the supervised head."""
+def eval_outputs(model, images, labels, valid) -> Dict[str, tf.Tensor]:
+  """Per-replica sums for top-1/top-5 evaluation of the supervised head over the rows whose
+  `valid` is 1 (integer `labels`; padding rows count nowhere)."""
   logits = model(images, training=False)[simclr.LOGITS_SUP]
-  top1 = tf.equal(tf.argmax(labels, 1), tf.argmax(logits, 1))
-  top5 = metrics_lib.top_k_correct(labels, logits, min(5, int(logits.shape[-1])))
-  return {'top1_correct': tf.reduce_sum(tf.cast(top1, tf.float32)),
-          'top5_correct': tf.reduce_sum(top5),
-          'count': tf.cast(tf.shape(logits)[0], tf.float32)}
+  valid = tf.cast(valid, tf.float32)
+  labels = tf.cast(labels, tf.int32)
+  top1 = tf.cast(tf.equal(labels, tf.argmax(logits, 1, output_type=tf.int32)), tf.float32)
+  top5 = tf.cast(tf.math.in_top_k(labels, tf.cast(logits, tf.float32),
+                                  min(5, int(logits.shape[-1]))), tf.float32)
+  return {'top1_correct': tf.reduce_sum(top1 * valid),
+          'top5_correct': tf.reduce_sum(top5 * valid),
+          'count': tf.reduce_sum(valid)}
 
 
 class Evaluator:
-  """Evaluates `model` on a distributed eval dataset; the step function is traced once."""
+  """Evaluates `model` on a distributed `pipeline.build_feature_dataset` (index, image, label,
+  valid): static shapes, whole padding rounds, so every example counts exactly once on any
+  number of replicas and hosts. The step function is traced once."""
 
   def __init__(self, model, strategy: tf.distribute.Strategy, decayed: Sequence[tf.Variable],
                weight_decay: float, jit_compile: bool = False):
@@ -60,15 +65,16 @@ class Evaluator:
     self.decayed = list(decayed)
     self.weight_decay = weight_decay
 
-    def replica_step(batch):
-      return eval_outputs(model, batch[0], batch[1])
+    def replica_step(images, labels, valid):
+      return eval_outputs(model, images, labels, valid)
 
     if jit_compile:  # XLA-compile the replica step (TPUStrategy compiles it anyway).
       replica_step = tf.function(replica_step, jit_compile=True)
 
     @tf.function
     def step(batch):
-      per_replica = strategy.run(replica_step, args=(batch,))
+      _, images, labels, valid = batch
+      per_replica = strategy.run(replica_step, args=(images, labels, valid))
       return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
               for k, v in per_replica.items()}
 
@@ -118,10 +124,9 @@ def write_results(model_dir: str, result: Dict[str, float], global_step: int,
     except (tf.errors.OpError, OSError) as e:
       log.warning('Eval results at step %d: %s', global_step,
                   ', '.join(f'{k}={v:.6g}' for k, v in sorted(stored.items())))
-      text = str(e).strip().splitlines()
       raise ResultsNotWrittenError(
           f'Evaluated step {global_step} (results in the line above) but cannot write '
-          f'{path} ({type(e).__name__}: {text[0] if text else ""}): '
+          f'{path} ({type(e).__name__}: {first_line(e)}): '
           f'--model_dir={model_dir} is not writable. Make it writable, or evaluate a copy of '
           'the run.') from e
   writer = tf.summary.create_file_writer(summary_dir or model_dir)
@@ -144,14 +149,21 @@ def evaluate(ctx, model, global_step: int, export_fn: Optional[Callable] = None,
   config = ctx.config
   result = {}
   if model.supervised_head is not None:
-    dataset = pipeline.build_eval_dataset(ctx.source, config.data, config.train.eval_batch_size,
-                                          ctx.strategy)
+    split = config.data.eval_split
+    dataset = pipeline.build_feature_dataset(ctx.source, config.data, split,
+                                             config.train.eval_batch_size, ctx.strategy)
     evaluator = Evaluator(model, ctx.strategy,
                           decay.weight_decay_variables(model, config.optim.optimizer),
                           config.optim.weight_decay, jit_compile=config.train.jit_compile)
     with datasets.naming_bad_images(ctx.source, config.data.eval_split):
       # --eval_steps=0: until each host's share is exhausted (hosts' shares may be uneven).
       result = evaluator.evaluate(dataset, config.train.eval_steps)
+    expected = ctx.source.num_examples(split)
+    if not config.train.eval_steps and result['num_examples'] != expected:
+      raise probe.FeatureCountError(
+          f'Eval scored {result["num_examples"]:g} examples of --eval_split={split} instead of '
+          f'its {expected}: a bug in the input pipeline\'s padding, please report it with the '
+          'strategy and split size.')
   with datasets.naming_bad_images(ctx.source, config.data.eval_split):
     result.update(readouts_lib.readouts(ctx, model, knn=readouts_lib.knn_enabled(ctx),
                                         linear=linear_probe))
@@ -159,7 +171,7 @@ def evaluate(ctx, model, global_step: int, export_fn: Optional[Callable] = None,
     log.info('Skipping eval: pretraining without --lineareval_while_pretraining has no '
              'supervised head, and the kNN monitor is off.')
     return None
-  result.update(ctx.baseline)
+  result.update(ctx.readouts.baseline)
   if not distribute.is_chief(ctx.strategy):
     return result
   summary_dir = run_dir.eval_summary_dir(config.train.model_dir, config.train.eval_name)
@@ -216,10 +228,7 @@ def probe_checkpoint(ctx, model) -> Dict[str, float]:
     source = weights_source.resolve(config.train.checkpoint)
     weights_match.load(model, source, fresh_ok=READOUT_FRESH_OK)
     log.info('Probing --checkpoint=%s.', config.train.checkpoint)
-    try:
-      step = weights_source.read_global_step(source)
-    except (ValueError, KeyError, tf.errors.OpError):
-      step = 0
+    step = weights_source.read_step_or_zero(source)
   elif (loaded := weights_state.load_newest_intact(model, model_dir, fresh_ok=READOUT_FRESH_OK,
                                                      lead=reading.MODEL_DIR_LEAD)):
     latest, step = loaded
@@ -229,7 +238,7 @@ def probe_checkpoint(ctx, model) -> Dict[str, float]:
                 'random-init encoder.', model_dir)
   result = readouts_lib.readouts(ctx, model, knn=readouts_lib.knn_enabled(ctx),
                                  linear=readouts_lib.linear_probe_enabled(ctx))
-  result.update(ctx.baseline)
+  result.update(ctx.readouts.baseline)
   if not distribute.is_chief(ctx.strategy):
     return result
   stored = write_results(model_dir, result, step, model_dir, merge=True)  # Keeps the head's.

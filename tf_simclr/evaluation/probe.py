@@ -68,12 +68,18 @@ def feature_step(encoder, strategy: tf.distribute.Strategy):
   return step
 
 
-def extract_features(step, dataset) -> Tuple[np.ndarray, np.ndarray]:
+class FeatureCountError(RuntimeError):
+  """Feature extraction returned other examples than the split holds (lost or repeated rows)."""
+
+
+def extract_features(step, dataset, expected_indices) -> Tuple[np.ndarray, np.ndarray]:
   """Features and labels of a distributed `(index, image, label, valid)` dataset, in index order.
 
   `step` is a `feature_step`. Padding rows (valid False) are dropped here, so they never reach a
   kNN bank or a probe; the example indices put the gathered rows back in dataset order, so the
-  result is the same under any strategy and holds each example exactly once.
+  result is the same under any strategy. The indices seen must be exactly `expected_indices`
+  (sorted; `pipeline.feature_indices`): a lost or repeated example raises FeatureCountError
+  instead of returning (and writing) a short or skewed result.
   """
   indices, features, labels = [], [], []
   for batch in dataset:
@@ -82,12 +88,19 @@ def extract_features(step, dataset) -> Tuple[np.ndarray, np.ndarray]:
     indices.append(i[valid])
     features.append(f[valid])
     labels.append(y[valid])
-  if not indices:
+  expected = np.asarray(expected_indices, np.int64).reshape([-1])
+  if not indices or not expected.size:
     raise ValueError('Feature extraction read no examples: the split is empty.')
-  index = np.concatenate(indices)
+  index = np.concatenate(indices).astype(np.int64)
   order = np.argsort(index, kind='stable')
-  if np.any(np.diff(index[order]) == 0):
-    raise AssertionError('Feature extraction saw an example twice.')
+  if not np.array_equal(index[order], expected):
+    seen = np.unique(index)
+    missing = np.setdiff1d(expected, seen)
+    raise FeatureCountError(
+        f'Feature extraction returned {len(index)} rows for {len(expected)} examples '
+        f'({len(missing)} missing, e.g. {missing[:5].tolist()}; '
+        f'{len(index) - len(seen)} repeated): a bug in the input pipeline\'s padding, please '
+        'report it with the strategy and split size.')
   features = np.concatenate(features)[order].astype(np.float32)
   return features.reshape([len(order), -1]), np.concatenate(labels)[order].astype(np.int64)
 
@@ -354,7 +367,8 @@ class Readout:
                                                    self.batch_size, self.strategy, indices)
     if id(encoder) not in self._steps:
       self._steps[id(encoder)] = (encoder, feature_step(encoder, self.strategy))
-    return extract_features(self._steps[id(encoder)][1], dataset)
+    expected = self._pipeline.feature_indices(self.source, split, indices)
+    return extract_features(self._steps[id(encoder)][1], dataset, expected)
 
   def run(self, encoder, knn: bool = True, linear: bool = False) -> Dict[str, float]:
     """Readout metrics (KNN_* and/or PROBE_* keys) of `encoder` in inference mode."""

@@ -71,9 +71,6 @@ def load_weights(config, model) -> int:
     return loaded[1]
   source = weights_source.resolve(path)
   weights_match.load(model, source)
-  try:
-    step = weights_source.read_global_step(source)
-  except (ValueError, KeyError, tf.errors.OpError):
-    step = 0
+  step = weights_source.read_step_or_zero(source)
   log.info('Read --checkpoint=%s (%s of %s, step %d).', path, source.kind, source.origin, step)
   return step

@@ -8,8 +8,9 @@ math itself is in `probe.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Dict
+from typing import Dict, Optional
 
 import tensorflow as tf
 
@@ -17,6 +18,14 @@ from tf_simclr import distribute
 from tf_simclr.evaluation import probe
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ReadoutState:
+  """What the readouts of one run keep between calls (`Context.readouts`): the Readout (its
+  datasets and labels, made on first use) and the random-init baseline's results."""
+  readout: Optional[probe.Readout] = None
+  baseline: Dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def knn_enabled(ctx) -> bool:
@@ -42,13 +51,14 @@ def readouts(ctx, model, knn: bool, linear: bool) -> Dict[str, float]:
   """kNN and/or linear-probe metrics of the model's encoder (probe.py)."""
   if not (knn or linear):
     return {}
-  if ctx.readout is None:
+  state = ctx.readouts
+  if state.readout is None:
     p = ctx.config.probe
-    ctx.readout = probe.Readout(
+    state.readout = probe.Readout(
         ctx.source, ctx.config.data, ctx.strategy, ctx.config.train.eval_batch_size,
         ctx.num_classes, k=p.knn_k, temperature=p.knn_temperature,
         max_train_examples=p.knn_max_bank_size, seed=p.seed)
-  return ctx.readout.run(model.encoder, knn=knn, linear=linear)
+  return state.readout.run(model.encoder, knn=knn, linear=linear)
 
 
 def random_init_baseline(ctx, model) -> None:
@@ -57,7 +67,7 @@ def random_init_baseline(ctx, model) -> None:
     return
   log.info('Random-init baseline: readouts of the encoder at its initialisation.')
   result = readouts(ctx, model, knn=knn_enabled(ctx), linear=linear_probe_enabled(ctx))
-  ctx.baseline = {probe.random_init_key(k): v for k, v in result.items()}
+  ctx.readouts.baseline = {probe.random_init_key(k): v for k, v in result.items()}
 
 
 def knn_hook(ctx, model):

@@ -6,9 +6,13 @@ gamma of the last BN in each block, a projection shortcut in the first block of 
 Selective Kernel convolutions with ResNet-D stem and shortcuts (`sk_ratio`) and Squeeze-Excitation
 (`se_ratio`). DropBlock is omitted: the original never enables it.
 
+Frozen parts (`fine_tune_after_block` = k >= 0: the stem and block groups 1..k) train nothing;
+with `frozen_batch_norm='batch_stats'` (the original's behaviour: tf_keras BN layers stay trainable
+inside its trainable=False block groups) their BN layers normalise with the batch statistics in
+training and update their moving averages; with 'moving_stats' they run in inference mode and their
+statistics stay fixed.
+
 Differences from the original, on purpose:
-- Frozen parts (`fine_tune_after_block`) run in inference mode, so their BN moving statistics stay
-  fixed; the original let them move.
 - Sub-layers live in tuples or attributes, never lists, so `tf.train.Checkpoint` tracks every
   variable including BN moving statistics (Keras 3 does not checkpoint layers held in a list or
   dict).
@@ -19,6 +23,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from tf_simclr.config import FROZEN_BATCH_NORMS
 from tf_simclr.models.batch_norm import BatchNormalization
 
 BATCH_NORM_EPSILON = 1e-5
@@ -258,8 +263,8 @@ class ResNet(keras.layers.Layer):
   """Images (N, H, W, 3) -> pooled representation (N, C), or all endpoints on request."""
 
   def __init__(self, depth, width_multiplier=1, cifar_stem=False, sk_ratio=0.0, se_ratio=0.0,
-               batch_norm_decay=0.9, global_bn=True, fine_tune_after_block=-1, name='resnet',
-               **kwargs):
+               batch_norm_decay=0.9, global_bn=True, fine_tune_after_block=-1,
+               frozen_batch_norm='batch_stats', name='resnet', **kwargs):
     super().__init__(name=name, **kwargs)
     if depth not in _DEPTHS:
       raise ValueError(f'ResNet: resnet_depth={depth} is not one of {sorted(_DEPTHS)}.')
@@ -267,7 +272,11 @@ class ResNet(keras.layers.Layer):
       raise ValueError(f'ResNet: width_multiplier={width_multiplier} must be a positive number.')
     if not -1 <= fine_tune_after_block <= 4:
       raise ValueError(f'ResNet: fine_tune_after_block={fine_tune_after_block} must be in -1..4.')
+    if frozen_batch_norm not in FROZEN_BATCH_NORMS:
+      raise ValueError(f'ResNet: frozen_batch_norm={frozen_batch_norm!r} is not one of '
+                       f'{list(FROZEN_BATCH_NORMS)}.')
     bottleneck, group_sizes = _DEPTHS[depth]
+    self.frozen_batch_norm = frozen_batch_norm
     self.depth = depth
     self.width_multiplier = width_multiplier
     self.fine_tune_after_block = fine_tune_after_block
@@ -282,6 +291,9 @@ class ResNet(keras.layers.Layer):
     # Freeze the stem (part 0) and block groups 1..k (parts 1..k).
     for part in self._parts()[:fine_tune_after_block + 1]:
       part.trainable = False
+      for layer in part._flatten_layers():  # pylint: disable=protected-access
+        if isinstance(layer, BatchNormalization):
+          layer.batch_stats_when_frozen = frozen_batch_norm == 'batch_stats'
 
   def _parts(self):
     return (self.stem,) + self.block_groups
@@ -289,15 +301,21 @@ class ResNet(keras.layers.Layer):
   def _frozen(self, index):
     return index <= self.fine_tune_after_block
 
+  def _part_training(self, index, training):
+    """`training` for a trained part or batch-statistics frozen one, else False."""
+    if self._frozen(index) and self.frozen_batch_norm == 'moving_stats':
+      return False
+    return training
+
   def call(self, inputs, training=False, return_endpoints=False):
     frozen = self._frozen(0)
-    initial_conv, x = self.stem(inputs, training=False if frozen else training)
+    initial_conv, x = self.stem(inputs, training=self._part_training(0, training))
     if frozen:
       x = tf.stop_gradient(x)
     endpoints = {'initial_conv': initial_conv, 'initial_max_pool': x}
     for i, group in enumerate(self.block_groups, start=1):
       frozen = self._frozen(i)
-      x = group(x, training=False if frozen else training)
+      x = group(x, training=self._part_training(i, training))
       if frozen:
         x = tf.stop_gradient(x)
       endpoints[group.name] = x
@@ -312,15 +330,19 @@ def scaled_width(base: int, width_multiplier) -> int:
 
 
 def resnet(depth, width_multiplier=1, cifar_stem=False, sk_ratio=0.0, se_ratio=0.0,
-           batch_norm_decay=0.9, global_bn=True, fine_tune_after_block=-1, name='resnet'):
+           batch_norm_decay=0.9, global_bn=True, fine_tune_after_block=-1,
+           frozen_batch_norm='batch_stats', name='resnet'):
   """Returns a ResNet v1 encoder layer; see `ResNet`.
 
   `fine_tune_after_block` = k >= 0 freezes the stem and block groups 1..k (4 = linear eval):
-  those parts are not trainable, run in inference mode and pass on stop_gradient outputs.
+  those parts are not trainable and pass on stop_gradient outputs; `frozen_batch_norm` says
+  whether their BN layers use batch statistics in training ('batch_stats', the original) or run
+  in inference mode ('moving_stats').
   """
   return ResNet(depth, width_multiplier=width_multiplier, cifar_stem=cifar_stem,
                 sk_ratio=sk_ratio, se_ratio=se_ratio, batch_norm_decay=batch_norm_decay,
-                global_bn=global_bn, fine_tune_after_block=fine_tune_after_block, name=name)
+                global_bn=global_bn, fine_tune_after_block=fine_tune_after_block,
+                frozen_batch_norm=frozen_batch_norm, name=name)
 
 
 def conv_output_elements(depth: int, width_multiplier, cifar_stem: bool, image_size: int) -> int:

@@ -119,7 +119,8 @@ def _build_model(model_config: ModelConfig, num_classes: int, name: str) -> SimC
   encoder = resnet_lib.resnet(
       c.resnet_depth, width_multiplier=c.width_multiplier, cifar_stem=c.cifar_stem,
       sk_ratio=c.sk_ratio, se_ratio=c.se_ratio, batch_norm_decay=c.batch_norm_decay,
-      global_bn=c.global_bn, fine_tune_after_block=c.fine_tune_after_block, name='resnet')
+      global_bn=c.global_bn, fine_tune_after_block=c.fine_tune_after_block,
+      frozen_batch_norm=c.frozen_batch_norm, name='resnet')
   projection_head = heads.ProjectionHead(
       c.proj_head_mode, out_dim=c.proj_out_dim, num_layers=c.num_proj_layers,
       ft_proj_selector=c.ft_proj_selector, batch_norm_decay=c.batch_norm_decay,

@@ -1,7 +1,8 @@
 """One invocation from a `Config`: the dispatch of every --mode.
 
-train / train_then_eval train (tf_simclr/train/) and then evaluate and export; eval, probe, embed
-and export only read a model out (tf_simclr/evaluation/, export.py). The command line calls
+train / train_then_eval train (tf_simclr/train/) and then evaluate and export; eval, probe, embed,
+neighbors, duplicates, preview_augment and export only read a model (or its data) out
+(tf_simclr/evaluation/, export.py). The command line calls
 `run()` after turning flags into a Config; notebooks can call it too.
 """
 
@@ -15,7 +16,7 @@ from tf_simclr import distribute
 from tf_simclr import run_dir
 from tf_simclr import precision as precision_lib
 from tf_simclr.config import Config
-from tf_simclr.errors import UserError
+from tf_simclr.errors import BadImagesError, UserError
 from tf_simclr.data import datasets, pipeline
 from tf_simclr.evaluation import evaluate as evaluate_lib
 from tf_simclr.evaluation import probe, reading
@@ -26,12 +27,19 @@ from tf_simclr.train import assemble, loop
 log = logging.getLogger(__name__)
 
 # What every mode starts from (validated before anything is written): see prepare.py.
-Context, TRAINING_MODES, prepare = prepare_lib.Context, prepare_lib.TRAINING_MODES, prepare_lib.prepare
+Context, prepare = prepare_lib.Context, prepare_lib.prepare
 
 
 def build_model(ctx: Context):
   """Builds the model under the strategy's scope with all variables created."""
   return assemble.build_model(ctx.config, ctx.strategy, ctx.num_classes)
+
+
+def _loaded_model(ctx: Context):
+  """The model with the weights a reading mode reads (reading.weights_path), strictly restored."""
+  model = build_model(ctx)
+  reading.load_weights(ctx.config, model)
+  return model
 
 
 def train(ctx: Context, teacher: Optional[Callable] = None):
@@ -44,10 +52,10 @@ def train(ctx: Context, teacher: Optional[Callable] = None):
   if ctx.lock is not None:  # Renew the lock's lease at every loop boundary.
     hooks = hooks + [(1, lambda step: ctx.lock.refresh())]
   built = assemble.assemble_trainer(config, ctx.strategy, ctx.steps, ctx.num_classes, model=model,
-                           teacher=teacher, hooks=hooks)
+                                    teacher=teacher, hooks=hooks, task_class=ctx.task_class,
+                                    optimizer_changed=ctx.optimizer_changed)
   task = built.task
-  built.state.optimizer_changed = ctx.optimizer_changed
-  assemble.initialize_weights(config, model, built.state)
+  assemble.initialize_weights(config, model, built.state, ctx.task_class)
   # Every worker restored from its own --model_dir path: they must be at the same step.
   distribute.check_same_step(ctx.strategy, built.state.step, config.train.model_dir)
   if ctx.flags_dict is not None and distribute.is_chief(ctx.strategy):
@@ -64,6 +72,7 @@ def train(ctx: Context, teacher: Optional[Callable] = None):
 
 PREEMPTED = loop.TrainingPreemptedError
 INTERRUPTED = loop.TrainingInterruptedError  # SIGINT after saving: exit status 130
+WORKER_LOST = distribute.WorkerLostError  # another worker of the run died: exit status 1
 # Errors a user can cause (flags, files, data, a diverged run): exit 2 with the message alone.
 # Anything else, e.g. a TensorFlow tracing error, keeps its traceback.
 USER_ERRORS = (UserError,)
@@ -98,13 +107,26 @@ def run(config: Config, flags_dict: Optional[Dict] = None,
   `export_fn(model, step)` is called after each evaluation and at the end of training (default
   `export_hook(config)`; `no_export` skips it).
   """
-  ctx = prepare(config, flags_dict)
+  try:
+    ctx = prepare(config, flags_dict)
+  except distribute.PEER_FAILURES as e:
+    raise distribute.peer_failure(e, doing='at start-up') or e
+  refused = False
   try:
     return _run_mode(ctx, export_fn or export_hook(config))
+  except BadImagesError:
+    refused = True
+    raise
+  except distribute.PEER_FAILURES as e:
+    raise distribute.peer_failure(e) or e
   finally:
     distribute.remove_worker_dirs()  # A non-chief's throw-away checkpoints and summaries.
     if ctx.lock is not None:
       ctx.lock.release()
+    # Images that do not decode are found while reading: the refused run leaves model_dir as it
+    # was (its flags.json, summaries and lock gone) unless it saved a checkpoint.
+    if refused and ctx.lock is not None:
+      run_dir.restore_entries(config.train.model_dir, ctx.model_dir_before)
 
 
 def _run_mode(ctx: Context, export_fn: Callable) -> Optional[Dict[str, float]]:
@@ -121,18 +143,28 @@ def _run_mode(ctx: Context, export_fn: Callable) -> Optional[Dict[str, float]]:
     return None
   if mode == 'embed':
     from tf_simclr.evaluation import embed  # pylint: disable=g-import-not-at-top
-    model = build_model(ctx)
-    reading.load_weights(ctx.config, model)
-    embed.embed_split(ctx, model)
+    embed.embed_split(ctx, _loaded_model(ctx))
+    return None
+  if mode == 'neighbors':
+    from tf_simclr.evaluation import neighbors  # pylint: disable=g-import-not-at-top
+    neighbors.run(ctx, _loaded_model(ctx))
+    return None
+  if mode == 'duplicates':
+    from tf_simclr.evaluation import duplicates  # pylint: disable=g-import-not-at-top
+    duplicates.run(ctx, lambda: _loaded_model(ctx))
+    return None
+  if mode == 'preview_augment':
+    from tf_simclr.evaluation import preview  # pylint: disable=g-import-not-at-top
+    preview.run(ctx)
     return None
   teacher = load_teacher(ctx) if ctx.task_class.needs_teacher else None
   model, result = train(ctx, teacher=teacher)
+  stored = None
   if mode == 'train_then_eval':
-    stored = evaluate_lib.evaluate(ctx, model, result.final_step, export_fn=export_fn,
+    stored = evaluate_lib.evaluate(ctx, model, result.final_step,
                                    linear_probe=readouts_lib.linear_probe_enabled(ctx))
     if stored and probe.has_readouts(stored):
       log.info('%s', probe.format_table(stored))
-    return stored
-  if distribute.is_chief(ctx.strategy):
+  if distribute.is_chief(ctx.strategy):  # The one export of a training run, after its eval.
     export_fn(model, result.final_step)
-  return None
+  return stored

@@ -42,12 +42,15 @@ class Assembly:
 
 
 def assemble_trainer(config: Config, strategy, steps: Steps, num_classes: int, model=None,
-                     teacher: Optional[Callable] = None, hooks=()) -> Assembly:
+                     teacher: Optional[Callable] = None, hooks=(),
+                     task_class: Optional[type] = None, optimizer_changed: bool = False
+                     ) -> Assembly:
   """Model, learning-rate schedule, optimizer (built), TrainState, task and Trainer: the one
   assembly of a training run (`train` and benchmarks/throughput.py). Restores nothing.
 
   `model`: an already built model to train (else one is built); `hooks`: the Trainer's
-  (every_steps, fn(step)) pairs.
+  (every_steps, fn(step)) pairs; `task_class`: the run's Task class (else looked up); `optimizer_changed`: a resume
+  with another --optimizer (weights_state.TrainState).
   """
   if model is None:
     model = build_model(config, strategy, num_classes)
@@ -65,8 +68,9 @@ def assemble_trainer(config: Config, strategy, steps: Steps, num_classes: int, m
   save_dir = distribute.write_dir(model_dir, strategy)
   state = weights_state.TrainState(model, optimizer, model_dir, train_config.keep_checkpoint_max,
                                    save_dir=save_dir,
-                                   allow_optimizer_change=train_config.allow_flag_changes)
-  task = tasks.make_task(config, model, strategy, teacher=teacher)
+                                   allow_optimizer_change=train_config.allow_flag_changes,
+                                   optimizer_changed=optimizer_changed)
+  task = tasks.make_task(config, model, strategy, teacher=teacher, cls=task_class)
   trainer = loop.Trainer(task, optimizer, state, strategy, steps, train_config.train_batch_size,
                          save_dir, learning_rate_fn=learning_rate,
                          jit_compile=train_config.jit_compile, hooks=hooks)
@@ -81,17 +85,17 @@ def _set_supervised_head(model, values, what: str) -> None:
   log.info('Supervised head (%d variables): %s.', len(head_vars), what)
 
 
-def initialize_weights(config: Config, model, state: weights_state.TrainState) -> str:
+def initialize_weights(config: Config, model, state: weights_state.TrainState,
+                       task_class: type) -> str:
   """Checkpoint precedence, then --logits_layer_init; returns how the weights were set.
 
   `checkpoint` (default) is the original's behaviour: the head --checkpoint holds is kept when
   its shape fits (else the head stays at its N(0, 0.01) init), and --zero_init_logits_layer does
   nothing, as in the original, whose zeroing ran before the variables existed. `zeros` zeroes the
   head after the restore; `random` puts back the head's own seeded initialisation. A resume
-  always continues from the saved head.
+  always continues from the saved head. `task_class`: the run's Task class (fresh_ok, warning).
   """
   train_config = config.train
-  task_class = tasks.task_class(config)
   head = model.supervised_head
   initial = [v.numpy() for v in head.trainable_variables] if head is not None else None
   # --checkpoint: ours, an export of ours, or weights written by google-research/simclr.

@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from tf_simclr import distribute
 from tf_simclr import precision as precision_lib
+from tf_simclr import run_dir
 from tf_simclr.config import Steps
 from tf_simclr.errors import UserError
 from tf_simclr.weights.source import checkpoint_step, find_checkpoints
@@ -268,7 +269,9 @@ class Trainer:
     self.max_consecutive_skips = MAX_CONSECUTIVE_SKIPS
     self.skipped_steps = 0  # total over this Trainer's life
     self._consecutive_skips = 0
-    self.writer = tf.summary.create_file_writer(summary_dir)
+    # Remote folders (gs://): flushed on a timer, not each loop (each flush is an upload).
+    self.writer = run_dir.summary_writer(summary_dir)
+    self._flush_each_loop = run_dir.flushes_each_loop(summary_dir)
     # XLA-compile the replica step (TPUStrategy compiles it whatever this says).
     self.jit_compile = jit_compile
     self._accumulator: Optional[MetricAccumulator] = None
@@ -343,13 +346,16 @@ class Trainer:
     log.info('Training from step %d to %d (%d steps per loop, checkpoint every %d).',
              step, steps.train_steps, steps.steps_per_loop, steps.checkpoint_steps)
     stop = _StopRequest(self.strategy)
+    # One summary context for the whole run: leaving `as_default` flushes the writer, which
+    # must not happen at each loop on a remote model_dir (run_dir.summary_writer).
+    summaries = self.writer.as_default()
+    summaries.__enter__()  # pylint: disable=unnecessary-dunder-call
     try:
       while step < steps.train_steps:
         next_ckpt = (step // steps.checkpoint_steps + 1) * steps.checkpoint_steps
         n = min(steps.steps_per_loop, next_ckpt - step, steps.train_steps - step)
         t0 = time.time()
-        with self.writer.as_default():
-          train_steps(iterator, tf.constant(n, tf.int32))
+        train_steps(iterator, tf.constant(n, tf.int32))
         step = state.step
         elapsed = time.time() - t0
         if self._average_bn is not None:
@@ -386,6 +392,7 @@ class Trainer:
           f'{os.path.basename(saved)}, rerun the same command to resume.') from None
     finally:
       stop.uninstall()
+      summaries.__exit__(None, None, None)  # Flushes what a remote writer still holds.
     total = time.time() - start_time
     rate = (step - start_step) / total if total > 0 else 0.0
     log.info('Training complete at step %d (%.2f steps/s overall).', step, rate)
@@ -449,14 +456,16 @@ class Trainer:
              _format_duration(eta) if math.isfinite(eta) else '?', shown)
 
   def _write_scalars(self, step, metrics):
-    with self.writer.as_default():
-      for name, value in metrics.items():
-        tf.summary.scalar(f'train/{name}', value, step=step)
-      if self.learning_rate_fn is not None:
-        lr = self.learning_rate_fn(tf.constant(max(step - 1, 0), tf.float32))
-        tf.summary.scalar('learning_rate', lr, step=step)
-      if self._images is not None:  # The last step's augmented views.
-        tf.summary.image('image', self._images.value(), step=step,
-                         max_outputs=MAX_SUMMARY_IMAGES)
+    """The loop's summaries, into the writer `train` made the default (flushed here on a local
+    disk; a remote writer flushes on its own timer)."""
+    for name, value in metrics.items():
+      tf.summary.scalar(f'train/{name}', value, step=step)
+    if self.learning_rate_fn is not None:
+      lr = self.learning_rate_fn(tf.constant(max(step - 1, 0), tf.float32))
+      tf.summary.scalar('learning_rate', lr, step=step)
+    if self._images is not None:  # The last step's augmented views.
+      tf.summary.image('image', self._images.value(), step=step,
+                       max_outputs=MAX_SUMMARY_IMAGES)
+    if self._flush_each_loop:
       self.writer.flush()
 

@@ -153,10 +153,8 @@ class PretrainTask(Task):
 
   def train_loss(self, batch):
     images, labels = batch[0], batch[1]
-    views = tf.split(images, self.num_views, axis=-1)
     data = self.config.data
-    if data.use_blur:
-      views = [augment.batch_random_blur(v, data.image_size, data.image_size) for v in views]
+    views = augment.blur_train_views(images, self.num_views, data.image_size, data.use_blur)
     outputs = self.model(tf.concat(views, 0), training=True)
     train = self.config.train
     replicas = self.strategy if self.strategy.num_replicas_in_sync > 1 else None
@@ -229,7 +227,8 @@ class DistillTask(SupervisedTask):
     teacher_logits = tf.stop_gradient(self.teacher(images))
     logits = self.model(images, training=True)[simclr.LOGITS_SUP]
     distill = self.config.distill
-    distill_loss = losses.distillation_loss(teacher_logits, logits, distill.temperature)
+    distill_loss = losses.distillation_loss(teacher_logits, logits, distill.temperature,
+                                            distill.loss_scale)
     logs = {'distill_loss': distill_loss,
             'teacher_agreement': tf.reduce_mean(tf.cast(tf.equal(
                 tf.argmax(teacher_logits, 1), tf.argmax(logits, 1)), tf.float32))}
@@ -237,7 +236,8 @@ class DistillTask(SupervisedTask):
     if self.uses_label_mask:
       mask = batch[2]
       loss = losses.mixed_distillation_loss(teacher_logits, logits, labels, mask,
-                                            distill.temperature, distill.label_weight)
+                                            distill.temperature, distill.label_weight,
+                                            distill.loss_scale)
       logs['labeled_fraction'] = tf.reduce_mean(mask)
     return self._finish(loss, logs)
 
@@ -250,6 +250,6 @@ def task_class(config: Config) -> type:
   return TASKS[config.train.train_mode]
 
 
-def make_task(config: Config, model, strategy, teacher=None) -> Task:
-  """The task object for `config.train.train_mode`."""
-  return task_class(config)(config, model, strategy, teacher=teacher)
+def make_task(config: Config, model, strategy, teacher=None, cls: Optional[type] = None) -> Task:
+  """The task object for `config.train.train_mode` (`cls`: its class, when already looked up)."""
+  return (cls or task_class(config))(config, model, strategy, teacher=teacher)

@@ -22,7 +22,7 @@ from google.protobuf import text_format
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from tf_simclr.errors import (CheckpointMismatchError, CheckpointNotFoundError,
-                              CheckpointUnreadableError)
+                              CheckpointUnreadableError, first_line)
 from tf_simclr import run_dir
 from tf_simclr.weights import original
 
@@ -185,10 +185,9 @@ def resolve(path: str, flag: str = 'checkpoint') -> Source:
     reader = tf.train.load_checkpoint(prefix)
     shapes = reader.get_variable_to_shape_map()
   except (tf.errors.OpError, ValueError, UnicodeDecodeError) as e:
-    text = str(e).strip().splitlines()
     raise CheckpointUnreadableError(
         f'--{flag}={path}: {prefix}.index cannot be read as a checkpoint ({type(e).__name__}: '
-        f'{text[0] if text else ""}). Point --{flag} at a checkpoint prefix '
+        f'{first_line(e)}). Point --{flag} at a checkpoint prefix '
         f'(model_dir/{run_dir.CHECKPOINT_NAME}-N), '
         'a model_dir or a SavedModel folder; copy a damaged checkpoint again.') from e
   try:
@@ -214,6 +213,14 @@ def resolve(path: str, flag: str = 'checkpoint') -> Source:
   return Source(path=path, prefix=prefix, saved_model=saved_model, origin=origin,
                 variables=variables, shapes=shapes, has_values=has_values, reader=reader,
                 flag=flag)
+
+
+def read_step_or_zero(found: 'Source') -> int:
+  """`read_global_step`, 0 for weights without a readable step (the original's, an export)."""
+  try:
+    return read_global_step(found)
+  except (ValueError, KeyError, tf.errors.OpError):
+    return 0
 
 
 def read_global_step(path) -> int:

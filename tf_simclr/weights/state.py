@@ -18,7 +18,7 @@ from google.protobuf import text_format
 
 from tf_simclr import precision as precision_lib
 from tf_simclr import run_dir
-from tf_simclr.errors import CheckpointMismatchError, UserError
+from tf_simclr.errors import CheckpointMismatchError, UserError, first_line
 from tf_simclr.weights import match as match_lib
 from tf_simclr.weights import source as source_lib
 from tf_simclr.weights.source import checkpoint_step, find_checkpoints
@@ -27,12 +27,6 @@ log = logging.getLogger(__name__)
 
 _RESTORE_ERRORS = (tf.errors.OpError, IndexError, ValueError, OSError, RuntimeError,
                    tf.errors.DataLossError)
-
-
-def _first_line(error: BaseException) -> str:
-  """The first line of an error's message (TF errors carry long op traces)."""
-  text = str(error).strip()
-  return text.splitlines()[0] if text else ''
 
 
 class NoIntactCheckpointError(UserError, RuntimeError):
@@ -98,7 +92,8 @@ class TrainState:
   """
 
   def __init__(self, model, optimizer, model_dir: str, max_to_keep: int,
-               save_dir: Optional[str] = None, allow_optimizer_change: bool = False):
+               save_dir: Optional[str] = None, allow_optimizer_change: bool = False,
+               optimizer_changed: bool = False):
     self.model = model
     self.optimizer = optimizer
     self.model_dir = model_dir
@@ -106,9 +101,10 @@ class TrainState:
     self.max_to_keep = max_to_keep
     # A resume whose optimizer slots differ (another --optimizer) restores the weights and the
     # step only when allowed (--allow_flag_changes), else it is an OptimizerMismatchError.
-    # `optimizer_changed` (set from flags.json) also drops slots that happen to have the same paths.
+    # `optimizer_changed` (flags.json records another --optimizer) also drops slots that happen to
+    # have the same paths.
     self.allow_optimizer_change = allow_optimizer_change
-    self.optimizer_changed = False
+    self.optimizer_changed = optimizer_changed
     # The wrapped optimizer under loss scaling, so the optimizer slots sit at the same paths
     # whatever the precision; the loss scale is an extra, optional entry (see precision.py).
     inner = precision_lib.inner_optimizer(optimizer)
@@ -160,7 +156,7 @@ class TrainState:
       kept = find_checkpoints(self.model_dir)
       raise CheckpointSaveError(
           f'Could not write checkpoint {run_dir.CHECKPOINT_NAME}-{self.step} to {self.save_dir} '
-          f'({type(e).__name__}: {_first_line(e)}). '
+          f'({type(e).__name__}: {first_line(e)}). '
           'Is the disk full or the folder not writable? Free space and rerun the same command: '
           + (f'it resumes from {os.path.basename(kept[0])}' if kept else 'it starts again')
           + f' and removes the unfinished {run_dir.TEMP_GLOB} folder.') from e
@@ -222,7 +218,7 @@ class TrainState:
       path = None
     for bad, error in damaged:
       log.warning('Checkpoint %s is damaged (%s: %s); %s', bad, type(error).__name__,
-                  _first_line(error),
+                  first_line(error),
                   f'falling back to {path}.' if path else 'no older intact one.')
     if candidates and path is None:
       raise NoIntactCheckpointError(
@@ -297,7 +293,7 @@ def load_newest_intact(model, model_dir: str, fresh_ok: Sequence[str] = (),
       raise
     except _RESTORE_ERRORS + (UserError,) as e:
       older = candidates[i + 1] if i + 1 < len(candidates) else None
-      log.warning('Checkpoint %s is damaged (%s: %s); %s', path, type(e).__name__, _first_line(e),
+      log.warning('Checkpoint %s is damaged (%s: %s); %s', path, type(e).__name__, first_line(e),
                   f'trying {os.path.basename(older)}.' if older else 'no older one.')
   if candidates:
     raise NoIntactCheckpointError(

@@ -1,0 +1,86 @@
+"""Quiet logs for the command line: TensorFlow's start-up noise and per-save/per-export lines.
+
+On a machine without an NVIDIA driver, TensorFlow's C++ start-up (import and the first device
+listing) prints CUDA lines that say nothing to a CPU user ("Could not find cuda drivers", "failed
+call to cuInit"). They are written by C++ code straight to file descriptor 2, before any log level
+applies, so `start_tensorflow` runs that start-up with descriptor 2 in a temporary file and writes
+back every other line. With a driver present nothing is filtered: a GPU's messages stay visible.
+
+Python-side, TensorFlow logs through absl one line per checkpoint save ("Sharding callback
+duration") and per export (the traced function's input names, the fingerprint file):
+`install_log_filter` drops those.
+
+This module must not import TensorFlow at import time.
+"""
+
+import contextlib
+import logging
+import os
+import re
+import sys
+import tempfile
+from typing import Iterable, Pattern
+
+from tf_simclr import cpu_kernels
+
+# C++ start-up lines that only say "no CUDA here" (and absl's banner that precedes them).
+CUDA_NOISE = (
+    re.compile(r'cudart_stub\.cc:\d+\] Could not find cuda drivers'),
+    re.compile(r'cuda_platform\.cc:\d+\] failed call to cuInit'),
+    re.compile(r'cuda_executor\.cc:\d+\].*(kernel driver does not appear|no NVIDIA GPU)'),
+    re.compile(r'^WARNING: All log messages before absl::InitializeLog\(\) is called'),
+)
+# TensorFlow's Python log lines repeated at every checkpoint save or export.
+TF_ROUTINE = (
+    re.compile(r'^Sharding callback duration'),
+    re.compile(r'^Function `\w+` contains input name\(s\)'),
+    re.compile(r'^Writing fingerprint to '),
+)
+
+
+@contextlib.contextmanager
+def filtered_stderr(noise: Iterable[Pattern]):
+  """Runs the block with file descriptor 2 in a temporary file, then writes its lines back to
+  stderr, except those matching a pattern of `noise`."""
+  noise = tuple(noise)
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      kept = [line for line in captured.read().decode('utf-8', 'replace').splitlines(True)
+              if not any(p.search(line) for p in noise)]
+      if kept:
+        os.write(2, ''.join(kept).encode('utf-8'))
+
+
+def start_tensorflow() -> None:
+  """Imports TensorFlow and lists its devices (where CUDA is probed), without the CUDA lines
+  when this machine has no NVIDIA driver."""
+  if cpu_kernels.nvidia_sign() is not None:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.list_physical_devices()
+    return
+  with filtered_stderr(CUDA_NOISE):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.list_physical_devices()
+
+
+class _DropRoutine(logging.Filter):
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not any(p.search(message) for p in TF_ROUTINE)
+
+
+def install_log_filter() -> None:
+  """Drops TensorFlow's per-save and per-export log lines (TF_ROUTINE) from the absl and
+  tensorflow loggers."""
+  for name in ('absl', 'tensorflow'):
+    logging.getLogger(name).addFilter(_DropRoutine())
