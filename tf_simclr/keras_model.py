@@ -358,6 +358,5 @@ def build_config(train_mode='pretrain', num_classes=None, image_size=224,
                         color_jitter_impl=color_jitter_impl, use_blur=use_blur)
   optim = cfg.OptimConfig(weight_decay=weight_decay)
   train = cfg.TrainConfig(model_dir=_PYTHON_RUN, train_mode=train_mode, temperature=temperature,
-                          hidden_norm=hidden_norm,
-                          lineareval_while_pretraining=lineareval_while_pretraining)
+                          hidden_norm=hidden_norm)
   return cfg.Config(model=model, data=data, optim=optim, train=train)
