@@ -61,5 +61,9 @@ def test_installed_command_equals_run_py(tmp_path):
                           'import tf_simclr.cli, tf_simclr; print(tf_simclr.cli.__file__, tf_simclr.__file__)'],
                          cwd=str(tmp_path), env=env, capture_output=True, text=True)
   assert str(venv) in where.stdout, where.stdout + where.stderr
+  # The recipes are installed as files (tf_simclr/flags links the clone's flags/).
+  installed_package = os.path.dirname(where.stdout.split()[1])
+  assert sorted(os.listdir(os.path.join(installed_package, 'flags'))) == sorted(
+      f for f in os.listdir(os.path.join(ROOT, 'flags')) if f.endswith('.cfg'))
   dist = next((venv / 'lib').glob('python3*/site-packages/tf_simclr-*.dist-info'))
   assert {'LICENSE', 'NOTICE'} <= set(os.listdir(dist))

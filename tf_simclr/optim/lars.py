@@ -22,6 +22,7 @@ from tf_simclr.config import OptimConfig
 EETA_DEFAULT = 0.001
 
 
+@keras.saving.register_keras_serializable(package='tf_simclr')
 class LARS(keras.optimizers.Optimizer):
   """Layer-wise Adaptive Rate Scaling with momentum and L2 weight decay."""
 
@@ -50,6 +51,14 @@ class LARS(keras.optimizers.Optimizer):
     self.eeta = float(eeta)
     self.classic_momentum = bool(classic_momentum)
     self.use_nesterov = bool(use_nesterov)
+    # None: not given (tf_simclr.SimCLR.compile then sets the model's exclusions).
+    self.exclusions_given = exclude_from_weight_decay is not None
+    self.set_exclusions(exclude_from_weight_decay, exclude_from_layer_adaptation)
+
+  def set_exclusions(self, exclude_from_weight_decay: Optional[Iterable] = None,
+                     exclude_from_layer_adaptation: Optional[Iterable] = None) -> None:
+    """Sets the variables that get no decay / no trust ratio (see `__init__`); call before the
+    first step is traced."""
     if exclude_from_layer_adaptation is None:
       exclude_from_layer_adaptation = exclude_from_weight_decay
     self._no_decay_keys = self._keys(exclude_from_weight_decay, 'exclude_from_weight_decay')

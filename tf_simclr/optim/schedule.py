@@ -23,6 +23,7 @@ def scaled_learning_rate(base_learning_rate: float, batch_size: int, scaling: st
   raise ValueError(f'learning_rate_scaling={scaling!r} is not one of {list(SCALINGS)}.')
 
 
+@keras.saving.register_keras_serializable(package='tf_simclr')
 class WarmupCosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
   """Linear warmup to the scaled rate over `warmup_steps`, then cosine decay to 0 at `total_steps`.
 

@@ -208,6 +208,47 @@ class LoopResult:
   steps_per_second: float
 
 
+def task_gradients(task, optimizer, batch):
+  """(gradients of `task.trainable_variables`, metrics) of one replica's batch (replica context).
+
+  The one gradient computation of a training step, for the command line's Trainer and for
+  `tf_simclr.SimCLR.train_step` (keras_model.py) alike.
+  """
+  variables = task.trainable_variables
+  with tf.GradientTape() as tape:
+    loss, logs = task.train_loss(batch)
+    # apply_gradients sums over replicas: divide so N replicas apply the mean gradient.
+    # scale_loss multiplies by the dynamic loss scale under float16 (identity otherwise);
+    # the optimizer divides the gradients by it again.
+    scaled_loss = optimizer.scale_loss(loss / task.strategy.num_replicas_in_sync)
+  return tape.gradient(scaled_loss, variables), logs
+
+
+def replica_update(task, optimizer, batch, loss_scaling: bool,
+                   gradients=None) -> Dict[str, tf.Tensor]:
+  """One optimisation step of `task` on one replica's batch (replica context, device work only);
+  returns the step's metrics averaged over the replicas (the same values on every replica).
+
+  `gradients`: the function computing (gradients, metrics), `task_gradients` by default (the
+  Trainer passes an XLA-compiled one). `loss_scaling`: the optimizer is a float16 loss-scale
+  optimizer. Shared by the Trainer and `tf_simclr.SimCLR.train_step`.
+  """
+  variables = task.trainable_variables
+  if gradients is None:
+    gradients = lambda b: task_gradients(task, optimizer, b)
+  grads, logs = gradients(batch)
+  if loss_scaling:
+    # The optimizer skips this step if any replica's gradients are non-finite (same verdict
+    # everywhere); its metrics are zeroed so the host averages over the applied steps only.
+    finite = optimizer.check_finite(grads)
+    logs = {k: tf.where(finite, tf.cast(v, tf.float32), 0.0) for k, v in logs.items()}
+    logs[SKIPPED] = 1.0 - tf.cast(finite, tf.float32)
+  optimizer.apply_gradients(zip(grads, variables))
+  # One batched all-reduce in replica context.
+  context = tf.distribute.get_replica_context()
+  return context.all_reduce(tf.distribute.ReduceOp.MEAN, logs)
+
+
 class Trainer:
   """Runs a task's train step with a strategy, checkpointing and summaries."""
 
@@ -243,33 +284,15 @@ class Trainer:
 
   def _gradients(self, batch):
     """(gradients, metrics) of one replica's batch, cross-replica gather and BN included."""
-    task, optimizer = self.task, self.optimizer
-    variables = task.trainable_variables
-    with tf.GradientTape() as tape:
-      loss, logs = task.train_loss(batch)
-      # apply_gradients sums over replicas: divide so N replicas apply the mean gradient.
-      # scale_loss multiplies by the dynamic loss scale under float16 (identity otherwise);
-      # the optimizer divides the gradients by it again.
-      scaled_loss = optimizer.scale_loss(loss / self.strategy.num_replicas_in_sync)
-    return tape.gradient(scaled_loss, variables), logs
+    return task_gradients(self.task, self.optimizer, batch)
 
   def _replica_step(self, batch, gradients=None):
     """One optimisation step on one replica's batch (replica context, device work only)."""
-    task, optimizer = self.task, self.optimizer
-    variables = task.trainable_variables
-    grads, logs = (gradients or self._gradients)(batch)
-    if self.loss_scaling:
-      # The optimizer skips this step if any replica's gradients are non-finite (same verdict
-      # everywhere); its metrics are zeroed so the host averages over the applied steps only.
-      finite = optimizer.check_finite(grads)
-      logs = {k: tf.where(finite, tf.cast(v, tf.float32), 0.0) for k, v in logs.items()}
-      logs[SKIPPED] = 1.0 - tf.cast(finite, tf.float32)
-    optimizer.apply_gradients(zip(grads, variables))
-    # One batched all-reduce in replica context; the sums stay on the device.
-    context = tf.distribute.get_replica_context()
-    self._accumulator.add(context.all_reduce(tf.distribute.ReduceOp.MEAN, logs))
+    logs = replica_update(self.task, self.optimizer, batch, self.loss_scaling,
+                          gradients or self._gradients)
+    self._accumulator.add(logs)
     # The host writes the augmented-image summary from this variable between loops.
-    images = task.image_summary(batch)
+    images = self.task.image_summary(batch)
     self._images.assign(tf.cast(images[:self._images.shape[0]], tf.float32))
 
   def _build_state(self):

@@ -36,7 +36,8 @@ Metrics = Dict[str, tf.Tensor]
 SUPERVISED_METRICS = ['supervised_loss', 'supervised_acc']
 
 
-def _supervised_metrics(labels, logits, loss) -> Metrics:
+def supervised_metrics(labels, logits, loss) -> Metrics:
+  """The supervised head's loss and top-1 on one batch (training and SimCLR.test_step)."""
   correct = tf.equal(tf.argmax(labels, 1), tf.argmax(logits, 1))
   return {'supervised_loss': loss,
           'supervised_acc': tf.reduce_mean(tf.cast(correct, tf.float32))}
@@ -167,7 +168,7 @@ class PretrainTask(Task):
     if simclr.LOGITS_SUP in outputs:
       sup_labels = tf.concat([labels] * self.num_views, 0)
       sup_loss = losses.supervised_loss(sup_labels, outputs[simclr.LOGITS_SUP])
-      logs.update(_supervised_metrics(sup_labels, outputs[simclr.LOGITS_SUP], sup_loss))
+      logs.update(supervised_metrics(sup_labels, outputs[simclr.LOGITS_SUP], sup_loss))
       loss = loss + sup_loss
     return self._finish(loss, logs)
 
@@ -187,7 +188,7 @@ class FinetuneTask(SupervisedTask):
     images, labels = batch[0], batch[1]
     logits = self.model(images, training=True)[simclr.LOGITS_SUP]
     sup_loss = losses.supervised_loss(labels, logits)
-    return self._finish(sup_loss, _supervised_metrics(labels, logits, sup_loss))
+    return self._finish(sup_loss, supervised_metrics(labels, logits, sup_loss))
 
 
 class DistillTask(SupervisedTask):
