@@ -30,11 +30,11 @@ def features(model, dataset) -> Tuple[np.ndarray, np.ndarray]:
   `dataset` yields (images, labels) already preprocessed for evaluation (`model.eval_data`).
   """
   encoder = model.encoder
-
-  @tf.function(reduce_retracing=True)
-  def embed(images):
-    return encoder(images, training=False)
-
+  embed = getattr(encoder, '_readout_embed_fn', None)
+  if embed is None:  # One traced function per encoder, reused by every epoch's readout; set
+    # past Keras' attribute tracking (it is no layer state, and must not be saved).
+    embed = tf.function(lambda images: encoder(images, training=False), reduce_retracing=True)
+    object.__setattr__(encoder, '_readout_embed_fn', embed)
   xs, ys = [], []
   for images, labels in dataset:
     xs.append(embed(images).numpy())
