@@ -22,6 +22,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from tests import helpers  # noqa: E402  pylint: disable=wrong-import-position
 from tf_simclr.data import synthetic  # noqa: E402  pylint: disable=wrong-import-position
 
 NUM_PHOTOS = 400
@@ -47,13 +48,7 @@ def make_folders(work: str) -> tuple:
   images = render(NUM_PHOTOS + 4, seed=7)
   for i, image in enumerate(images[:NUM_PHOTOS]):
     Image.fromarray(image).save(os.path.join(photos, f'photo{i:03d}.png'))
-  for name, index, how in PLANTED:
-    image = Image.fromarray(images[index])
-    if how == 'flip':
-      image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    elif how == 'resize':
-      image = image.resize((96, 96), Image.BICUBIC)
-    image.save(os.path.join(photos, name), quality=85)
+  helpers.save_planted_copies(photos, images, PLANTED, resize_to=96, quality=85)
   for i, image in enumerate(images[NUM_PHOTOS:]):
     Image.fromarray(image).save(os.path.join(queries, f'query{i}.png'))
   return photos, queries

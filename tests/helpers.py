@@ -2,8 +2,6 @@
 
 import dataclasses
 import os
-import pathlib
-import sys
 
 from absl import flags as absl_flags
 import numpy as np
@@ -178,6 +176,20 @@ def write_png(path, array):
   path = str(path)
   tf.io.gfile.makedirs(os.path.dirname(path))
   tf.io.write_file(path, tf.io.encode_png(np.asarray(array, np.uint8)))
+
+
+def save_planted_copies(folder, images, planted, resize_to: int, quality: int) -> None:
+  """Near-duplicates of `images` in `folder`: (file name, image index, how) with how = 'flip'
+  (mirror image), 'resize' (to resize_to px, bicubic) or anything else (re-encoded as the name's
+  format, JPEG at `quality`)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for name, index, how in planted:
+    image = Image.fromarray(images[index])
+    if how == 'flip':
+      image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    elif how == 'resize':
+      image = image.resize((resize_to, resize_to), Image.BICUBIC)
+    image.save(os.path.join(folder, name), quality=quality)
 
 
 def png_folder(root, per_class, classes=('a', 'b'), size=6, seed=0):

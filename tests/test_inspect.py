@@ -44,13 +44,7 @@ def make_folder(root):
   images = [distinct_image(rng) for _ in range(NUM_DISTINCT)]
   for i, image in enumerate(images):
     Image.fromarray(image).save(os.path.join(root, f'img{i:02d}.png'))
-  for name, index, how in PLANTED:
-    image = Image.fromarray(images[index])
-    if how == 'flip':
-      image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    elif how == 'resize':
-      image = image.resize((56, 56), Image.BICUBIC)
-    image.save(os.path.join(root, name), quality=90)
+  helpers.save_planted_copies(root, images, PLANTED, resize_to=56, quality=90)
   return images
 
 
