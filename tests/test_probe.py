@@ -36,13 +36,13 @@ def numpy_knn_predictions(bank, bank_labels, queries, num_classes, k, temperatur
 
 def test_knn_matches_numpy_with_ties():
   rng = np.random.default_rng(0)
-  # Entries +-0.5 on 4 of 8 coordinates: unit norm, so every similarity is an exact multiple of
-  # 0.25 and many neighbours tie; duplicated bank rows with different labels tie exactly.
+  # One entry of +-1 in 16 coordinates: every similarity is one product (or an exact 0), so
+  # equal vectors give bitwise-equal similarities whatever the kernel's rounding, summation order
+  # or FMA use (several nonzero terms tie only up to an ulp, which oneDNN and Eigen round
+  # differently), and many neighbours tie; duplicated bank rows with different labels tie too.
   def vectors(n):
-    v = np.zeros([n, 8], np.float32)
-    for row in v:
-      cols = rng.choice(8, 4, replace=False)
-      row[cols] = rng.choice([-0.5, 0.5], 4)
+    v = np.zeros([n, 16], np.float32)
+    v[np.arange(n), rng.integers(0, 16, n)] = rng.choice([-1.0, 1.0], n)
     return v
   bank = vectors(60)
   bank = np.concatenate([bank, bank[:20]])
