@@ -26,6 +26,9 @@ BN_VARIABLES = ('gamma', 'beta', 'moving_mean', 'moving_variance')
 # Runs in a fresh interpreter, outside the project, without tf_simclr: only TF and the export.
 CHILD = textwrap.dedent('''
     import importlib.util, json, sys
+    # As on a machine without tf_simclr, also where `pip install -e .` put it on every path:
+    # an import of it fails, and find_spec reports it missing.
+    sys.modules['tf_simclr'] = None
     import numpy as np
     import tensorflow as tf
     import keras

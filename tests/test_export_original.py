@@ -20,6 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHILD = textwrap.dedent('''
     import importlib.util, json, sys
+    # As on a machine without tf_simclr, also where `pip install -e .` put it on every path:
+    # an import of it fails, and find_spec reports it missing.
+    sys.modules['tf_simclr'] = None
     import numpy as np
     import tensorflow as tf
 

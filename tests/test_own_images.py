@@ -58,6 +58,9 @@ def run_py(*flags, timeout=600):
 # Runs in a fresh interpreter outside the project: only TensorFlow, numpy and the export.
 CHILD = textwrap.dedent('''
     import importlib.util, json, sys
+    # As on a machine without tf_simclr, also where `pip install -e .` put it on every path:
+    # an import of it fails, and find_spec reports it missing.
+    sys.modules['tf_simclr'] = None
     import numpy as np
     import tensorflow as tf
 
