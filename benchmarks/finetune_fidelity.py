@@ -65,7 +65,7 @@ def main(argv=None):
   parser.add_argument('--eval_split', default='test')
   parser.add_argument('--extra_flags', default='',
                       help='more run.py flags for every fine-tuning run (a recipe, e.g. '
-                      '"--optimizer=momentum"); they override the earlier fine-tuning comparison's flags')
+                      '"--optimizer=momentum"); they override the earlier fine-tuning comparison\'s flags')
   parser.add_argument('--results', default=RESULTS, help='where the JSON record goes')
   parser.add_argument('--work_dir', default=None)
   args = parser.parse_args(argv)
