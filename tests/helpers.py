@@ -1,7 +1,13 @@
 """Helpers shared by test modules (fixtures live in conftest.py): tiny configs and builders."""
 
 import dataclasses
+import json
 import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
 
 from absl import flags as absl_flags
 import numpy as np
@@ -200,3 +206,80 @@ def png_folder(root, per_class, classes=('a', 'b'), size=6, seed=0):
       for i in range(n):
         write_png(os.path.join(str(root), split, label, f'{i}.png'),
                   rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Multi-worker tests (tests/test_multi_worker*.py): two run.py workers on 127.0.0.1.
+MULTI_WORKER_TINY = ['--dataset=shapes10', '--image_size=16', '--resnet_depth=18', '--width_multiplier=0.125',
+        '--num_proj_layers=2', '--proj_out_dim=16', '--train_batch_size=8',
+        '--learning_rate=0.5', '--temperature=0.5', '--use_blur=True', '--seed=1',
+                     '--eval_split=test']
+
+# Runs run.py as __main__; after Trainer.train returns, saves this worker's model variables.
+MULTI_WORKER_WRAPPER = '''
+import os, runpy, sys
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+sys.path.insert(0, os.getcwd())
+from tf_simclr import cpu_kernels
+cpu_kernels.default_onednn_on()
+import numpy as np
+from tf_simclr.train import loop
+_train = loop.Trainer.train
+def train(self, iterator):
+  result = _train(self, iterator)
+  values = {f'{i:04d} {v.path}': v.numpy() for i, v in enumerate(self.state.model.variables)}
+  np.savez(os.environ['DUMP_WEIGHTS'], step=result.final_step, **values)
+  return result
+loop.Trainer.train = train
+sys.argv[0] = 'run.py'
+runpy.run_path('run.py', run_name='__main__')
+'''
+
+
+def free_ports(n):
+  sockets = [socket.socket() for _ in range(n)]
+  for s in sockets:
+    s.bind(('127.0.0.1', 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
+
+
+def start_workers(tmp_path, flags, model_dirs, tag):
+  """Starts 2 workers (worker i on model_dirs[i]); returns [(Popen, log path, dump path)]."""
+  wrapper = tmp_path / 'wrapper.py'
+  wrapper.write_text(MULTI_WORKER_WRAPPER)
+  workers = [f'127.0.0.1:{p}' for p in free_ports(2)]
+  started = []
+  for index in range(2):
+    dump = tmp_path / f'{tag}_weights{index}.npz'
+    worker_tmp = tmp_path / f'{tag}_tmp{index}'
+    worker_tmp.mkdir()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='',
+               DUMP_WEIGHTS=str(dump), TMPDIR=str(worker_tmp), TF_CONFIG=json.dumps(
+                   {'cluster': {'worker': workers}, 'task': {'type': 'worker', 'index': index}}))
+    log_path = tmp_path / f'{tag}_worker{index}.log'
+    with open(log_path, 'w') as log:
+      proc = subprocess.Popen([sys.executable, str(wrapper), *MULTI_WORKER_TINY, *flags,
+                               f'--model_dir={model_dirs[index]}'],
+                              cwd=str(PROJECT_ROOT), env=env, stdout=log, stderr=subprocess.STDOUT)
+    started.append((proc, log_path, dump))
+  return started
+
+
+def finish_workers(started, timeout=900):
+  """(exit code, log) of each worker; kills every worker still running after `timeout` s."""
+  end, out = time.time() + timeout, []
+  try:
+    for proc, _, _ in started:
+      proc.wait(timeout=max(1.0, end - time.time()))
+  finally:
+    for proc, _, _ in started:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  for proc, log_path, _ in started:
+    out.append((proc.returncode, open(log_path).read()))
+  return out

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,82 +17,10 @@ import time
 import numpy as np
 import pytest
 
+import helpers
 from tf_simclr import weights
 
 ROOT = __import__('conftest').PROJECT_ROOT
-
-TINY = ['--dataset=shapes10', '--image_size=16', '--resnet_depth=18', '--width_multiplier=0.125',
-        '--num_proj_layers=2', '--proj_out_dim=16', '--train_batch_size=8',
-        '--learning_rate=0.5', '--temperature=0.5', '--use_blur=True', '--seed=1',
-        '--eval_split=test']
-
-# Runs run.py as __main__; after Trainer.train returns, saves this worker's model variables.
-WRAPPER = '''
-import os, runpy, sys
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-sys.path.insert(0, os.getcwd())
-from tf_simclr import cpu_kernels
-cpu_kernels.default_onednn_on()
-import numpy as np
-from tf_simclr.train import loop
-_train = loop.Trainer.train
-def train(self, iterator):
-  result = _train(self, iterator)
-  values = {f'{i:04d} {v.path}': v.numpy() for i, v in enumerate(self.state.model.variables)}
-  np.savez(os.environ['DUMP_WEIGHTS'], step=result.final_step, **values)
-  return result
-loop.Trainer.train = train
-sys.argv[0] = 'run.py'
-runpy.run_path('run.py', run_name='__main__')
-'''
-
-
-def _free_ports(n):
-  sockets = [socket.socket() for _ in range(n)]
-  for s in sockets:
-    s.bind(('127.0.0.1', 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
-
-
-def _start_workers(tmp_path, flags, model_dirs, tag):
-  """Starts 2 workers (worker i on model_dirs[i]); returns [(Popen, log path, dump path)]."""
-  wrapper = tmp_path / 'wrapper.py'
-  wrapper.write_text(WRAPPER)
-  workers = [f'127.0.0.1:{p}' for p in _free_ports(2)]
-  started = []
-  for index in range(2):
-    dump = tmp_path / f'{tag}_weights{index}.npz'
-    worker_tmp = tmp_path / f'{tag}_tmp{index}'
-    worker_tmp.mkdir()
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='',
-               DUMP_WEIGHTS=str(dump), TMPDIR=str(worker_tmp), TF_CONFIG=json.dumps(
-                   {'cluster': {'worker': workers}, 'task': {'type': 'worker', 'index': index}}))
-    log_path = tmp_path / f'{tag}_worker{index}.log'
-    with open(log_path, 'w') as log:
-      proc = subprocess.Popen([sys.executable, str(wrapper), *TINY, *flags,
-                               f'--model_dir={model_dirs[index]}'],
-                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    started.append((proc, log_path, dump))
-  return started
-
-
-def _finish(started, timeout=900):
-  """(exit code, log) of each worker; kills every worker still running after `timeout` s."""
-  end, out = time.time() + timeout, []
-  try:
-    for proc, _, _ in started:
-      proc.wait(timeout=max(1.0, end - time.time()))
-  finally:
-    for proc, _, _ in started:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-  for proc, log_path, _ in started:
-    out.append((proc.returncode, open(log_path).read()))
-  return out
 
 
 def _worker_tmp_left(tmp_path, tag):
@@ -111,8 +38,8 @@ def test_two_workers_train_several_loops_in_lockstep_with_identical_weights(tmp_
   flags = ['--mode=train_then_eval', '--train_split=train[:16]', '--eval_split=test[:16]',
            '--eval_batch_size=8', '--train_steps=6', '--checkpoint_steps=2',
            '--knn_every_epochs=1', '--knn_monitor=True', '--linear_probe=False']
-  started = _start_workers(tmp_path, flags, [model_dir, model_dir], 'loops')
-  results = _finish(started)
+  started = helpers.start_workers(tmp_path, flags, [model_dir, model_dir], 'loops')
+  results = helpers.finish_workers(started)
   for rc, log in results:
     assert rc == 0, log[-4000:]
   logs = [log for _, log in results]
@@ -149,14 +76,14 @@ def tf_reader(path):
 def test_sigterm_to_one_worker_stops_both_at_the_same_saved_step(tmp_path):
   model_dir = tmp_path / 'run'
   flags = ['--mode=train', '--train_steps=100000', '--checkpoint_steps=2', '--eval_split=test']
-  started = _start_workers(tmp_path, flags, [model_dir, model_dir], 'term')
+  started = helpers.start_workers(tmp_path, flags, [model_dir, model_dir], 'term')
   end = time.time() + 600
   while not weights.source.find_checkpoints(str(model_dir)):
-    assert all(p.poll() is None for p, _, _ in started), _finish(started)
+    assert all(p.poll() is None for p, _, _ in started), helpers.finish_workers(started)
     assert time.time() < end, 'no checkpoint after 600 s'
     time.sleep(0.1)
   started[1][0].send_signal(signal.SIGTERM)  # The non-chief only: the chief must follow.
-  results = _finish(started)
+  results = helpers.finish_workers(started)
   steps = []
   for rc, log in results:
     assert rc == 3, log[-4000:]
@@ -178,16 +105,16 @@ def test_restart_with_a_folder_per_worker_at_different_steps_is_refused(tmp_path
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
   env.pop('TF_CONFIG', None)
   single = subprocess.run(  # One process (default strategy) writes ckpt-2 and ckpt-4.
-      [sys.executable, 'run.py', *TINY, '--mode=train', '--train_steps=4',
+      [sys.executable, 'run.py', *helpers.MULTI_WORKER_TINY, '--mode=train', '--train_steps=4',
        '--checkpoint_steps=2', f'--model_dir={first}'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
   shutil.copytree(first, second)
   for path in second.glob('ckpt-4.*'):
     path.unlink()
-  started = _start_workers(tmp_path, ['--mode=train', '--train_steps=6', '--checkpoint_steps=2'],
+  started = helpers.start_workers(tmp_path, ['--mode=train', '--train_steps=6', '--checkpoint_steps=2'],
                            [first, second], 'restart')
-  results = _finish(started)
+  results = helpers.finish_workers(started)
   assert 'does not see the chief\'s run in' in results[1][1], results[1][1][-4000:]
   assert 'Another worker of this multi-worker run does not see' in results[0][1]
   for rc, log in results:
@@ -210,9 +137,9 @@ def test_a_chief_that_cannot_take_the_lock_stops_every_worker(tmp_path):
   holder = {'host': 'another-host', 'pid': 4242, 'started': '2026-12-01T00:00:00+00:00',
             'token': 'x', 'refreshed': time.time() + 3600, 'lease_s': 300}
   (model_dir / 'LOCK').write_text(json.dumps(holder))
-  started = _start_workers(tmp_path, ['--mode=train', '--train_steps=2'],
+  started = helpers.start_workers(tmp_path, ['--mode=train', '--train_steps=2'],
                            [model_dir, model_dir], 'locked')
-  (chief_rc, chief_log), (other_rc, other_log) = _finish(started, timeout=300)
+  (chief_rc, chief_log), (other_rc, other_log) = helpers.finish_workers(started, timeout=300)
   assert chief_rc == 2 and 'is in use by another training run (host another-host' in chief_log, \
       chief_log[-3000:]
   assert other_rc == 2 and 'The chief of this multi-worker run could not start' in other_log, \

@@ -1,7 +1,7 @@
 """Multi-worker runs on 127.0.0.1 where one worker dies or is interrupted, or where the workers
 do not share model_dir: the others must stop within a bounded time with a message, not hang.
 
-Slow (two TensorFlow processes each); the helpers that start the workers are test_multi_worker's.
+Slow (two TensorFlow processes each); the helpers that start the workers are in tests/helpers.py.
 """
 
 import signal
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from test_multi_worker import _finish, _start_workers
+import helpers
 
 # A peer's death must stop the others within this many seconds (the coordination service's
 # heartbeat timeout plus the time to log and exit).
@@ -22,7 +22,7 @@ def _wait_for(started, index, text, timeout=600):
   """Waits until worker `index`'s log holds `text` (fails if a worker ends first)."""
   end = time.time() + timeout
   while text not in open(started[index][1]).read():
-    assert all(p.poll() is None for p, _, _ in started), _finish(started, timeout=5)
+    assert all(p.poll() is None for p, _, _ in started), helpers.finish_workers(started, timeout=5)
     assert time.time() < end, f'{text!r} not logged after {timeout} s'
     time.sleep(0.05)
 
@@ -37,7 +37,7 @@ def _stop_one_and_time_the_other(started, victim, signum):
   except Exception:  # pylint: disable=broad-except
     pass
   elapsed = time.time() - t0
-  results = _finish(started, timeout=30)
+  results = helpers.finish_workers(started, timeout=30)
   return elapsed, results[1 - victim][0], results[1 - victim][1]
 
 
@@ -48,9 +48,9 @@ def test_a_folder_per_worker_is_refused_at_start_naming_the_host(tmp_path):
   import socket
   dirs = [tmp_path / 'machine0', tmp_path / 'machine1']
   t0 = time.time()
-  started = _start_workers(tmp_path, ['--mode=train', '--train_steps=2', '--eval_split=test'],
+  started = helpers.start_workers(tmp_path, ['--mode=train', '--train_steps=2', '--eval_split=test'],
                            dirs, 'own')
-  (chief_rc, chief_log), (other_rc, other_log) = _finish(started, timeout=300)
+  (chief_rc, chief_log), (other_rc, other_log) = helpers.finish_workers(started, timeout=300)
   print(f'per-machine model_dir refused after {time.time() - t0:.1f} s (two process starts)')
   assert other_rc == 2, other_log[-3000:]
   assert f'This worker (host {socket.gethostname()}) does not see the chief' in other_log
@@ -73,7 +73,7 @@ def _start_and_stop_one(tmp_path, victim, signum, during):
   else:  # 2,000 eval images in batches of 8 outlast the signal.
     flags = ['--train_steps=2', '--eval_split=test']
     mark = 'Training complete at step 2'
-  started = _start_workers(tmp_path, ['--mode=train_then_eval', *FLAGS, *flags],
+  started = helpers.start_workers(tmp_path, ['--mode=train_then_eval', *FLAGS, *flags],
                            [model_dir, model_dir], during)
   _wait_for(started, victim, mark)
   if during == 'eval':
