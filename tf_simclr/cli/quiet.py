@@ -3,8 +3,8 @@
 On a machine without an NVIDIA driver, TensorFlow's C++ start-up (import and the first device
 listing) prints CUDA lines that say nothing to a CPU user ("Could not find cuda drivers", "failed
 call to cuInit"). They are written by C++ code straight to file descriptor 2, before any log level
-applies, so `start_tensorflow` runs that start-up with descriptor 2 in a temporary file and writes
-back every other line. With a driver present nothing is filtered: a GPU's messages stay visible.
+applies, so `start_tensorflow` runs that start-up through native_stderr.filtered_stderr, which
+writes back every other line. With a driver present nothing is filtered: a GPU's messages stay visible.
 
 Python-side, TensorFlow logs through absl one line per checkpoint save ("Sharding callback
 duration") and per export (the traced function's input names, the fingerprint file):
@@ -13,15 +13,11 @@ duration") and per export (the traced function's input names, the fingerprint fi
 This module must not import TensorFlow at import time.
 """
 
-import contextlib
 import logging
-import os
 import re
-import sys
-import tempfile
-from typing import Iterable, Pattern
 
 from tf_simclr import cpu_kernels
+from tf_simclr.native_stderr import filtered_stderr  # noqa: F401 (used here, patched by tests)
 
 # C++ start-up lines that only say "no CUDA here" (and absl's banner that precedes them).
 CUDA_NOISE = (
@@ -36,28 +32,6 @@ TF_ROUTINE = (
     re.compile(r'^Function `\w+` contains input name\(s\)'),
     re.compile(r'^Writing fingerprint to '),
 )
-
-
-@contextlib.contextmanager
-def filtered_stderr(noise: Iterable[Pattern]):
-  """Runs the block with file descriptor 2 in a temporary file, then writes its lines back to
-  stderr, except those matching a pattern of `noise`."""
-  noise = tuple(noise)
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as captured:
-    os.dup2(captured.fileno(), 2)
-    try:
-      yield
-    finally:
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-      captured.seek(0)
-      kept = [line for line in captured.read().decode('utf-8', 'replace').splitlines(True)
-              if not any(p.search(line) for p in noise)]
-      if kept:
-        os.write(2, ''.join(kept).encode('utf-8'))
 
 
 def start_tensorflow() -> None:

@@ -21,13 +21,13 @@ import difflib
 import json
 import logging
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from tf_simclr import run_dir
+from tf_simclr import native_stderr, run_dir
 from tf_simclr.data import image_files, subsets, synthetic, tfds_prepare
 from tf_simclr.errors import BadImagesError, DatasetError
 
@@ -40,9 +40,6 @@ _FORMS = ('a TFDS image-classification name (e.g. cifar10, imagenet2012; catalog
           'https://www.tensorflow.org/datasets/catalog), folder:PATH (images in '
           'PATH/<split>/<class>/*.jpg|png), images:PATH (unlabelled: every image under PATH), or the '
           'built-in shapes10 (no download)')
-
-
-log = logging.getLogger(__name__)
 
 
 def _read_config(input_context=None, seed: Optional[int] = None) -> tfds.ReadConfig:
@@ -278,8 +275,12 @@ def _resolve_builtin(name: str) -> DatasetSource:
       class_names=synthetic.CLASS_NAMES)
 
 
-def bad_images_error(source: 'DatasetSource', split: str) -> Optional[BadImagesError]:
-  """For a folder: dataset whose reading failed: a DatasetError naming the bad files, or None."""
+def bad_images_error(source: 'DatasetSource', split: str,
+                     decoder_lines: Sequence[str] = ()) -> Optional[BadImagesError]:
+  """For a folder: dataset whose reading failed: a DatasetError naming the bad files, or None.
+
+  `decoder_lines`: what the JPEG decoder printed meanwhile, summed up in the message instead.
+  """
   if source.kind == 'images':
     bad = image_files.find_bad_images(source.files)
   else:
@@ -292,19 +293,41 @@ def bad_images_error(source: 'DatasetSource', split: str) -> Optional[BadImagesE
     return None
   return BadImagesError(
       f'--dataset={source.name}: {len(bad)} image file(s) cannot be decoded, first: '
-      + ', '.join(bad[:5]) + '. Remove or fix them, or pass --skip_bad_images to leave them out.')
+      + ', '.join(bad[:5]) + '. Remove or fix them, or pass --skip_bad_images to leave them out.'
+      + _decoder_note(decoder_lines))
+
+
+def _decoder_note(lines: Sequence[str]) -> str:
+  """' (The JPEG decoder's N message(s) ... first: ...)' for a message that folds them in."""
+  if not lines:
+    return ''
+  return (f' (The JPEG decoder printed {len(lines)} line(s) meanwhile, folded into this message; '
+          f'first: {lines[0].strip()!r}.)')
 
 
 @contextlib.contextmanager
 def naming_bad_images(source: 'DatasetSource', split: str):
-  """Turns a decode failure inside a folder: pipeline into an error naming the bad files."""
-  try:
+  """Turns a decode failure inside a folder: pipeline into an error naming the bad files.
+
+  What the JPEG decoder prints to stderr meanwhile (C++ lines, one or more per damaged file, every
+  epoch) is held back: folded into that error, or into one warning when the damaged files still
+  decode.
+  """
+  if source.kind not in ('folder', 'images'):
     yield
-  except tf.errors.InvalidArgumentError as e:
-    error = bad_images_error(source, split)
-    if error is None:
-      raise
-    raise error from e
+    return
+  with native_stderr.streamed_stderr(native_stderr.JPEG_NOISE) as decoder_lines:
+    try:
+      yield
+    except tf.errors.InvalidArgumentError as e:
+      error = bad_images_error(source, split, decoder_lines)
+      if error is None:
+        raise
+      raise error from e
+  if decoder_lines:
+    log.warning('--dataset=%s: the JPEG decoder complained %d time(s) about images that still '
+                'decode, and they were used as decoded; first: %r.', source.name,
+                len(decoder_lines), decoder_lines[0].strip())
 
 
 def _resolve_folder(name: str, skip_bad_images: bool = False,

@@ -13,6 +13,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from tf_simclr import native_stderr
 from tf_simclr.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,10 @@ def list_images(root: str) -> tuple:
 
 
 def find_bad_images(paths) -> list:
-  """The paths among `paths` that cannot be read and decoded as images (a parallel tf.data pass)."""
+  """The paths among `paths` that cannot be read and decoded as images (a parallel tf.data pass).
+
+  The JPEG decoder's own stderr lines about them are dropped: the caller names the files.
+  """
   paths = list(paths)
   if not paths:
     return []
@@ -51,8 +55,9 @@ def find_bad_images(paths) -> list:
                                                           expand_animations=False))),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).ignore_errors()
   good = np.zeros(len(paths), bool)
-  for batch, _ in ds.batch(4096):
-    good[batch.numpy()] = True
+  with native_stderr.streamed_stderr(native_stderr.JPEG_NOISE):
+    for batch, _ in ds.batch(4096):
+      good[batch.numpy()] = True
   return [p for p, ok in zip(paths, good) if not ok]
 
 
