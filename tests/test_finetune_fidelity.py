@@ -1,6 +1,8 @@
-"""Fine-tuning takes the original's steps: two steps through the real assembly (schedule, LARS,
-exclusions, FinetuneTask, loop) from fixed weights and fixed batches equal a plain-TF/numpy
-reference of google-research/simclr's update rule, whatever the loop size.
+"""Every mode takes the original's steps: two steps through the real assembly (schedule, LARS,
+exclusions, task, loop) from fixed weights and fixed batches equal a plain-TF/numpy reference of
+google-research/simclr's update rule, whatever the loop size: fine-tuning, linear eval (below),
+pretraining (the original's contrastive loss written out here, plus the online head) and
+distillation (the authors' colab `add_kd_loss`, with and without its T^2).
 
 Linear eval and partial fine-tuning: with --fine_tune_after_block=k the reference is
 an all-trainable copy of the model whose forward pass the test composes itself, as the original's
@@ -59,19 +61,21 @@ def _fixed_weights(model):
     v.assign(rng.normal(0, 0.1, v.shape).astype(np.float32))
 
 
-def _reference(model, images, labels, variables=None, forward=None):
+def _reference(model, images, labels, variables=None, forward=None, loss_fn=None):
   """The original's fine-tuning steps in plain TF (gradients) and numpy (schedule, LARS):
   `variables` train (default: all trainable), `forward(images)` gives the logits (default: the
-  model's own training-mode pass)."""
+  model's own training-mode pass); `loss_fn(images, labels)`, another mode's loss before weight
+  decay (default: the supervised cross-entropy of `forward`)."""
   scaled = LR * math.sqrt(BATCH)
   variables = list(model.trainable_variables if variables is None else variables)
   forward = forward or (lambda x: model(x, training=True)[simclr.LOGITS_SUP])
+  loss_fn = loss_fn or (lambda x, y: tf.reduce_mean(
+      tf.nn.softmax_cross_entropy_with_logits(y, forward(x))))
   velocity = [np.zeros(v.shape, np.float32) for v in variables]
   for t in range(STEPS):
     lr = scaled * 0.5 * (1 + math.cos(math.pi * t / STEPS))  # CosineDecay(scaled, STEPS)(t)
     with tf.GradientTape() as tape:
-      logits = forward(tf.constant(images[t]))
-      loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels[t], logits))
+      loss = loss_fn(tf.constant(images[t]), tf.constant(labels[t]))
       # add_weight_decay(adjust_per_optimizer=True) under LARS: the head's kernels only.
       loss += WD * tf.add_n([tf.nn.l2_loss(v) for v in variables
                              if 'head_supervised' in v.path and 'bias' not in v.path])
@@ -95,13 +99,15 @@ def _values(model):
   return {v.path: v.numpy() for v in model.variables}
 
 
-def _train_ours(config, steps_per_loop):
-  """(values before, values after) of STEPS steps of the real trainer on the fixed batches."""
-  images, labels = _fixed_batches()
+def _train_ours(config, steps_per_loop, batches=None, teacher=None):
+  """(values before, values after) of STEPS steps of the real trainer on the fixed batches
+  (`batches`: (images, labels), default `_fixed_batches()`; `teacher`: distillation's)."""
+  images, labels = batches or _fixed_batches()
   ctx = modes.prepare(config)
   steps = cfg.Steps(train_steps=STEPS, epoch_steps=STEPS, warmup_steps=0,
                     checkpoint_steps=STEPS, steps_per_loop=steps_per_loop, eval_steps=1)
-  built = assemble.assemble_trainer(config, ctx.strategy, steps, CLASSES)
+  built = assemble.assemble_trainer(config, ctx.strategy, steps, CLASSES, teacher=teacher,
+                                    task_class=ctx.task_class)
   _fixed_weights(built.model)
   start = _values(built.model)
   dataset = ctx.strategy.experimental_distribute_dataset(
@@ -196,3 +202,83 @@ def test_two_linear_eval_steps_equal_the_original_update_rule(tmp_path, k, froze
   for path in frozen:
     moved = not np.array_equal(got[path], start[path])
     assert moved == (path in statistics and frozen_batch_norm == 'batch_stats'), path
+
+
+LARGE_NUM = 1e9  # The original's mask for an example's similarity with itself.
+
+
+def _original_contrastive_loss(hidden, temperature):
+  """objective.add_contrastive_loss of the original, one replica, written out in plain TF."""
+  hidden = tf.math.l2_normalize(hidden, -1)
+  h1, h2 = tf.split(hidden, 2, 0)
+  n = tf.shape(h1)[0]
+  labels, masks = tf.one_hot(tf.range(n), n * 2), tf.one_hot(tf.range(n), n)
+  aa = tf.matmul(h1, h1, transpose_b=True) / temperature - masks * LARGE_NUM
+  bb = tf.matmul(h2, h2, transpose_b=True) / temperature - masks * LARGE_NUM
+  ab = tf.matmul(h1, h2, transpose_b=True) / temperature
+  ba = tf.matmul(h2, h1, transpose_b=True) / temperature
+  loss_a = tf.nn.softmax_cross_entropy_with_logits(labels, tf.concat([ab, aa], 1))
+  loss_b = tf.nn.softmax_cross_entropy_with_logits(labels, tf.concat([ba, bb], 1))
+  return tf.reduce_mean(loss_a + loss_b)
+
+
+def test_two_pretraining_steps_equal_the_original_update_rule(tmp_path):
+  """Pretraining with linear eval while pretraining: contrastive loss on two views (stacked on
+  the channel axis, as the original's pipeline delivers them) plus the online head's
+  cross-entropy on both views, through the original's LARS; blur off (it is random)."""
+  config = tiny_config(tmp_path / 'ours', model__width_multiplier=0.25, data__use_blur=False,
+                       optim__learning_rate=LR, optim__learning_rate_scaling='sqrt',
+                       optim__weight_decay=WD, optim__momentum=MOMENTUM,
+                       train__train_batch_size=BATCH, train__train_steps=STEPS)
+  temperature = config.train.temperature
+  images, labels = _fixed_batches()
+  second = np.clip(images[..., ::-1, :] * 0.8 + 0.1, 0, 1)  # a fixed second view
+  views = np.concatenate([images, second], -1)
+  start, got = _train_ours(config, steps_per_loop=1, batches=(views, labels))
+  reference = simclr.build_model(config.model, CLASSES).build_for_size(SIZE)
+  for v in reference.variables:
+    v.assign(start[v.path])
+
+  def loss_fn(x, y):
+    outputs = reference(tf.concat([x[..., :3], x[..., 3:]], 0), training=True)
+    contrastive = _original_contrastive_loss(outputs[simclr.PROJ_HEAD_OUTPUT], temperature)
+    supervised = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(
+        tf.concat([y, y], 0), outputs[simclr.LOGITS_SUP]))
+    return contrastive + supervised
+  _reference(reference, views, labels, loss_fn=loss_fn)
+  _assert_same_steps(start, got, _values(reference))
+
+
+@pytest.mark.parametrize('temperature,scale', [(1.0, 'none'), (0.1, 't_squared')])
+def test_two_distillation_steps_equal_the_colab_update_rule(tmp_path, temperature, scale):
+  """--train_mode=distill against the authors' colab (add_kd_loss: mean of T^2 x
+  H(softmax(teacher/T), softmax(student/T)); T^2 only with t_squared) through the original's
+  LARS; the teacher a fixed function of the images, labels unused."""
+  base = _config(tmp_path / 'ours')
+  config = dataclasses.replace(
+      base, train=dataclasses.replace(base.train, train_mode='distill'),
+      distill=cfg.DistillConfig(teacher=base.model, teacher_checkpoint=str(tmp_path / 't' / 'c'),
+                                temperature=temperature, loss_scale=scale))
+  teacher_kernel = tf.constant(np.random.RandomState(2).normal(
+      0, 0.05, (SIZE * SIZE * 3, CLASSES)).astype(np.float32))
+
+  def teacher(x):
+    return tf.matmul(tf.reshape(x, [-1, SIZE * SIZE * 3]), teacher_kernel)
+  # The run checks that --teacher_checkpoint exists; the teacher used is the function above.
+  holder = tf.Module()
+  holder.encoder = tf.Module()
+  holder.encoder.v = tf.Variable(1.0)
+  tf.train.Checkpoint(model=holder).write(str(tmp_path / 't' / 'c'))
+  start, got = _train_ours(config, steps_per_loop=1, teacher=teacher)
+  reference = _all_trainable_copy(config, start)
+  factor = temperature ** 2 if scale == 't_squared' else 1.0
+
+  def loss_fn(x, y):
+    del y
+    probs = tf.nn.softmax(teacher(x) / temperature)
+    student = reference(x, training=True)[simclr.LOGITS_SUP]
+    return tf.reduce_mean(factor * tf.nn.softmax_cross_entropy_with_logits(
+        probs, student / temperature))
+  images, labels = _fixed_batches()
+  _reference(reference, images, labels, loss_fn=loss_fn)
+  _assert_same_steps(start, got, _values(reference))
