@@ -226,7 +226,7 @@ def test_two_pretraining_steps_equal_the_original_update_rule(tmp_path):
   """Pretraining with linear eval while pretraining: contrastive loss on two views (stacked on
   the channel axis, as the original's pipeline delivers them) plus the online head's
   cross-entropy on both views, through the original's LARS; blur off (it is random)."""
-  config = tiny_config(tmp_path / 'ours', model__width_multiplier=0.25, data__use_blur=False,
+  config = tiny_config(tmp_path / 'ours', model__width_multiplier=0.125, data__use_blur=False,
                        optim__learning_rate=LR, optim__learning_rate_scaling='sqrt',
                        optim__weight_decay=WD, optim__momentum=MOMENTUM,
                        train__train_batch_size=BATCH, train__train_steps=STEPS)
