@@ -25,6 +25,10 @@ CUDA_NOISE = (
     re.compile(r'cuda_platform\.cc:\d+\] failed call to cuInit'),
     re.compile(r'cuda_executor\.cc:\d+\].*(kernel driver does not appear|no NVIDIA GPU)'),
     re.compile(r'^WARNING: All log messages before absl::InitializeLog\(\) is called'),
+    # Not CUDA, but start-up noise too: the run's own first line names the CPU kernels
+    # ("TensorFlow CPU kernels: oneDNN (TF_ENABLE_ONEDNN_OPTS=1; ...)"), so TensorFlow's
+    # notice, printed twice, adds nothing.
+    re.compile(r'port\.cc:\d+\] oneDNN custom operations are on'),
 )
 # TensorFlow's Python log lines repeated at every checkpoint save or export.
 TF_ROUTINE = (
