@@ -20,6 +20,7 @@ import tensorflow as tf
 from tf_simclr import config as cfg
 from tf_simclr import losses
 from tf_simclr import precision as precision_lib
+from tf_simclr import recipes
 from tf_simclr.data import views
 from tf_simclr.models import simclr as simclr_lib
 from tf_simclr.optim import decay, lars
@@ -94,8 +95,14 @@ class SimCLR(keras.Model):
   def from_recipe(cls, recipe: str, **overrides) -> 'SimCLR':
     """The model of a command-line recipe (`flags/<recipe>.cfg`, `tf_simclr.recipes.names()`):
     its architecture, task and augmentation flags, then `overrides` (e.g. num_classes=10)."""
-    from tf_simclr import recipes  # pylint: disable=g-import-not-at-top
-    return cls(**{**recipes.model_arguments(recipe), **overrides})
+    return cls(**{**cls.recipe_arguments(recipe), **overrides})
+
+  @classmethod
+  def recipe_arguments(cls, recipe: str) -> dict:
+    """The recipe's flags that are SimCLR arguments (architecture, task, augmentation); the rest
+    (dataset, optimizer, batch size, epochs, ...) are in `tf_simclr.recipes.flags(recipe)`."""
+    accepted = set(inspect.signature(cls.__init__).parameters) - {'self', 'name', 'kwargs'}
+    return {k: v for k, v in recipes.flags(recipe).items() if k in accepted}
 
   def get_config(self):
     """The constructor arguments (plain values): `from_config` rebuilds the same model."""

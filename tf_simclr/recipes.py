@@ -1,10 +1,10 @@
-"""The command line's recipes (`flags/*.cfg`) from Python: their names and the SimCLR arguments
-they set. The flagfiles are the one source: `tf_simclr/flags` is a link to the clone's `flags/`,
-installed with the package (pyproject package-data), so `pip install` users have them too."""
+"""The command line's recipes (`flags/*.cfg`) from Python: their names and flags
+(`tf_simclr.SimCLR.recipe_arguments` picks the model's). The flagfiles are the one source:
+`tf_simclr/flags` is a link to the clone's `flags/`, installed with the package (pyproject
+package-data), so `pip install` users have them too."""
 
 from __future__ import annotations
 
-import inspect
 import pathlib
 import re
 from typing import Dict, List
@@ -46,11 +46,3 @@ def flags(name: str) -> Dict[str, object]:
     if match:
       out[match.group(1)] = _value(match.group(2))
   return out
-
-
-def model_arguments(name: str) -> Dict[str, object]:
-  """The recipe's flags that are `tf_simclr.SimCLR` arguments (architecture, task, augmentation);
-  the rest (dataset, optimizer, batch size, epochs, ...) are in `flags(name)`."""
-  from tf_simclr.keras_model import SimCLR  # pylint: disable=g-import-not-at-top
-  accepted = set(inspect.signature(SimCLR.__init__).parameters) - {'self', 'name', 'kwargs'}
-  return {k: v for k, v in flags(name).items() if k in accepted}
