@@ -538,11 +538,17 @@ def _tiny_state(model_dir, optimizer, model=None):
   return state, state.model.encoder.stem.convs[0].kernel
 
 
-@pytest.mark.slow
-def test_a_second_damaged_copy_of_a_step_never_overwrites_the_first(tmp_path):
+@pytest.fixture(scope='module')
+def tiny_model(tmp_path_factory):
+  """The model of _tiny_state, built once for the TrainState tests below: each wraps its own
+  optimizers and TrainStates around it and sets every value it checks itself."""
+  return _tiny_state(tmp_path_factory.mktemp('model'), 'momentum')[0].model
+
+
+def test_a_second_damaged_copy_of_a_step_never_overwrites_the_first(tmp_path, tiny_model):
   """Damage ckpt-2, resume (set aside; step 2 is saved again), damage it again, resume: both
   damaged copies are kept byte for byte under names of their own."""
-  state, _ = _tiny_state(tmp_path, 'momentum')
+  state, _ = _tiny_state(tmp_path, 'momentum', tiny_model)
   for step in (1, 2):
     state.optimizer.iterations.assign(step)
     state.save()
@@ -564,9 +570,8 @@ def test_a_second_damaged_copy_of_a_step_never_overwrites_the_first(tmp_path):
   assert copies[0] != copies[1]
 
 
-@pytest.mark.slow
-def test_unreadable_index_file_is_set_aside(tmp_path, caplog):
-  state, kernel = _tiny_state(tmp_path, 'momentum')
+def test_unreadable_index_file_is_set_aside(tmp_path, caplog, tiny_model):
+  state, kernel = _tiny_state(tmp_path, 'momentum', tiny_model)
   kernel.assign(tf.fill(kernel.shape, 0.5))
   state.save()
   garbage = np.random.default_rng(0).integers(0, 256, 512, dtype=np.uint8).tobytes()
@@ -581,9 +586,8 @@ def test_unreadable_index_file_is_set_aside(tmp_path, caplog):
   assert 'cannot be read' in caplog.text
 
 
-@pytest.mark.slow
-def test_optimizer_slot_mismatch_is_an_error_or_skipped(tmp_path, caplog):
-  state, kernel = _tiny_state(tmp_path, 'momentum')
+def test_optimizer_slot_mismatch_is_an_error_or_skipped(tmp_path, caplog, tiny_model):
+  state, kernel = _tiny_state(tmp_path, 'momentum', tiny_model)
   kernel.assign(tf.fill(kernel.shape, 0.5))
   for v in state.optimizer.variables:  # non-zero slots, to see they are not restored below
     if v is not state.optimizer.iterations and 'learning_rate' not in v.path:

@@ -27,23 +27,14 @@ def test_cli_prints_no_cuda_lines_without_a_driver(tmp_path):
   """The same TensorFlow start-up prints them without the filter (checked first, so the test can
   fail), and not through the command line, which still prints its own error."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
-  # The two processes are independent: started together, they start TensorFlow side by side.
-  started = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for argv in (
-      [sys.executable, '-c', 'import tensorflow as tf; tf.config.list_physical_devices()'],
-      [sys.executable, os.path.join(ROOT, 'run.py'), '--mode=export',
-       f'--model_dir={tmp_path / "empty"}'])]
-  try:
-    bare, proc = [subprocess.CompletedProcess(p.args, None, *p.communicate(timeout=300))
-                  for p in started]
-  finally:
-    for p in started:
-      if p.poll() is None:
-        p.kill()
-      p.wait()
-  proc.returncode = started[1].returncode
+  bare = subprocess.run([sys.executable, '-c', 'import tensorflow as tf; '
+                         'tf.config.list_physical_devices()'], env=env, capture_output=True,
+                        text=True, timeout=300)
   if not any(line in bare.stderr for line in CUDA_LINES):
     pytest.skip('this TensorFlow build prints no CUDA lines here')
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), '--mode=export',
+                         f'--model_dir={tmp_path / "empty"}'], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert 'empty' in proc.stderr  # The refusal itself still gets through.
   for line in CUDA_LINES:
