@@ -110,7 +110,7 @@ def test_sigint_outside_the_training_loop_exits_130_saying_nothing_was_saved(tmp
   deadline = time.time() + 240
   while 'Waiting for a checkpoint' not in log_path.read_text():
     assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-2000:]
-    time.sleep(0.5)
+    time.sleep(0.05)
   proc.send_signal(signal.SIGINT)
   assert proc.wait(timeout=60) == 130
   text = log_path.read_text()

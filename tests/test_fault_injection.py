@@ -1,26 +1,33 @@
-"""Fault injection on real `run.py` processes: what survives kill -9, SIGTERM, damage and mistakes.
+"""Fault injection: what survives kill -9, SIGTERM, SIGINT, damage and mistakes.
 
-One tiny pretraining run (shapes10 at 8 px, ResNet-18 at width 1/16, batch 8, a checkpoint every
-step) goes through, in order: SIGTERM (saves, exit 3) -> rerun resumes -> a concurrent second run
-is refused -> kill -9 mid-loop -> index file deleted, newest checkpoint truncated, an unfinished
-`ckpt-N_temp` folder (what a kill during a save leaves) -> rerun falls back to the newest intact
-checkpoint and ends at exactly --train_steps. Then a mistaken export, eval on a missing folder and
-a diverging run; resumes with changed flags, SIGINT and an unwritable result.json on copies of one
-2-step model_dir (a module fixture); bad inputs that must give one line and exit 2. The in-process
-tests below cover the pieces that need no training.
+One tiny pretraining run (a folder of tiny PNGs at 8 px, ResNet-18 at width 1/16, batch 8, a
+checkpoint every step) goes through, in order: SIGTERM to a real `run.py` process (saves, exit 3)
+-> a rerun (a real process) resumes -> a concurrent second run is refused -> kill -9 of the rerun
+mid-loop -> index file deleted, newest checkpoint truncated, an unfinished `ckpt-N_temp` folder
+(what a kill during a save leaves) -> rerun falls back to the newest intact checkpoint and ends at
+exactly --train_steps. Then a mistaken export, eval on a missing folder and a diverging run;
+resumes with changed flags, SIGINT (a real process) and an unwritable result.json on copies of one
+2-step model_dir (a module fixture); bad inputs that must give one line and exit 2.
+
+Where no signal, kill or process boundary is what is checked, the run is run.py's program in this
+process (`run_here`: main() on the parsed flags, its exit status from SystemExit), which saves a
+TensorFlow start-up per run. The in-process tests below cover the pieces that need no training.
 """
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 
+from absl import flags as absl_flags
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -31,14 +38,31 @@ from tf_simclr import config as cfg
 from tf_simclr import config_record
 from tf_simclr import run_dir
 from tf_simclr.data import datasets, tfds_prepare
+from tf_simclr.run import modes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--dataset=shapes10', '--eval_split=test', '--eval_steps=1', '--eval_batch_size=16',
-        '--image_size=8', '--resnet_depth=18', '--width_multiplier=0.0625',
+# The runs' data is a folder of 24 + 16 tiny PNGs (written by the autouse fixture below, which
+# puts its --dataset first in TINY): a process reads it at once, where shapes10 draws its 10000
+# training images first (seconds per process). No colour jitter: it is most of what tracing the
+# input pipeline costs. kNN only at evals (the folder's epochs are 3 steps long). Momentum, not
+# LARS: its per-variable update traces in a fifth less time; the optimizer-change checks below
+# use adam and lars as the other optimizers.
+TINY = ['--dataset=(set by _tiny_images)', '--eval_split=test', '--eval_steps=1',
+        '--eval_batch_size=16', '--image_size=8', '--resnet_depth=18', '--width_multiplier=0.0625',
         '--proj_out_dim=8', '--num_proj_layers=1', '--use_blur=False', '--train_batch_size=8',
         '--checkpoint_steps=1', '--steps_per_loop=1', '--keep_checkpoint_max=1000', '--seed=1',
-        '--learning_rate=0.1']
+        '--learning_rate=0.1', '--color_jitter_strength=0', '--knn_every_epochs=0',
+        '--optimizer=momentum']
 LONG = 100000  # --train_steps of the run that gets interrupted.
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _tiny_images(tmp_path_factory):
+  root = tmp_path_factory.mktemp('images')
+  helpers.png_folder(root, {'train': 12, 'test': 8}, size=8)  # classes a, b
+  TINY[0] = f'--dataset=folder:{root}'
+  yield
+  TINY[0] = '--dataset=(set by _tiny_images)'
 
 
 def start(model_dir, log_path, *flags):
@@ -72,6 +96,58 @@ def digests(model_dir):
           for name in os.listdir(model_dir) if os.path.isfile(os.path.join(model_dir, name))}
 
 
+class _Records(logging.Handler):
+
+  def __init__(self):
+    super().__init__(logging.INFO)
+    self.setFormatter(logging.Formatter('%(levelname)s %(name)s] %(message)s'))
+    self.lines = []
+
+  def emit(self, record):
+    self.lines.append(self.format(record))  # with any logged exception's traceback
+
+
+def run_here(model_dir, *flags, export=True):
+  """run.py's program in this process: (exit status, log text) of main() on TINY + flags.
+
+  The same code as `python run.py` after its process start: absl parses the flags into the same
+  FLAGS, main() fills them from the run's record, validates, runs and turns errors into exit
+  statuses (SystemExit here; a normal return is 0). An exception main() does not handle escapes
+  and fails the test, as a traceback would have. export=False replaces the end-of-training hub
+  export by modes.no_export, for runs where no assertion reads model_dir/saved_model.
+  """
+  cli = helpers.run_cli()
+  handler = _Records()
+  root, absl_logger = logging.getLogger(), logging.getLogger('absl')
+  levels = root.level, absl_logger.level
+  handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  filters = {name: list(logging.getLogger(name).filters) for name in ('absl', 'tensorflow')}
+  hook = modes.export_hook
+  root.addHandler(handler)
+  root.setLevel(logging.INFO)
+  absl_logger.setLevel(logging.INFO)  # as run.py logs (INFO lines of absl and the library)
+  if not export:
+    modes.export_hook = lambda config: modes.no_export
+  try:
+    helpers.parse_flags([*TINY, f'--model_dir={model_dir}', *flags])
+    try:
+      cli.main(['run.py'])
+      rc = 0
+    except SystemExit as e:
+      rc = e.code
+  finally:
+    modes.export_hook = hook
+    root.removeHandler(handler)
+    root.setLevel(levels[0])
+    absl_logger.setLevel(levels[1])
+    for signum, previous in handlers.items():
+      signal.signal(signum, previous)
+    for name, kept in filters.items():  # main() adds its log filter at every call
+      logging.getLogger(name).filters[:] = kept
+    absl_flags.FLAGS.unparse_flags()  # no test's flags left behind
+  return rc, '\n'.join(handler.lines)
+
+
 @pytest.mark.slow
 def test_run_survives_sigterm_kill_damage_and_concurrency(tmp_path):
   model_dir = tmp_path / 'run'
@@ -95,9 +171,10 @@ def test_run_survives_sigterm_kill_damage_and_concurrency(tmp_path):
   p2 = start(model_dir, tmp_path / 'p2.log', f'--train_steps={LONG}')
   wait_for(lambda: max(steps_saved(model_dir)) > stopped, p2, 'a checkpoint after the resume')
   before = digests(model_dir)
-  p3 = start(model_dir, tmp_path / 'p3.log', f'--train_steps={LONG}', '--temperature=0.3',
-             '--allow_flag_changes')  # passes the flags check, then meets the lock
-  rc3, out3 = finish(p3, tmp_path / 'p3.log')
+  # The second run, in this process (its refusal needs no process of its own; p2 does): it passes
+  # the flags check, then meets the lock.
+  rc3, out3 = run_here(model_dir, f'--train_steps={LONG}', '--temperature=0.3',
+                       '--allow_flag_changes')
   assert p2.poll() is None, 'the first run ended before the second was refused'
   assert rc3 == 2, out3[-3000:]
   assert f'is in use by another training run (host {socket.gethostname()}, pid {p2.pid}' in out3
@@ -126,8 +203,8 @@ def test_run_survives_sigterm_kill_damage_and_concurrency(tmp_path):
   (temp / 'part-00000-of-00001.data-00000-of-00001').write_bytes(b'\0' * 100)
   kept = digests(model_dir)
   final = newest + 3
-  p4 = start(model_dir, tmp_path / 'p4.log', f'--train_steps={final}')
-  rc, out = finish(p4, tmp_path / 'p4.log')
+  # The recovery, in this process: what it reads was left by real processes (p2's kill -9 above).
+  rc, out = run_here(model_dir, f'--train_steps={final}')
   assert rc == 0, out[-3000:]
   assert 'Taking over the stale lock' in out and f'pid {p2.pid}' in out
   assert f'Removed 1 unfinished checkpoint folder(s) of an interrupted save: {temp}' in out
@@ -148,31 +225,29 @@ def test_run_survives_sigterm_kill_damage_and_concurrency(tmp_path):
   assert (model_dir / 'saved_model' / str(final) / 'saved_model.pb').exists()
 
   # 5. A mistaken export with another width: an error naming both values before any work;
-  # flags.json and the exports are untouched. Meanwhile --mode=eval on a misspelled folder
-  # waits visibly, then fails, without creating it.
+  # flags.json and the exports are untouched. Then --mode=eval on a misspelled folder waits
+  # visibly, then fails, without creating it. (Both in this process: no signal involved.)
   flags_bytes = (model_dir / 'flags.json').read_bytes()
   missing = tmp_path / 'misspelled'
-  p5 = start(model_dir, tmp_path / 'p5.log', '--mode=export', '--width_multiplier=0.125')
-  p6 = start(missing, tmp_path / 'p6.log', '--mode=eval', '--eval_timeout=2')
-  rc, out = finish(p5, tmp_path / 'p5.log')
+  rc, out = run_here(model_dir, '--mode=export', '--width_multiplier=0.125')
   assert rc == 2, out[-3000:]
   assert '--width_multiplier=0.125 here but 0.0625 in the run' in out
   assert (model_dir / 'flags.json').read_bytes() == flags_bytes
   assert os.listdir(model_dir / 'saved_model') == [str(final)]
-  rc, out = finish(p6, tmp_path / 'p6.log')
+  rc, out = run_here(missing, '--mode=eval', '--eval_timeout=2')
   assert rc == 2, out[-3000:]
   assert f'Waiting for a checkpoint in {missing} (timeout 2 s)' in out
   assert f'no checkpoint appeared in --model_dir={missing} within --eval_timeout=2 s' in out
   assert not missing.exists()
 
 
-@pytest.mark.slow
 def test_divergence_stops_without_saving_or_exporting(tmp_path):
   model_dir = tmp_path / 'diverged'
-  p = start(model_dir, tmp_path / 'p.log', '--train_steps=6', '--checkpoint_steps=2',
-            '--steps_per_loop=2', '--optimizer=momentum', '--learning_rate=1e6',
-            '--warmup_epochs=0')  # no warm-up: the original's schedule would ramp lr slowly
-  rc, out = finish(p, tmp_path / 'p.log')
+  # In this process (the exit status is main()'s); the real export hook, so that "no export" is
+  # checked.
+  rc, out = run_here(model_dir, '--train_steps=6', '--checkpoint_steps=2', '--steps_per_loop=2',
+                     '--optimizer=momentum', '--learning_rate=1e6',
+                     '--warmup_epochs=0')  # no warm-up: the original's schedule would ramp lr slowly
   assert rc == 2, out[-3000:]
   m = re.search(r'Training diverged at step (\d+): ', out)
   assert m, out[-3000:]
@@ -184,6 +259,7 @@ def test_divergence_stops_without_saving_or_exporting(tmp_path):
     assert 'last good checkpoint' not in out
   assert not (model_dir / 'saved_model').exists()
   assert not (model_dir / 'LOCK').exists()
+  assert 'Traceback' not in out
 
 
 # ---- In-process pieces (no training). ----
@@ -300,40 +376,41 @@ def test_train_split_smaller_than_one_batch_is_an_error(tmp_path):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  """A model_dir trained for 2 steps (ckpt-1, ckpt-2, flags.json, saved_model/2), copied per use."""
+  """A model_dir trained for 2 steps in this process (ckpt-1, ckpt-2, flags.json; no export:
+  the tests below read checkpoints and flags.json only), copied per use."""
   root = tmp_path_factory.mktemp('trained')
-  rc, out = finish(start(root / 'run', root / 'train.log', '--train_steps=2'), root / 'train.log')
+  rc, out = run_here(root / 'run', '--train_steps=2', export=False)
   assert rc == 0, out[-3000:]
+  assert max(steps_saved(root / 'run')) == 2
   return root / 'run'
 
 
 def copy_of(trained, tmp_path):
-  import shutil
   return shutil.copytree(trained, tmp_path / 'run')
-
-
-def run_to_end(model_dir, tmp_path, name, *flags):
-  return finish(start(model_dir, tmp_path / f'{name}.log', *flags), tmp_path / f'{name}.log')
 
 
 @pytest.mark.slow
 def test_resume_with_changed_flags(trained, tmp_path):
+  # Every run here is run.py's main() in this process (run_here): the exit statuses and messages
+  # are main()'s; no signal or process boundary is involved.
   model_dir = copy_of(trained, tmp_path)
   before = digests(model_dir)
+  listing = sorted(os.listdir(model_dir))
   record = json.load(open(model_dir / 'flags.json'))
   # The slip of --model_dir=PRETRAIN_DIR for --checkpoint=PRETRAIN_DIR, with another batch size:
   # refused before anything is locked or written, naming each change and the likely intent.
-  rc, out = run_to_end(model_dir, tmp_path, 'r1', '--train_steps=2', '--train_mode=finetune',
-                       '--train_batch_size=4')
+  rc, out = run_here(model_dir, '--train_steps=2', '--train_mode=finetune',
+                     '--train_batch_size=4')
   assert rc == 2, out[-3000:]
   assert "--train_mode 'pretrain' -> 'finetune'" in out and '--train_batch_size 8 -> 4' in out
   assert f'use --checkpoint={model_dir}' in out and 'pass --allow_flag_changes' in out
   assert 'Traceback' not in out
-  assert digests(model_dir) == before and os.listdir(model_dir / 'saved_model') == ['2']
+  # Nothing written: no file changed, no file or folder (a LOCK, a saved_model export) added.
+  assert digests(model_dir) == before and sorted(os.listdir(model_dir)) == listing
   assert not (model_dir / 'LOCK').exists()
   # Extending --train_steps (and another --eval_steps) continues; the log lists both changes and
-  # flags.json keeps the earlier values.
-  rc, out = run_to_end(model_dir, tmp_path, 'r2', '--train_steps=3', '--eval_steps=2')
+  # flags.json keeps the earlier values. (No export: no assertion reads it.)
+  rc, out = run_here(model_dir, '--train_steps=3', '--eval_steps=2', export=False)
   assert rc == 0, out[-3000:]
   assert 'Resuming with a changed flag: --train_steps 2 -> 3' in out
   assert 'Resuming with a changed flag: --eval_steps 1 -> 2' in out
@@ -344,12 +421,12 @@ def test_resume_with_changed_flags(trained, tmp_path):
   assert history[0]['flags'].pop('model_dir') == str(trained)
   assert history == [{'checkpoint_step': 2, 'flags': {'eval_steps': 1, 'train_steps': 2}}]
   # Another optimizer: refused (the checkpoints are intact, not "damaged") ...
-  rc, out = run_to_end(model_dir, tmp_path, 'r3', '--train_steps=4', '--optimizer=adam')
+  rc, out = run_here(model_dir, '--train_steps=4', '--optimizer=adam')
   assert rc == 2, out[-3000:]
-  assert "--optimizer 'lars' -> 'adam'" in out and 'damaged' not in out
+  assert "--optimizer 'momentum' -> 'adam'" in out and 'damaged' not in out
   # ... unless overridden: weights and step restored, fresh optimizer slots, history kept.
-  rc, out = run_to_end(model_dir, tmp_path, 'r4', '--train_steps=4', '--optimizer=adam',
-                       '--allow_flag_changes')
+  rc, out = run_here(model_dir, '--train_steps=4', '--optimizer=adam', '--allow_flag_changes',
+                     export=False)
   assert rc == 0, out[-3000:]
   assert f'Restoring {model_dir}/ckpt-3 without its optimizer state' in out
   assert 'damaged' not in out and max(steps_saved(model_dir)) == 4
@@ -358,12 +435,12 @@ def test_resume_with_changed_flags(trained, tmp_path):
   assert stored['history'][0]['flags'] == {'eval_steps': 1, 'model_dir': str(trained),
                                            'train_steps': 2}
   assert stored['history'][1] == {'checkpoint_step': 3,
-                                  'flags': {'eval_steps': 2, 'optimizer': 'lars',
+                                  'flags': {'eval_steps': 2, 'optimizer': 'momentum',
                                             'train_steps': 3}}
   assert not any(n.startswith('damaged-') for n in os.listdir(model_dir))
   # Without flags.json the checkpoint's optimizer slots tell: still an error, not damage.
   os.remove(model_dir / 'flags.json')
-  rc, out = run_to_end(model_dir, tmp_path, 'r5', '--train_steps=5', '--optimizer=momentum')
+  rc, out = run_here(model_dir, '--train_steps=5', '--optimizer=lars')
   assert rc == 2, out[-3000:]
   assert f'{model_dir}/ckpt-4 was written with another optimizer' in out
   assert 'the checkpoint is intact' in out and 'is damaged' not in out and 'Traceback' not in out
@@ -390,18 +467,17 @@ def test_sigint_saves_and_says_so(trained, tmp_path):
   assert not (model_dir / 'LOCK').exists()
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # with its fixture's 2-step training
 def test_eval_that_cannot_write_result_json_reports_it(trained, tmp_path):
   model_dir = copy_of(trained, tmp_path)
   (model_dir / 'result.json').mkdir()  # unwritable even for root (tests may run as root)
-  rc, out = run_to_end(model_dir, tmp_path, 'e', '--mode=eval', '--train_steps=2',
-                       '--eval_timeout=1')
+  # In this process: main()'s exit status and log.
+  rc, out = run_here(model_dir, '--mode=eval', '--train_steps=2', '--eval_timeout=1')
   assert rc == 2, out[-3000:]
   assert re.search(r'Eval results at step 2: .*eval/label_top_1_accuracy=', out), out[-3000:]
   assert f'cannot write {model_dir}/result.json' in out and 'Traceback' not in out
 
 
-@pytest.mark.slow
 def test_bad_inputs_give_one_clear_line(tmp_path):
   garbage = tmp_path / 'garbage'
   garbage.mkdir()
@@ -434,31 +510,45 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
                      '(--train_batch_size=8 x 2 view(s), ResNet-18 0.0625x, float32) needs at '
                      'least'),
   }
-  procs = {name: start(tmp_path / 'runs' / name, tmp_path / f'{name}.log', '--train_steps=1',
-                       *flags)
-           for name, (flags, _) in cases.items()}
-  for name, (_, expected) in cases.items():
-    rc, out = finish(procs[name], tmp_path / f'{name}.log')
+  # Each in this process (run_here: main()'s exit status and log); every refusal comes before
+  # anything is built, so no case needs a process of its own.
+  logs = {}
+  for name, (flags, expected) in cases.items():
+    rc, out = run_here(tmp_path / 'runs' / name, '--train_steps=1', *flags)
     assert rc == 2, (name, out[-3000:])
     assert expected in out, (name, out[-3000:])
     assert 'Traceback' not in out, (name, out[-3000:])
-  assert '--checkpoint=/missing' not in open(tmp_path / 'teacher.log').read()
-  assert "is unknown" not in open(tmp_path / 'data_dir.log').read()
+    logs[name] = out
+  assert '--checkpoint=/missing' not in logs['teacher']
+  assert "is unknown" not in logs['data_dir']
 
 
-def _tiny_state(model_dir, optimizer):
-  """(TrainState, kernel) of a ResNet-18 at width 1/8 on 8 px images with `optimizer`."""
+def _tiny_state(model_dir, optimizer, model=None):
+  """(TrainState, kernel) of a ResNet-18 at width 1/8 on 8 px images with `optimizer`, built as
+  training builds them. `model`: an earlier state's model to reuse (a new optimizer and TrainState
+  around it; building the model is most of the cost); callers that check a restore through it
+  first overwrite the weights they check."""
+  from tf_simclr.train import assemble
   config = helpers.tiny_config(model_dir, data__image_size=8, model__width_multiplier=0.125,
                                optim__optimizer=optimizer)
-  _, _, state = helpers.build_state(config, model_dir)
+  ctx = modes.prepare(config)
+  state = assemble.assemble_trainer(config, ctx.strategy, ctx.steps, ctx.num_classes,
+                                    model=model).state
+  assert state.model_dir == str(model_dir)
   return state, state.model.encoder.stem.convs[0].kernel
 
 
-@pytest.mark.slow
-def test_a_second_damaged_copy_of_a_step_never_overwrites_the_first(tmp_path):
+@pytest.fixture(scope='module')
+def tiny_model(tmp_path_factory):
+  """The model of _tiny_state, built once for the TrainState tests below: each wraps its own
+  optimizers and TrainStates around it and sets every value it checks itself."""
+  return _tiny_state(tmp_path_factory.mktemp('model'), 'momentum')[0].model
+
+
+def test_a_second_damaged_copy_of_a_step_never_overwrites_the_first(tmp_path, tiny_model):
   """Damage ckpt-2, resume (set aside; step 2 is saved again), damage it again, resume: both
   damaged copies are kept byte for byte under names of their own."""
-  state, _ = _tiny_state(tmp_path, 'momentum')
+  state, _ = _tiny_state(tmp_path, 'momentum', tiny_model)
   for step in (1, 2):
     state.optimizer.iterations.assign(step)
     state.save()
@@ -470,7 +560,7 @@ def test_a_second_damaged_copy_of_a_step_never_overwrites_the_first(tmp_path):
       f.truncate(os.path.getsize(data) // fraction)
     copies.append({suffix: digest(tmp_path / f'ckpt-2{suffix}')
                    for suffix in ('.index', '.data-00000-of-00001')})
-    fresh, _ = _tiny_state(tmp_path, 'momentum')
+    fresh, _ = _tiny_state(tmp_path, 'momentum', state.model)  # its optimizer at step 0
     assert fresh.restore_or_initialize(None) == 'resumed' and fresh.step == 1
     fresh.optimizer.iterations.assign(2)
     fresh.save()  # the retrained step 2
@@ -480,15 +570,15 @@ def test_a_second_damaged_copy_of_a_step_never_overwrites_the_first(tmp_path):
   assert copies[0] != copies[1]
 
 
-@pytest.mark.slow
-def test_unreadable_index_file_is_set_aside(tmp_path, caplog):
-  state, kernel = _tiny_state(tmp_path, 'momentum')
+def test_unreadable_index_file_is_set_aside(tmp_path, caplog, tiny_model):
+  state, kernel = _tiny_state(tmp_path, 'momentum', tiny_model)
   kernel.assign(tf.fill(kernel.shape, 0.5))
   state.save()
   garbage = np.random.default_rng(0).integers(0, 256, 512, dtype=np.uint8).tobytes()
   for _ in range(2):  # the second copy does not overwrite the first
     (tmp_path / 'checkpoint').write_bytes(garbage)
-    fresh, kernel = _tiny_state(tmp_path, 'momentum')
+    fresh, kernel = _tiny_state(tmp_path, 'momentum', state.model)
+    kernel.assign(tf.zeros_like(kernel))  # so that 0.5 below can only come from the restore
     assert fresh.restore_or_initialize(None) == 'resumed'
     assert np.all(kernel.numpy() == 0.5)
   assert (tmp_path / 'damaged-checkpoint').read_bytes() == garbage
@@ -496,9 +586,8 @@ def test_unreadable_index_file_is_set_aside(tmp_path, caplog):
   assert 'cannot be read' in caplog.text
 
 
-@pytest.mark.slow
-def test_optimizer_slot_mismatch_is_an_error_or_skipped(tmp_path, caplog):
-  state, kernel = _tiny_state(tmp_path, 'momentum')
+def test_optimizer_slot_mismatch_is_an_error_or_skipped(tmp_path, caplog, tiny_model):
+  state, kernel = _tiny_state(tmp_path, 'momentum', tiny_model)
   kernel.assign(tf.fill(kernel.shape, 0.5))
   for v in state.optimizer.variables:  # non-zero slots, to see they are not restored below
     if v is not state.optimizer.iterations and 'learning_rate' not in v.path:
@@ -506,8 +595,9 @@ def test_optimizer_slot_mismatch_is_an_error_or_skipped(tmp_path, caplog):
   state.optimizer.iterations.assign(7)
   state.save()
   with pytest.raises(weights.state.OptimizerMismatchError, match='written with another optimizer'):
-    _tiny_state(tmp_path, 'adam')[0].restore_or_initialize(None)
-  adam, kernel = _tiny_state(tmp_path, 'adam')
+    _tiny_state(tmp_path, 'adam', state.model)[0].restore_or_initialize(None)
+  adam, kernel = _tiny_state(tmp_path, 'adam', state.model)
+  kernel.assign(tf.zeros_like(kernel))  # so that 0.5 below can only come from the restore
   adam.allow_optimizer_change = True
   assert adam.restore_or_initialize(None) == 'resumed'
   assert np.all(kernel.numpy() == 0.5) and adam.step == 7
@@ -516,7 +606,9 @@ def test_optimizer_slot_mismatch_is_an_error_or_skipped(tmp_path, caplog):
              if v is not adam.optimizer.iterations and 'learning_rate' not in v.path)
   assert not any(n.startswith('damaged-') for n in os.listdir(tmp_path))
   # The same optimizer resumes with its slots.
-  same, _ = _tiny_state(tmp_path, 'momentum')
+  same, _ = _tiny_state(tmp_path, 'momentum', state.model)  # a new optimizer: zero slots
+  assert not any(np.any(v.numpy()) for v in same.optimizer.variables
+                 if v is not same.optimizer.iterations and 'learning_rate' not in v.path)
   assert same.restore_or_initialize(None) == 'resumed'
   assert all(np.all(v.numpy() == 1) for v in same.optimizer.variables
              if v is not same.optimizer.iterations and 'learning_rate' not in v.path)
