@@ -283,3 +283,33 @@ def finish_workers(started, timeout=900):
   for proc, log_path, _ in started:
     out.append((proc.returncode, open(log_path).read()))
   return out
+
+
+# tests/test_own_images.py, tests/test_feature_counts.py (its 8-device child): run.py command
+# lines in this process, with what they log and print.
+def run_argv(argv, export_fn=None):
+  """Runs a run.py command line here as run.py's main() does (flags -> Config, a reading mode's
+  flags filled from the run's record, training writes flags.json); returns (result, text): the
+  result of modes.run and everything logged at INFO or above (Python logging and absl) and
+  printed to stdout meanwhile. `export_fn`: as modes.run's (None: the command line's export)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  text = io.StringIO()
+  handler = logging.StreamHandler(text)
+  root = logging.getLogger()
+  level, verbosity = root.level, absl_logging.get_verbosity()
+  root.addHandler(handler)
+  root.setLevel(logging.INFO)
+  try:
+    config = config_from_argv(argv)
+    flags = run_cli().serializable_flags(absl_flags.FLAGS)
+    absl_logging.set_verbosity(absl_logging.INFO)  # after the parse, which resets it
+    with contextlib.redirect_stdout(text):
+      result = modes.run(config, flags, export_fn=export_fn)
+  finally:
+    root.removeHandler(handler)
+    root.setLevel(level)
+    absl_logging.set_verbosity(verbosity)
+  return result, text.getvalue()

@@ -17,11 +17,19 @@ from tf_simclr.evaluation import evaluate
 from tf_simclr.run import modes
 from tf_simclr.train import tasks
 
-from helpers import TINY_MODEL, checkpoint_values, tiny_config
+from helpers import TINY_MODEL, checkpoint_values, tiny_config as _tiny_config
 
 STUDENT = dict(num_proj_layers=1, proj_out_dim=8)  # Another head than the teacher's.
 
 # Training runs here need no SavedModel export (tests/test_export.py covers it): no_export.
+# Teacher and student are ResNet-18s at 1/16 width (channels 4-8-16-32): nothing checked here
+# depends on the width; full width only made every step and restore slower.
+NARROW = 0.0625
+TINY = dict(TINY_MODEL, width_multiplier=NARROW)
+
+
+def tiny_config(model_dir, **overrides):
+  return _tiny_config(model_dir, **{'model__width_multiplier': NARROW, **overrides})
 
 
 @pytest.fixture(scope='module')
@@ -29,7 +37,7 @@ def teacher_checkpoint(tmp_path_factory):
   """A tiny fine-tuned (from scratch, 1 step) teacher whose flags.json holds its architecture."""
   model_dir = tmp_path_factory.mktemp('teacher')
   config = tiny_config(model_dir, train__train_mode='finetune', train__train_steps=1)
-  modes.run(config, flags_dict=dict(TINY_MODEL, train_mode='finetune'),
+  modes.run(config, flags_dict=dict(TINY, train_mode='finetune'),
                  export_fn=modes.no_export)
   return tf.train.latest_checkpoint(str(model_dir))
 
@@ -46,7 +54,7 @@ def _distill_config(model_dir, teacher_ckpt, label_weight, **overrides):
 
 @pytest.mark.slow
 def test_teacher_architecture_comes_from_its_flags_json(teacher_checkpoint):
-  student = cfg.ModelConfig(**{**TINY_MODEL, **STUDENT})
+  student = cfg.ModelConfig(**{**TINY, **STUDENT})
   teacher = teacher_lib.teacher_model_config(student, teacher_checkpoint, {})
   assert (teacher.num_proj_layers, teacher.proj_out_dim) == (2, 16)
   override = teacher_lib.teacher_model_config(student, teacher_checkpoint, {'proj_out_dim': 4})

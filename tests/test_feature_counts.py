@@ -3,8 +3,8 @@ for every split size and replica count.
 
 A finite, statically shaped distributed dataset ends at the first round in which some replica
 gets no batch; `pipeline.make_feature_dataset` therefore pads the number of batches to whole
-rounds on every host. The replica sweep runs in one subprocess (tests/feature_sweep.py) that
-splits the CPU into 8 logical devices before TensorFlow initialises.
+rounds on every host. The replica sweep (tests/feature_sweep.py) and the 3-replica embed run in
+one subprocess that splits the CPU into 8 logical devices before TensorFlow initialises.
 """
 
 import json
@@ -86,14 +86,65 @@ def test_a_lost_row_is_an_error_naming_expected_and_actual_rows():
     probe.extract_features(step, dataset.concatenate(dataset.take(1)), np.arange(17))
 
 
+# One process with 8 logical CPU devices (tests/feature_sweep.py splits the CPU on import) runs
+# both checks that need more devices than this session's 2: the replica sweep, then the embed
+# journey of test_embed_on_three_cpu_devices_writes_every_image_once, each run.py command line in
+# turn through the CLI's flags -> Config -> modes.run (--cpu_devices=3 takes the first 3 devices).
+# Each part reports its own result or traceback, so one failing does not hide the other.
+CHILD = """
+import contextlib, io, json, sys, traceback
+sys.path.insert(0, sys.argv[1] + '/tests')
+import feature_sweep  # splits the CPU into 8 logical devices before TensorFlow initialises
+import tensorflow as tf
+import helpers
+from tf_simclr.run import modes
+
+out = {}
+try:
+  with contextlib.redirect_stdout(io.StringIO()) as printed:
+    feature_sweep.main([])
+  out['sweep'] = json.loads(printed.getvalue().strip().splitlines()[-1])
+except Exception:  # pylint: disable=broad-except
+  out['sweep_error'] = traceback.format_exc()
+
+def run(argv):
+  tf.distribute.MirroredStrategy._collective_key_base += 100000  # one strategy per run, as run.py
+  # No SavedModel export after training (tests/test_export.py and test_own_images.py check it).
+  return helpers.run_argv(argv, export_fn=modes.no_export)[1]
+
+try:
+  out['embed'] = [run(json.loads(argv)) for argv in sys.argv[2:]]
+except Exception:  # pylint: disable=broad-except
+  out['embed_error'] = traceback.format_exc()
+print('RESULT ' + json.dumps(out))
+"""
+
+
 @pytest.fixture(scope='module')
-def sweep():
+def child(tmp_path_factory):
+  """The 8-device process: {'sweep': rows, 'embed': [log of each EMBED_RUNS command]} (or
+  'sweep_error' / 'embed_error' with the traceback), and the embed journey's folders."""
+  work = tmp_path_factory.mktemp('feature_counts')
+  images, model_dir = work / 'photos', work / 'run'
+  images.mkdir()
+  _constant_images(str(images), 13)
+  common = [f'--dataset=images:{images}', f'--model_dir={model_dir}']
+  runs = [common + flags for flags in EMBED_RUNS]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='',
              PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  done = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'feature_sweep.py')],
+  script = work / 'child.py'
+  script.write_text(CHILD)
+  done = subprocess.run([sys.executable, str(script), ROOT, *map(json.dumps, runs)],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]
-  return json.loads(done.stdout.strip().splitlines()[-1])
+  line = [l for l in done.stdout.splitlines() if l.startswith('RESULT ')][-1]
+  return {**json.loads(line[len('RESULT '):]), 'images': images, 'model_dir': model_dir}
+
+
+@pytest.fixture(scope='module')
+def sweep(child):
+  assert 'sweep' in child, child.get('sweep_error')
+  return child['sweep']
 
 
 @pytest.mark.slow
@@ -116,34 +167,28 @@ def _constant_images(root, count):
     Image.fromarray(np.tile(rgb, (12 + i % 5, 14, 1))).save(os.path.join(root, f'im{i:02d}.png'))
 
 
-def _run(*flags):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
-  done = subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), *flags], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=900)
-  assert done.returncode == 0, done.stderr[-3000:]
-  return done.stdout + done.stderr
+# The embed journey (run in the 8-device child): train 1 step on 3 replicas, embed on 3 replicas
+# (global batch 6), embed on one device (batch 4) under another split name.
+EMBED_RUNS = (
+    ['--image_size=16', '--resnet_depth=18', '--width_multiplier=0.0625', '--proj_out_dim=8',
+     '--num_proj_layers=1', '--train_batch_size=6', '--train_steps=1', '--eval_batch_size=6',
+     '--use_blur=False', '--seed=1', '--cpu_devices=3', '--distribution_strategy=mirrored'],
+    ['--mode=embed', '--eval_batch_size=6', '--cpu_devices=3', '--distribution_strategy=mirrored'],
+    ['--mode=embed', '--eval_batch_size=4', '--embed_split=train[:13]',
+     '--distribution_strategy=default'],
+)
 
 
 @pytest.mark.slow
-def test_embed_on_three_cpu_devices_writes_every_image_once(tmp_path):
+def test_embed_on_three_cpu_devices_writes_every_image_once(child):
   """--cpu_devices=3: train 1 step, then embed 13 images with global batch 6 (2 rounds + 1 image:
   the unpadded pipeline wrote 12 rows). features.npy has one row per paths.txt line, and row i
   equals image i's row from a one-device embed of the same weights."""
-  images, model_dir = tmp_path / 'photos', tmp_path / 'run'
-  images.mkdir()
-  _constant_images(str(images), 13)
-  common = [f'--dataset=images:{images}', f'--model_dir={model_dir}']
-  log = _run(*common, '--image_size=16', '--resnet_depth=18', '--width_multiplier=0.125',
-             '--proj_out_dim=8', '--num_proj_layers=2', '--train_batch_size=6', '--train_steps=1',
-             '--eval_batch_size=6',
-             '--use_blur=False', '--seed=1', '--cpu_devices=3',
-             '--distribution_strategy=mirrored')
+  assert 'embed' in child, child.get('embed_error')
+  images, model_dir = child['images'], child['model_dir']
+  log, three, _ = child['embed']
   assert 'MirroredStrategy, 3 replicas' in log
-  three = _run(*common, '--mode=embed', '--eval_batch_size=6', '--cpu_devices=3',
-               '--distribution_strategy=mirrored')
   assert 'MirroredStrategy, 3 replicas' in three and 'Wrote 13 rows' in three
-  _run(*common, '--mode=embed', '--eval_batch_size=4', '--embed_split=train[:13]',
-       '--distribution_strategy=default')
   out = {}
   for split in ('train', 'train[:13]'):
     folder = model_dir / 'embeddings' / split

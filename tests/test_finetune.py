@@ -3,6 +3,7 @@ label fractions. Tiny models (ResNet-18 CIFAR stem, 16 px shapes10, batch 8, a f
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -18,9 +19,17 @@ from tf_simclr.run import modes
 from tf_simclr.train import assemble, tasks
 
 from helpers import (TINY_MODEL, build_state, checkpoint_values, parse_flags, run_cli,
-                     tiny_config)
+                     tiny_config as _tiny_config)
 
 # Training runs here need no SavedModel export (tests/test_export.py covers it): no_export.
+# ResNet-18 at 1/16 width (channels 4-8-16-32): which variables freeze, restore or move does not
+# depend on the width; full width only made every step and restore slower.
+NARROW = 0.0625
+TINY = dict(TINY_MODEL, width_multiplier=NARROW)
+
+
+def tiny_config(model_dir, **overrides):
+  return _tiny_config(model_dir, **{'model__width_multiplier': NARROW, **overrides})
 
 
 @pytest.fixture(scope='module')
@@ -28,7 +37,7 @@ def pretrained(tmp_path_factory):
   """A 2-step pretrain run of the tiny model (linear-eval head on); returns its ckpt prefix."""
   model_dir = tmp_path_factory.mktemp('pretrain')
   modes.run(tiny_config(model_dir, train__train_steps=2),
-                 flags_dict=dict(TINY_MODEL), export_fn=modes.no_export)
+                 flags_dict=dict(TINY), export_fn=modes.no_export)
   return tf.train.latest_checkpoint(str(model_dir))
 
 
@@ -36,6 +45,15 @@ def _finetune_config(model_dir, checkpoint, **overrides):
   settings = dict(train__train_mode='finetune', train__checkpoint=checkpoint,
                   train__train_steps=1, train__checkpoint_steps=1)
   return tiny_config(model_dir, **{**settings, **overrides})
+
+
+@pytest.fixture(scope='module')
+def finetuned(tmp_path_factory, pretrained):
+  """A 1-step fine-tune from `pretrained` with the defaults (nothing frozen, batch_stats): the
+  [-1-batch_stats] run of the freezing test and the first run of the resume test."""
+  model_dir = tmp_path_factory.mktemp('finetune') / 'run'
+  modes.run(_finetune_config(model_dir, pretrained), export_fn=modes.no_export)
+  return model_dir
 
 
 def _part(path):
@@ -49,13 +67,18 @@ def _part(path):
 @pytest.mark.slow
 @pytest.mark.parametrize('after_block,frozen_bn', [(-1, 'batch_stats'), (2, 'moving_stats'),
                                                    (4, 'moving_stats'), (2, 'batch_stats')])
-def test_fine_tune_after_block_freezes_weights(tmp_path, pretrained, after_block, frozen_bn):
+def test_fine_tune_after_block_freezes_weights(tmp_path, pretrained, finetuned, after_block,
+                                               frozen_bn):
   """Frozen parts keep their weights; their BN statistics move only with batch_stats."""
   config = _finetune_config(tmp_path, pretrained, model__fine_tune_after_block=after_block,
                             model__frozen_batch_norm=frozen_bn)
-  modes.run(config, export_fn=modes.no_export)
+  if config.model == _finetune_config(tmp_path, pretrained).model:  # the defaults: run already
+    model_dir = finetuned
+  else:
+    model_dir = tmp_path
+    modes.run(config, export_fn=modes.no_export)
   before = checkpoint_values(pretrained)
-  after = checkpoint_values(tf.train.latest_checkpoint(str(tmp_path)))
+  after = checkpoint_values(tf.train.latest_checkpoint(str(model_dir)))
   assert set(before) == set(after)
   changed = {p: not np.array_equal(before[p], after[p]) for p in before}
   encoder = [p for p in before if _part(p) is not None]
@@ -111,21 +134,22 @@ def test_logits_layer_init_sets_the_head_after_the_restore(tmp_path, pretrained,
 
 
 @pytest.mark.slow
-def test_resume_from_model_dir_wins_over_checkpoint(tmp_path, pretrained, caplog):
-  modes.run(_finetune_config(tmp_path, pretrained), export_fn=modes.no_export)
-  first = checkpoint_values(str(tmp_path / 'ckpt-1'))
+def test_resume_from_model_dir_wins_over_checkpoint(tmp_path, finetuned, caplog):
+  model_dir = tmp_path / 'run'  # a copy of the 1-step fine-tune from the pretrained checkpoint
+  shutil.copytree(finetuned, model_dir)
+  first = checkpoint_values(str(model_dir / 'ckpt-1'))
   caplog.set_level(logging.INFO)
   # A --checkpoint that does not exist: resuming must not even look at it.
-  modes.run(_finetune_config(tmp_path, str(tmp_path / 'missing' / 'ckpt-9'),
-                                  train__train_steps=2), export_fn=modes.no_export)
-  assert weights.source.read_global_step(str(tmp_path)) == 2
+  modes.run(_finetune_config(model_dir, str(tmp_path / 'missing' / 'ckpt-9'),
+                             train__train_steps=2), export_fn=modes.no_export)
+  assert weights.source.read_global_step(str(model_dir)) == 2
   assert any('Resuming from' in r.getMessage() and 'ckpt-1' in r.getMessage()
              for r in caplog.records)
   assert not any('Initialising the model from --checkpoint' in r.getMessage()
                  for r in caplog.records)
   # The first run's own checkpoint is kept as it was.
   np.testing.assert_array_equal(first['model/supervised_head/linear_layer/dense/bias'],
-                                checkpoint_values(str(tmp_path / 'ckpt-1'))[
+                                checkpoint_values(str(model_dir / 'ckpt-1'))[
                                     'model/supervised_head/linear_layer/dense/bias'])
 
 
@@ -137,7 +161,7 @@ def _parse_run_flags(argv):
 def test_finetune_without_checkpoint_on_label_fraction_from_run_flags(tmp_path, caplog):
   """run.py flags -> a from-scratch fine-tune on a 10% class-balanced, seeded subset."""
   argv = ['--train_mode=finetune', '--dataset=shapes10', '--image_size=16', '--resnet_depth=18',
-          '--num_proj_layers=2', '--proj_out_dim=16', '--train_batch_size=8',
+          f'--width_multiplier={NARROW}', '--num_proj_layers=2', '--proj_out_dim=16', '--train_batch_size=8',
           '--train_epochs=2', '--train_label_fraction=0.1', '--label_fraction_seed=3',
           '--eval_split=test', '--use_blur=False', f'--model_dir={tmp_path}']
   config = _parse_run_flags(argv)
@@ -178,9 +202,9 @@ def test_train_split_slicing_counts_steps_on_the_slice(tmp_path):
 @pytest.mark.slow
 def test_restore_of_another_architecture_is_an_error(pretrained):
   for change, needle in ((dict(num_proj_layers=3), 'projection_head/linear_layers/2'),
-                         (dict(proj_out_dim=8),
-                          'linear_layers/1/dense/_kernel: checkpoint [512, 16] vs model [512, 8]')):
-    model = simclr.build_model(cfg.ModelConfig(**{**TINY_MODEL, **change}), 10)
+                         (dict(proj_out_dim=8),  # the head's input: 512 * NARROW features
+                          'linear_layers/1/dense/_kernel: checkpoint [32, 16] vs model [32, 8]')):
+    model = simclr.build_model(cfg.ModelConfig(**{**TINY, **change}), 10)
     model.build_for_size(16)
     with pytest.raises(CheckpointMismatchError) as error:
       weights.match.load(model, pretrained, fresh_ok=('supervised_head',))
@@ -191,7 +215,7 @@ def test_restore_of_another_architecture_is_an_error(pretrained):
 
 @pytest.mark.slow
 def test_new_supervised_head_with_another_class_count_may_be_fresh(pretrained):
-  model = simclr.build_model(cfg.ModelConfig(**TINY_MODEL), 7)
+  model = simclr.build_model(cfg.ModelConfig(**TINY), 7)
   model.build_for_size(16)
   with pytest.raises(CheckpointMismatchError, match='supervised_head'):
     weights.match.load(model, pretrained)

@@ -247,24 +247,63 @@ def test_preview_views_are_crops_and_flips_only_without_colour_jitter(trained, s
     assert np.median(off_colour) > 10, off_colour
 
 
-@pytest.mark.slow  # a run.py process each
-@pytest.mark.parametrize('argv, message', [
+REFUSALS = [
     (['--mode=neighbors', '--query=/no/such/image.png'], '--query='),
     (['--mode=duplicates', '--threshold=1.5'], '--threshold=1.5'),
     (['--mode=neighbors'], '--query'),
-])
-def test_refusals_exit_2_and_leave_nothing(tmp_path, argv, message):
+]
+
+# One process runs each refused command line in turn through the command line's own entry point
+# (tf_simclr.cli.run: absl's app.run, main, sys.exit), flags reset in between, and reports each
+# exit status; a marker line on stderr separates their messages.
+REFUSAL_CHILD = """
+import json, sys
+from tf_simclr import cli
+codes = []
+for index, argv in enumerate(json.loads(sys.argv[1])):
+  cli.FLAGS.unparse_flags()
+  sys.argv = ['run.py', *argv]
+  sys.stderr.write(f'=== command {index}\\n')
+  sys.stderr.flush()
+  try:
+    cli.run()
+    codes.append(0)
+  except SystemExit as e:
+    codes.append(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
+  sys.stderr.flush()
+print('CODES ' + json.dumps(codes))
+"""
+
+
+@pytest.fixture(scope='module')
+def refusals(tmp_path_factory):
+  """{argv: (exit status, stderr, model_dir)} of REFUSALS, each on a model_dir of its own."""
+  import json
   import subprocess
   import sys
-  model_dir = tmp_path / 'new_run'
+  work = tmp_path_factory.mktemp('refusals')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  model_dirs = [work / f'new_run{i}' for i in range(len(REFUSALS))]
+  commands = [[*argv, f'--model_dir={model_dir}', '--dataset=shapes10', '--image_size=16']
+              for (argv, _), model_dir in zip(REFUSALS, model_dirs)]
   result = subprocess.run(
-      [sys.executable, os.path.join(root, 'run.py'), *argv, f'--model_dir={model_dir}',
-       '--dataset=shapes10', '--image_size=16'],
+      [sys.executable, '-c', REFUSAL_CHILD, json.dumps(commands)],
       cwd=root, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
-  assert result.returncode == 2, result.stderr[-2000:]
-  assert message in result.stderr
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
+               PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', '')))
+  assert result.returncode == 0, result.stderr[-3000:]
+  codes = json.loads([l for l in result.stdout.splitlines() if l.startswith('CODES ')][-1][6:])
+  stderr = result.stderr.split('=== command ')[1:]
+  assert len(codes) == len(stderr) == len(REFUSALS), result.stderr[-3000:]
+  return {tuple(argv): (code, err, model_dir) for (argv, _), code, err, model_dir
+          in zip(REFUSALS, codes, stderr, model_dirs)}
+
+
+@pytest.mark.parametrize('argv, message', REFUSALS)
+def test_refusals_exit_2_and_leave_nothing(refusals, argv, message):
+  code, stderr, model_dir = refusals[tuple(argv)]
+  assert code == 2, stderr[-2000:]
+  assert message in stderr
   assert not model_dir.exists()
 
 

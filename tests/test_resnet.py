@@ -24,6 +24,12 @@ LAYOUTS = {
 }
 
 
+# Behaviour tests (freezing, synchronized BN) at a quarter width (channels 16-16-32-64-128): what
+# they check does not depend on the width; full width only made initialisation and every pass
+# slower.
+SMALL = 0.25
+
+
 def _num_params(variables):
   return sum(int(np.prod(v.shape)) for v in variables)
 
@@ -258,7 +264,7 @@ def test_fine_tune_after_block_freezes(k, frozen_bn):
   """Frozen parts train nothing and pass no gradient; their BN statistics stay fixed and their
   endpoints ignore training=True with moving_stats; with batch_stats (the original) they move,
   and the endpoints equal an all-trainable copy's training-mode ones."""
-  enc = resnet_lib.resnet(18, cifar_stem=True, fine_tune_after_block=k,
+  enc = resnet_lib.resnet(18, width_multiplier=SMALL, cifar_stem=True, fine_tune_after_block=k,
                           frozen_batch_norm=frozen_bn)
   x = _images(4, 8)
   enc(x)
@@ -270,7 +276,7 @@ def test_fine_tune_after_block_freezes(k, frozen_bn):
   for part in free:
     assert {id(v) for v in part.trainable_variables} <= trainable
     assert part.trainable_variables
-  unfrozen = resnet_lib.resnet(18, cifar_stem=True)
+  unfrozen = resnet_lib.resnet(18, width_multiplier=SMALL, cifar_stem=True)
   unfrozen(x)
   for a, b in zip(unfrozen.variables, enc.variables):
     a.assign(b)
@@ -343,10 +349,11 @@ def test_global_bn_matches_single_device_statistics(two_replica_strategy, k):
   layers (k=4, linear eval) with batch_stats, against an all-trainable single-device copy."""
   strategy = two_replica_strategy
   x = _images(8, 8, seed=3)
-  single = resnet_lib.resnet(18, cifar_stem=True, global_bn=True)
+  single = resnet_lib.resnet(18, width_multiplier=SMALL, cifar_stem=True, global_bn=True)
   single(x[:2])
   with strategy.scope():
-    mirrored = resnet_lib.resnet(18, cifar_stem=True, global_bn=True, fine_tune_after_block=k,
+    mirrored = resnet_lib.resnet(18, width_multiplier=SMALL, cifar_stem=True, global_bn=True,
+                                 fine_tune_after_block=k,
                                  frozen_batch_norm='batch_stats')
     mirrored(x[:2])
   for a, b in zip(mirrored.variables, single.variables):
@@ -382,8 +389,9 @@ def test_fractional_width_scales_every_layer_and_keeps_integer_widths_exact():
   """--width_multiplier=0.25 gives a 16-32-64-128 ResNet-18 (small CPU models); 2 doubles."""
   images = tf.zeros([1, 16, 16, 3])
   for width, expected in ((0.25, (16, 16, 32, 64, 128)), (2, (128, 128, 256, 512, 1024))):
-    out = resnet_lib.resnet(18, width_multiplier=width, cifar_stem=True)(images,
-                                                                          return_endpoints=True)
+    # Only shapes are read: the zero-initialised shared encoder (no random init of 44M weights).
+    out = _encoder(depth=18, width_multiplier=width, cifar_stem=True)(images,
+                                                                      return_endpoints=True)
     got = tuple(int(out[k].shape[-1]) for k in
                 ('initial_max_pool', 'block_group1', 'block_group2', 'block_group3',
                  'block_group4'))

@@ -18,9 +18,32 @@ from tf_simclr.train import assemble, loop, tasks
 
 from helpers import assert_same_updates, build_state, one_lars_step, tiny_config
 
+# ResNet-18 at 1/16 width (channels 4-8-16-32): every test here checks steps, checkpoints, restores
+# or the equality of two computations, none of which depends on the width; full width only made
+# each step, trace and export slower.
+NARROW = 0.0625
+
+
+def narrow_config(model_dir, **overrides):
+  return tiny_config(model_dir, **{'model__width_multiplier': NARROW, **overrides})
+
+
+@pytest.fixture(scope='module')
+def trained_dir(tmp_path_factory):
+  """A model_dir after a 2-step pretraining run (no export); tests copy it before changing it."""
+  model_dir = tmp_path_factory.mktemp('trained') / 'run'
+  modes.run(narrow_config(model_dir, train__train_steps=2), export_fn=modes.no_export)
+  return model_dir
+
+
+def _copy(trained_dir, tmp_path):
+  model_dir = tmp_path / 'run'
+  shutil.copytree(trained_dir, model_dir)
+  return model_dir
+
 @pytest.mark.slow
 def test_pretrain_then_eval_runs_exact_steps_and_writes_results(tmp_path, caplog):
-  config = tiny_config(tmp_path, train__mode='train_then_eval', train__train_steps=5,
+  config = narrow_config(tmp_path, train__mode='train_then_eval', train__train_steps=5,
                        train__steps_per_loop=2)
   result = modes.run(config, flags_dict={'resnet_depth': 18})
   # Loops of 2, 2, 1 steps; a checkpoint every 2 steps and at the very end.
@@ -82,13 +105,13 @@ def test_pretrain_then_eval_runs_exact_steps_and_writes_results(tmp_path, caplog
 
 
 @pytest.mark.slow
-def test_resume_restores_step_weights_slots_and_bn_statistics(tmp_path):
-  config = tiny_config(tmp_path, train__train_steps=2)
-  modes.run(config)
-  model, optimizer, state = build_state(config, tmp_path)
+def test_resume_restores_step_weights_slots_and_bn_statistics(trained_dir, tmp_path):
+  model_dir = _copy(trained_dir, tmp_path)
+  config = narrow_config(model_dir, train__train_steps=2)
+  model, optimizer, state = build_state(config, model_dir)
   assert state.restore_or_initialize(None) == 'resumed'
   assert state.step == 2
-  reader = tf.train.load_checkpoint(str(tmp_path / 'ckpt-2'))
+  reader = tf.train.load_checkpoint(str(model_dir / 'ckpt-2'))
   keys = {**weights.source.variable_paths(reader, root_child='model'),
           **weights.source.variable_paths(reader, root_child='optimizer',
                                             skip_aliases=False)}
@@ -103,8 +126,8 @@ def test_resume_restores_step_weights_slots_and_bn_statistics(tmp_path):
   assert any(np.any(ours[p].numpy() != 0) for p in moving if p.endswith('moving_mean'))
   assert any(np.any(ours[p].numpy() != 0) for p in slots)
   # Continuing the run trains only the remaining steps.
-  modes.run(tiny_config(tmp_path, train__train_steps=4))
-  assert weights.source.read_global_step(str(tmp_path)) == 4
+  modes.run(narrow_config(model_dir, train__train_steps=4), export_fn=modes.no_export)
+  assert weights.source.read_global_step(str(model_dir)) == 4
 
 
 class _NaNAfter(tasks.FinetuneTask):
@@ -123,7 +146,7 @@ class _NaNAfter(tasks.FinetuneTask):
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  config = tiny_config(tmp_path, train__train_mode='finetune', train__train_steps=6,
+  config = narrow_config(tmp_path, train__train_mode='finetune', train__train_steps=6,
                        train__checkpoint_steps=2, model__supervised_head_stop_gradient=False)
   ctx = modes.prepare(config)
   model, optimizer, state = build_state(config, tmp_path)
@@ -153,7 +176,7 @@ def _pretrain_batch(batch_size, image_size, num_classes, seed):
 def test_two_replicas_take_exactly_the_single_device_step(tmp_path, two_replica_strategy):
   """One full pretraining step (NT-Xent across replicas, synchronized BN, LARS, weight decay,
   linear eval head) on 2 replicas equals the same step on one device with the global batch."""
-  config = tiny_config(tmp_path, data__use_blur=False, train__train_batch_size=8)
+  config = narrow_config(tmp_path, data__use_blur=False, train__train_batch_size=8)
   images, labels = _pretrain_batch(8, 16, 10, seed=0)
   results, initial = [], None
   for strategy in (tf.distribute.get_strategy(), two_replica_strategy):
@@ -175,10 +198,11 @@ def test_two_replicas_take_exactly_the_single_device_step(tmp_path, two_replica_
 
 
 @pytest.mark.slow
-def test_resuming_a_model_dir_of_another_architecture_names_the_variables(tmp_path):
-  modes.run(tiny_config(tmp_path, train__train_steps=1))
-  other = tiny_config(tmp_path, train__train_steps=2, model__proj_out_dim=8)
+def test_resuming_a_model_dir_of_another_architecture_names_the_variables(trained_dir, tmp_path):
+  model_dir = _copy(trained_dir, tmp_path)
+  other = narrow_config(model_dir, train__train_steps=3, model__proj_out_dim=8)
+  # The head's input is the encoder's 512 * NARROW = 32 features.
   with pytest.raises(CheckpointMismatchError,
-                     match=r'another architecture.*projection_head.*\[512, 16\] vs model \[512, 8\]'):
-    modes.run(other)
+                     match=r'another architecture.*projection_head.*\[32, 16\] vs model \[32, 8\]'):
+    modes.run(other, export_fn=modes.no_export)
 
