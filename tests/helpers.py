@@ -313,3 +313,84 @@ def run_argv(argv, export_fn=None):
     root.setLevel(level)
     absl_logging.set_verbosity(verbosity)
   return result, text.getvalue()
+
+
+# ---- Smaller multi-worker runs: tests/test_multi_worker.py, tests/test_multi_worker_failures.py.
+# A worker's cost is its start-up (TensorFlow's import) and its tracing (model build, input
+# pipeline, train/eval/feature steps, export), which image size and width barely change: these
+# flags shrink the traced graphs too (no colour jitter or blur ops, one projection layer), keep
+# 16 training examples (2 steps per epoch at batch 8) and put every worker on the same split, so
+# each run of these tests resumes the others' checkpoints without a fixed flag changing.
+MULTI_WORKER_SMALL = ['--image_size=8', '--width_multiplier=0.0625', '--num_proj_layers=1',
+                      '--proj_out_dim=8', '--color_jitter_strength=0', '--use_blur=False',
+                      '--train_split=train[:16]']
+
+# scikit-learn and matplotlib are test-only requirements (requirements-dev.txt); Keras imports them
+# when present (and skips them when absent: keras/src/wrappers, keras/src/visualization). The
+# workers run without them, as an install from requirements.txt does: 1.5 s less start-up each.
+# With SHAPES10_CACHE set (shapes10_cache below), shapes10's splits are read from the .npy files
+# this test process wrote with tf_simclr's own generator (the same bytes, memory-mapped and
+# read-only as load_split's) instead of being generated again in every worker (3 s each).
+MULTI_WORKER_RUNTIME_ONLY = "import sys\nsys.modules['sklearn'] = sys.modules['matplotlib'] = None\n"
+MULTI_WORKER_SHAPES10_CACHE = """if os.environ.get('SHAPES10_CACHE'):
+  from tf_simclr.data import synthetic
+  def _cached_split(split):
+    import numpy as np
+    return tuple(np.load(os.path.join(os.environ['SHAPES10_CACHE'], f'{split}_{part}.npy'),
+                         mmap_mode='r') for part in ('images', 'labels'))
+  synthetic.load_split = _cached_split
+"""
+# After the wrapper's own start (oneDNN's default is set before TensorFlow loads).
+_ONEDNN_LINE = 'cpu_kernels.default_onednn_on()\n'
+MULTI_WORKER_SMALL_WRAPPER = MULTI_WORKER_RUNTIME_ONLY + MULTI_WORKER_WRAPPER.replace(
+    _ONEDNN_LINE, _ONEDNN_LINE + MULTI_WORKER_SHAPES10_CACHE, 1)
+assert MULTI_WORKER_SHAPES10_CACHE in MULTI_WORKER_SMALL_WRAPPER
+
+
+def shapes10_cache(tmp_path_factory):
+  """A folder holding shapes10's train and test splits (synthetic.load_split's arrays) as .npy
+  files, for start_small_workers; written once per session (under pytest-xdist: once for all of
+  its workers, which share the session's temporary root; a file lock makes the others wait)."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  from tf_simclr.data import synthetic  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent
+  folder = root / 'shapes10_cache'
+  folder.mkdir(parents=True, exist_ok=True)
+  with open(folder / 'lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    for split in ('train', 'test'):
+      if not (folder / f'{split}_labels.npy').exists():
+        images, labels = synthetic.load_split(split)
+        np.save(folder / f'{split}_images.npy', images)
+        np.save(folder / f'{split}_labels.npy', labels)  # Written last: the split is complete.
+  return folder
+
+
+def start_small_workers(tmp_path, flags, model_dirs, tag, shapes10=None):
+  """start_workers with MULTI_WORKER_SMALL after MULTI_WORKER_TINY (a later flag wins) and the
+  runtime requirements only; shapes10: a shapes10_cache folder. Same return value
+  (finish_workers ends them)."""
+  wrapper = tmp_path / f'{tag}_wrapper.py'
+  wrapper.write_text(MULTI_WORKER_SMALL_WRAPPER)
+  workers = [f'127.0.0.1:{p}' for p in free_ports(2)]
+  started = []
+  for index in range(2):
+    dump = tmp_path / f'{tag}_weights{index}.npz'
+    worker_tmp = tmp_path / f'{tag}_tmp{index}'
+    worker_tmp.mkdir()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='',
+               DUMP_WEIGHTS=str(dump), TMPDIR=str(worker_tmp), TF_CONFIG=json.dumps(
+                   {'cluster': {'worker': workers}, 'task': {'type': 'worker', 'index': index}}))
+    env.pop('SHAPES10_CACHE', None)
+    if shapes10 is not None:
+      env['SHAPES10_CACHE'] = str(shapes10)
+    log_path = tmp_path / f'{tag}_worker{index}.log'
+    with open(log_path, 'w') as log:
+      proc = subprocess.Popen(
+          [sys.executable, str(wrapper), *MULTI_WORKER_TINY, *MULTI_WORKER_SMALL, *flags,
+           f'--model_dir={model_dirs[index]}'],
+          cwd=str(PROJECT_ROOT), env=env, stdout=log, stderr=subprocess.STDOUT)
+    started.append((proc, log_path, dump))
+  return started

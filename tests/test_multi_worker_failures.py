@@ -1,21 +1,27 @@
-"""Multi-worker runs on 127.0.0.1 where one worker dies or is interrupted, or where the workers
-do not share model_dir: the others must stop within a bounded time with a message, not hang.
+"""Multi-worker runs on 127.0.0.1 where one worker dies or is interrupted: the others must stop
+within a bounded time with a message, not hang. (Workers that do not share model_dir, a folder
+per machine: tests/test_multi_worker.py, which restarts its several-loops run.)
 
 Slow (two TensorFlow processes each); the helpers that start the workers are in tests/helpers.py.
+The workers are small (helpers.MULTI_WORKER_SMALL). The kill in training is made once (a module
+fixture); the kills in the final eval resume copies of the model_dir it leaves (its checkpoint is
+past their --train_steps), so they trace no training step and go straight to the final eval.
 """
 
+import shutil
 import signal
 import time
 
 import pytest
 
 import helpers
+from tf_simclr import weights
 
 # A peer's death must stop the others within this many seconds (the coordination service's
 # heartbeat timeout plus the time to log and exit).
 BOUND_S = 60
-FLAGS = ['--train_split=train[:16]', '--eval_batch_size=8', '--checkpoint_steps=2',
-         '--linear_probe=False', '--knn_monitor=False']
+FLAGS = ['--eval_batch_size=8', '--checkpoint_steps=2', '--linear_probe=False',
+         '--knn_monitor=False']
 
 
 def _wait_for(started, index, text, timeout=600):
@@ -41,49 +47,57 @@ def _stop_one_and_time_the_other(started, victim, signum):
   return elapsed, results[1 - victim][0], results[1 - victim][1]
 
 
-@pytest.mark.slow
-def test_a_folder_per_worker_is_refused_at_start_naming_the_host(tmp_path):
-  """Fresh per-machine model_dirs: both workers exit 2 before building anything (before: found
-  only when a resume restored different steps)."""
-  import socket
-  dirs = [tmp_path / 'machine0', tmp_path / 'machine1']
-  t0 = time.time()
-  started = helpers.start_workers(tmp_path, ['--mode=train', '--train_steps=2', '--eval_split=test'],
-                           dirs, 'own')
-  (chief_rc, chief_log), (other_rc, other_log) = helpers.finish_workers(started, timeout=300)
-  print(f'per-machine model_dir refused after {time.time() - t0:.1f} s (two process starts)')
-  assert other_rc == 2, other_log[-3000:]
-  assert f'This worker (host {socket.gethostname()}) does not see the chief' in other_log
-  assert f'--model_dir={dirs[1]}' in other_log and 'not a folder per machine' in other_log
-  assert chief_rc == 2, chief_log[-3000:]
-  assert 'Another worker of this multi-worker run does not see' in chief_log
-  assert 'Traceback' not in chief_log + other_log
-  assert 'Training from step' not in chief_log + other_log
-  assert not (dirs[0] / 'LOCK').exists()  # The chief released its lock.
-
-
-def _start_and_stop_one(tmp_path, victim, signum, during):
-  """Starts 2 workers on one shared model_dir, sends `signum` to worker `victim` `during`
-  'training' (after its first checkpoint) or the final 'eval' (after training ended); returns
-  (seconds from the signal to the other's exit, the other's exit code and log)."""
-  model_dir = tmp_path / 'run'
-  if during == 'training':
-    flags = ['--train_steps=100000', '--eval_split=test[:16]']
-    mark = 'Saved checkpoint'
-  else:  # 2,000 eval images in batches of 8 outlast the signal.
-    flags = ['--train_steps=2', '--eval_split=test']
-    mark = 'Training complete at step 2'
-  started = helpers.start_workers(tmp_path, ['--mode=train_then_eval', *FLAGS, *flags],
-                           [model_dir, model_dir], during)
-  _wait_for(started, victim, mark)
-  if during == 'eval':
-    time.sleep(1.0)  # Into the evaluation.
+def _signal_and_report(started, victim, signum, during):
+  """Sends `signum` to worker `victim`; returns (seconds from the signal to the other's exit, the
+  other's exit code and log)."""
   elapsed, rc, log = _stop_one_and_time_the_other(started, victim, signum)
   print(f'{signal.Signals(signum).name} to worker {victim} during {during}: the other exited '
         f'{elapsed:.1f} s later (rc {rc})')
   return elapsed, rc, log
 
 
+@pytest.fixture(scope='module')
+def shapes10(tmp_path_factory):
+  """shapes10's splits written once for the workers (helpers.shapes10_cache)."""
+  return helpers.shapes10_cache(tmp_path_factory)
+
+
+@pytest.fixture(scope='module')
+def killed_in_training(tmp_path_factory, shapes10):
+  """kill -9 of worker 1 (not the chief) in training, once the chief has saved a checkpoint:
+  (model_dir, the shapes10 cache, (seconds from the signal to the chief's exit, its exit code and
+  log))."""
+  tmp_path = tmp_path_factory.mktemp('training')
+  model_dir = tmp_path / 'run'
+  started = helpers.start_small_workers(
+      tmp_path, ['--mode=train_then_eval', *FLAGS, '--train_steps=100000',
+                 '--eval_split=test[:16]'], [model_dir, model_dir], 'training', shapes10)
+  _wait_for(started, 1, 'Saved checkpoint')
+  end = time.time() + 600
+  while not weights.source.find_checkpoints(str(model_dir)):  # The chief's, for the eval cases.
+    assert all(p.poll() is None for p, _, _ in started), helpers.finish_workers(started, timeout=5)
+    assert time.time() < end, 'the chief saved no checkpoint after 600 s'
+    time.sleep(0.05)
+  return model_dir, shapes10, _signal_and_report(started, 1, signal.SIGKILL, 'training')
+
+
+def _stop_one_in_the_final_eval(tmp_path, source_dir, shapes10, victim, signum):
+  """2 workers resume a copy of `source_dir` (its checkpoint is past --train_steps=2, so training
+  is complete) and run the final eval of train_then_eval over the 2,000 test images in batches of
+  2; `signum` goes to worker `victim` once it has run 50 eval steps (950 remain)."""
+  model_dir = tmp_path / 'run'
+  shutil.copytree(source_dir, model_dir)
+  started = helpers.start_small_workers(
+      tmp_path, ['--mode=train_then_eval', *FLAGS, '--train_steps=2', '--eval_split=test',
+                 '--eval_batch_size=2'], [model_dir, model_dir], 'eval', shapes10)
+  _wait_for(started, victim, 'Training already complete at step ')
+  _wait_for(started, victim, 'Eval: 50 / all steps')  # Into the evaluation.
+  return _signal_and_report(started, victim, signum, 'eval')
+
+
+# Each case has its own path: the chief stops when a non-chief dies in a training step's
+# collectives (and in the final eval's), and a non-chief stops when the chief (which runs the
+# coordination service) dies; SIGINT is Ctrl-C, handled by the victim before it exits.
 @pytest.mark.slow
 @pytest.mark.parametrize('victim, signum, during', [
     (1, signal.SIGKILL, 'training'),  # kill -9 of a worker: the chief must stop.
@@ -91,8 +105,13 @@ def _start_and_stop_one(tmp_path, victim, signum, during):
     (1, signal.SIGINT, 'eval'),  # Ctrl-C of a worker in the final eval: the chief must stop.
 ])
 def test_a_worker_that_dies_or_is_interrupted_stops_the_other_with_a_message(
-    tmp_path, victim, signum, during):
-  elapsed, rc, log = _start_and_stop_one(tmp_path, victim, signum, during)
+    tmp_path, killed_in_training, victim, signum, during):
+  source_dir, shapes10, training_result = killed_in_training
+  if during == 'training':
+    elapsed, rc, log = training_result
+  else:
+    elapsed, rc, log = _stop_one_in_the_final_eval(tmp_path, source_dir, shapes10, victim,
+                                                   signum)
   assert elapsed < BOUND_S and rc == 1, (elapsed, rc, log[-3000:])
   assert 'Another worker of this multi-worker run stopped (killed, crashed or interrupted)' in log
   assert 'Traceback' not in log
